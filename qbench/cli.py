@@ -1,0 +1,226 @@
+"""Command line: parse, call, map errors to exit codes (0 ok, 1 user error, 2 cells failed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import QbenchError
+
+EXIT_OK, EXIT_USER, EXIT_CELLS_FAILED, EXIT_BUG = 0, 1, 2, 3
+
+
+def _suite_context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Load the suite and work out where data, cache and results live; check data exists."""
+    from .config import load_suite
+    from .datasets import data_dir_from
+    from .plan import PlanContext
+    from .runner import default_cache_dir
+    from .store import Store
+
+    suite = load_suite(args.suite)
+    ctx = PlanContext(base_dir=suite.path.resolve().parent,
+                      data_dir=data_dir_from(getattr(args, "data_dir", None),
+                                             suite.defaults.data_dir),
+                      cache_dir=default_cache_dir(suite.defaults.cache_dir,
+                                                  getattr(args, "cache_dir", None)))
+    store = Store(Path(getattr(args, "out", None) or "results"), suite.name)
+    return suite, ctx, store
+
+
+def _check_inputs(suite: Any, ctx: Any) -> None:
+    """Everything checkable without loading a model: model files, GGUF headers, datasets."""
+    from .config import ConfigError
+    from .datasets import locate_text
+    from .errors import DatasetError, SourceError
+    from .quantize.gguf import inspect_gguf
+    from .sources import locate
+
+    file = str(suite.path)
+    for i, model in enumerate(suite.models):
+        try:
+            local = locate(model.source, base_dir=ctx.base_dir)
+            if local is not None and local.path.is_file() and model.base_backend == "llama.cpp":
+                inspect_gguf(local.path, ctx.cache_dir)
+        except SourceError as exc:
+            raise ConfigError(exc.detail, file=file, key=f"models[{i}].source") from None
+    for name, opts in suite.metrics.items():
+        dataset = getattr(opts, "dataset", None)
+        if dataset:
+            try:
+                locate_text(dataset, ctx.data_dir, ctx.base_dir)
+            except DatasetError as exc:
+                raise ConfigError(exc.detail, file=file, key=f"metrics.{name}.dataset") from None
+
+
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from .plan import expand
+
+    suite, ctx, _ = _suite_context(args)
+    _check_inputs(suite, ctx)
+    cells = expand(suite, ctx)
+    console.print(f"[green]ok[/green]: {args.suite}: suite '{suite.name}', {len(suite.models)} "
+                  f"model(s), {len(suite.variants)} variant(s), metrics "
+                  f"{', '.join(suite.metrics)}: {len(cells)} cells")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    from .plan import expand
+    from .runner import cell_rows
+
+    suite, ctx, store = _suite_context(args)
+    _check_inputs(suite, ctx)
+    rows = cell_rows(expand(suite, ctx, only=tuple(args.only or ())), store)
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return EXIT_OK
+    table = Table(title=f"{suite.name}: {len(rows)} cells")
+    for col in ("cell", "key", "status"):
+        table.add_column(col)
+    for r in rows:
+        style = {"ok": "green", "todo": "", "skipped": "yellow"}.get(r["status"], "red")
+        table.add_row(r["id"] + (" (base)" if r["base"] else ""), r["key"][:12],
+                      f"[{style}]{r['status']}[/{style}]" if style else r["status"])
+    console.print(table)
+    done = sum(r["status"] == "ok" for r in rows)
+    console.print(f"{done} of {len(rows)} done")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from .report.build import build_site
+    from .runner import run_suite
+    from .store import load_results
+
+    suite, ctx, store = _suite_context(args)
+    _check_inputs(suite, ctx)
+    with store.lock():
+        summary = run_suite(suite, ctx, store, only=tuple(args.only or ()),
+                            rerun_failed=args.rerun_failed, console=console)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing run"
+    console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
+                  f"{summary.cached} cached. Results: {store.dir}")
+    if not args.no_report:
+        pages = build_site(load_results([store.dir]), Path(args.report_dir))
+        console.print(f"report: {pages[1] if len(pages) > 1 else pages[0]}")
+    if summary.any_failed:
+        console.print(f"[red]{len(summary.failed_ids)} cell(s) failed[/red]: "
+                      + ", ".join(summary.failed_ids[:10]))
+        return EXIT_CELLS_FAILED
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from .report.build import build_site
+    from .store import load_results
+
+    records = load_results([Path(p) for p in args.results])
+    pages = build_site(records, Path(args.out))
+    for p in pages:
+        console.print(f"wrote {p}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from .export import flat_rows, to_csv, to_jsonl
+    from .store import load_results
+
+    rows = flat_rows(load_results([Path(p) for p in args.results]))
+    text = to_csv(rows) if args.format == "csv" else to_jsonl(rows)
+    if args.output and args.output != "-":
+        from .fsutil import atomic_write_text
+        atomic_write_text(Path(args.output), text)
+        console.print(f"wrote {len(rows)} rows to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace, console: Console) -> int:
+    from .store import Store
+
+    root = Path(args.out)
+    if not root.is_dir():
+        console.print(f"no results under {root}")
+        return EXIT_OK
+    table = Table(title=f"results in {root}")
+    for col in ("suite", "cells", "ok", "failed", "skipped", "last run"):
+        table.add_column(col)
+    for suite_dir in sorted(p for p in root.iterdir() if (p / "cells").is_dir()):
+        recs = Store(root, suite_dir.name).records()
+        runs = sorted((suite_dir / "runs").glob("*.json"))
+        table.add_row(suite_dir.name, str(len(recs)), str(sum(r["status"] == "ok" for r in recs)),
+                      str(sum(r["status"] in ("failed", "timeout", "crashed") for r in recs)),
+                      str(sum(r["status"] == "skipped" for r in recs)),
+                      runs[-1].stem if runs else "–")
+    console.print(table)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qbench", description=__doc__)
+    p.add_argument("--version", action="version", version=f"qbench {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def suite_cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("suite", help="suite file (TOML)")
+        sp.add_argument("--data-dir", help="datasets folder (else $QBENCH_DATA_DIR)")
+        sp.add_argument("--cache-dir", help="artifact cache (else $QBENCH_CACHE_DIR, "
+                        "~/.cache/qbench)")
+        sp.add_argument("--out", default="results", help="results root (default ./results)")
+        return sp
+
+    suite_cmd("validate", "check a suite file without loading any model")
+    sp = suite_cmd("plan", "list the cells and which are done")
+    sp.add_argument("--only", action="append", help="glob on cell ids model/backend/quant/metric")
+    sp.add_argument("--json", action="store_true")
+    sp = suite_cmd("run", "measure every cell not already done")
+    sp.add_argument("--only", action="append", help="glob on cell ids model/backend/quant/metric")
+    sp.add_argument("--rerun-failed", action="store_true", help="rerun failed/crashed cells")
+    sp.add_argument("--report-dir", default="reports", help="where the HTML goes")
+    sp.add_argument("--no-report", action="store_true")
+
+    sp = sub.add_parser("report", help="render stored results as static HTML")
+    sp.add_argument("results", nargs="+", help="results folders (a suite's or the root)")
+    sp.add_argument("--out", default="reports")
+    sp = sub.add_parser("export", help="flat table of results (JSONL or CSV)")
+    sp.add_argument("results", nargs="+")
+    sp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    sp.add_argument("-o", "--output", help="file (default: stdout)")
+    sp = sub.add_parser("ls", help="list stored suites and their cells")
+    sp.add_argument("--out", default="results")
+    return p
+
+
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "report": cmd_report,
+            "export": cmd_export, "ls": cmd_ls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    try:
+        return COMMANDS[args.command](args, console)
+    except QbenchError as exc:
+        print(f"qbench: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qbench: interrupted; finished cells are saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Suite files (TOML) -> frozen, validated dataclasses.
+
+Everything a run needs is checked here, before any model is loaded: unknown keys, wrong types,
+unknown quant names, duplicate ids, missing local files. Errors name the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .backends import BACKENDS
+from .errors import ConfigError, did_you_mean
+from .metrics import METRIC_NAMES, metric_module
+from .options import from_table, positive
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class SuiteInfo:
+    name: str
+    description: str = ""
+
+    def validate(self, *, file: str, key: str) -> None:
+        if not SAFE_NAME.match(self.name):
+            raise ConfigError(
+                f"expected 1-100 letters, digits, '.', '_' or '-' (it names a results folder), "
+                f"got {self.name!r}", file=file, key=f"{key}.name")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0                 # 0: all physical cores
+    timeout_s: float = 900.0         # per cell, quantization included
+    memory_limit_mb: int = 0         # 0: no limit; else the cell's address-space/cgroup cap
+    cache_dir: str = ""              # artifacts; else $QBENCH_CACHE_DIR, else ~/.cache/qbench
+    data_dir: str = ""               # datasets; else --data-dir / $QBENCH_DATA_DIR
+
+    def validate(self, *, file: str, key: str) -> None:
+        positive(self.threads, file=file, key=f"{key}.threads", allow_zero=True)
+        positive(self.timeout_s, file=file, key=f"{key}.timeout_s")
+        positive(self.memory_limit_mb, file=file, key=f"{key}.memory_limit_mb", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    source: str                      # path | package:PKG/FILE | hf:ORG/REPO[/FILE][@REV]
+    base: str = "F16"                # the variant every other one is compared with
+    base_backend: str = "llama.cpp"
+    trust_remote_code: bool = False  # refused unless set: it runs code from the hub
+    allow_pickle: bool = False       # refused unless set: .bin/.pt checkpoints run code on load
+
+    def validate(self, *, file: str, key: str) -> None:
+        if not self.id or _CONTROL.search(self.id) or len(self.id) > 200:
+            raise ConfigError(f"expected a printable id of 1-200 characters, got {self.id!r}",
+                              file=file, key=f"{key}.id")
+        if not self.source.strip():
+            raise ConfigError("expected a model source, got an empty string",
+                              file=file, key=f"{key}.source")
+
+
+@dataclass(frozen=True)
+class VariantGroup:
+    """One [[variants]] table: a backend and the quant types to build with it."""
+
+    backend: str
+    quant: tuple[str, ...] | str
+    models: tuple[str, ...] = ()     # restrict to these model ids; empty: every model
+    source: str = ""                 # a pre-quantized file used as is (one quant only)
+    imatrix: str = ""                # calibration text (dataset name or path) for an imatrix
+    n_gpu_layers: int = -1           # -1: all layers when on a GPU
+    batch: int = 2048                # llama.cpp n_batch (logical batch)
+    ubatch: int = 512                # llama.cpp n_ubatch (physical batch)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant of one backend, canonical quant name; identical across models."""
+
+    backend: str
+    quant: str
+    source: str = ""
+    imatrix: str = ""
+    n_gpu_layers: int = -1
+    batch: int = 2048
+    ubatch: int = 512
+    models: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.quant}" + (f"@{self.source}" if self.source else "")
+
+    def params(self) -> dict[str, Any]:
+        """What changes the variant's artifact or results (part of the cell key)."""
+        return {"backend": self.backend, "quant": self.quant, "source": self.source,
+                "imatrix": self.imatrix, "n_gpu_layers": self.n_gpu_layers,
+                "batch": self.batch, "ubatch": self.ubatch}
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    memory_budget_gb: float = 0.0    # 0: no budget
+    max_loss_pct: float = 1.0        # tolerated PPL increase vs base, in %
+    context_tokens: int = 4096       # KV-cache size counted in the memory estimate
+
+    def validate(self, *, file: str, key: str) -> None:
+        positive(self.memory_budget_gb, file=file, key=f"{key}.memory_budget_gb", allow_zero=True)
+        positive(self.max_loss_pct, file=file, key=f"{key}.max_loss_pct", allow_zero=True)
+        positive(self.context_tokens, file=file, key=f"{key}.context_tokens")
+
+
+@dataclass(frozen=True)
+class Suite:
+    path: Path
+    suite: SuiteInfo
+    defaults: Defaults
+    models: tuple[ModelSpec, ...]
+    variants: tuple[VariantSpec, ...]
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> that metric's Options
+    report: ReportSpec = field(default_factory=ReportSpec)
+
+    @property
+    def name(self) -> str:
+        return self.suite.name
+
+    def variants_for(self, model: ModelSpec) -> tuple[VariantSpec, ...]:
+        return tuple(v for v in self.variants if not v.models or model.id in v.models)
+
+    def base_variant(self, model: ModelSpec) -> VariantSpec | None:
+        for v in self.variants_for(model):
+            if v.backend == model.base_backend and v.quant == model.base and not v.source:
+                return v
+        return None
+
+
+_TOP_KEYS = ("suite", "defaults", "models", "variants", "metrics", "report")
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; raise ConfigError naming the file and key on any problem."""
+    path = Path(path)
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("suite file not found", file=file) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read suite file: {exc.strerror}", file=file) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=file) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", file=file) from None
+    return parse_suite(data, path)
+
+
+def parse_suite(data: dict[str, Any], path: Path) -> Suite:
+    file = str(path)
+    for k in data:
+        if k not in _TOP_KEYS:
+            raise ConfigError(f"unknown section '{k}'{did_you_mean(k, _TOP_KEYS)}; expected "
+                              f"one of: {', '.join(_TOP_KEYS)}", file=file, key=k)
+    if "suite" not in data:
+        raise ConfigError("missing [suite] section (with at least name = \"...\")", file=file,
+                          key="suite")
+    info = from_table(SuiteInfo, data["suite"], file=file, key="suite")
+    defaults = from_table(Defaults, data.get("defaults", {}), file=file, key="defaults")
+    models = _parse_models(data.get("models"), file)
+    variants = _parse_variants(data.get("variants"), models, file)
+    metrics = _parse_metrics(data.get("metrics", {}), file)
+    report = from_table(ReportSpec, data.get("report", {}), file=file, key="report")
+    suite = Suite(path=path, suite=info, defaults=defaults, models=models, variants=variants,
+                  metrics=metrics, report=report)
+    _check_bases(suite, file)
+    return suite
+
+
+def _array_of_tables(value: Any, file: str, key: str) -> list[dict[str, Any]]:
+    if value is None:
+        raise ConfigError(f"missing [[{key}]]: a suite needs at least one", file=file, key=key)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"expected an array of tables ([[{key}]]), got {value!r}", file=file,
+                          key=key)
+    if not value:
+        raise ConfigError(f"empty: a suite needs at least one entry in [[{key}]]", file=file,
+                          key=key)
+    return value
+
+
+def _parse_models(value: Any, file: str) -> tuple[ModelSpec, ...]:
+    models: list[ModelSpec] = []
+    seen: dict[str, int] = {}
+    for i, table in enumerate(_array_of_tables(value, file, "models")):
+        key = f"models[{i}]"
+        model = from_table(ModelSpec, table, file=file, key=key)
+        info = BACKENDS.get(model.base_backend)
+        if info is None:
+            raise ConfigError(f"unknown backend '{model.base_backend}'"
+                              f"{did_you_mean(model.base_backend, BACKENDS)}",
+                              file=file, key=f"{key}.base_backend")
+        base = info.canonical_quant(model.base)
+        if base is None:
+            raise ConfigError(info.unknown_quant(model.base), file=file, key=f"{key}.base")
+        if model.id in seen:
+            raise ConfigError(f"duplicate model id {model.id!r} (also models[{seen[model.id]}])",
+                              file=file, key=f"{key}.id")
+        seen[model.id] = i
+        models.append(ModelSpec(**{**model.__dict__, "base": base}))
+    return tuple(models)
+
+
+def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
+                    ) -> tuple[VariantSpec, ...]:
+    model_ids = {m.id for m in models}
+    out: list[VariantSpec] = []
+    seen: dict[tuple[str, str, str, tuple[str, ...]], str] = {}
+    for i, table in enumerate(_array_of_tables(value, file, "variants")):
+        key = f"variants[{i}]"
+        group = from_table(VariantGroup, table, file=file, key=key)
+        info = BACKENDS.get(group.backend)
+        if info is None:
+            raise ConfigError(f"unknown backend '{group.backend}'"
+                              f"{did_you_mean(group.backend, BACKENDS)}; available: "
+                              + ", ".join(BACKENDS), file=file, key=f"{key}.backend")
+        quants = (group.quant,) if isinstance(group.quant, str) else group.quant
+        if not quants:
+            raise ConfigError("empty quant list", file=file, key=f"{key}.quant")
+        if group.source and len(quants) != 1:
+            raise ConfigError("a pre-quantized 'source' is one file: give exactly one quant "
+                              "(the type it holds)", file=file, key=f"{key}.quant")
+        for mid in group.models:
+            if mid not in model_ids:
+                raise ConfigError(f"no model with id {mid!r}{did_you_mean(mid, model_ids)}",
+                                  file=file, key=f"{key}.models")
+        for j, q in enumerate(quants):
+            qkey = f"{key}.quant[{j}]" if not isinstance(group.quant, str) else f"{key}.quant"
+            canon = info.canonical_quant(q)
+            if canon is None:
+                raise ConfigError(info.unknown_quant(q), file=file, key=qkey)
+            if group.backend == "llama.cpp" and not group.source:
+                from .quantize.gguf_types import NEEDS_IMATRIX
+                if canon in NEEDS_IMATRIX and not group.imatrix:
+                    raise ConfigError(f"{canon} needs an importance matrix: set "
+                                      f"imatrix = \"wikitext-2\" (or a text file) in {key}",
+                                      file=file, key=qkey)
+            ident = (group.backend, canon, group.source, group.models)
+            if ident in seen:
+                raise ConfigError(f"duplicate variant {group.backend}/{canon} "
+                                  f"(also {seen[ident]})", file=file, key=qkey)
+            seen[ident] = qkey
+            out.append(VariantSpec(backend=group.backend, quant=canon, source=group.source,
+                                   imatrix=group.imatrix, n_gpu_layers=group.n_gpu_layers,
+                                   batch=group.batch, ubatch=group.ubatch, models=group.models))
+    return tuple(out)
+
+
+def _parse_metrics(value: Any, file: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected [metrics.NAME] tables, got {value!r}", file=file,
+                          key="metrics")
+    metrics: dict[str, Any] = {}
+    for name, table in value.items():
+        if name not in METRIC_NAMES:
+            raise ConfigError(f"unknown metric '{name}'{did_you_mean(name, METRIC_NAMES)}; "
+                              f"available: {', '.join(METRIC_NAMES)}", file=file,
+                              key=f"metrics.{name}")
+        module = metric_module(name)
+        metrics[name] = from_table(module.Options, table, file=file, key=f"metrics.{name}")
+    for name in METRIC_NAMES:  # implicit metrics (footprint, sanity) run unless disabled
+        module = metric_module(name)
+        if module.INFO.implicit and name not in metrics:
+            metrics[name] = module.Options()
+    for name, opts in list(metrics.items()):
+        if getattr(opts, "enabled", True) is False:
+            del metrics[name]
+    explicit = [n for n in metrics if not metric_module(n).INFO.implicit]
+    if not explicit:
+        raise ConfigError("no metric to measure: add at least one [metrics.NAME] table "
+                          f"(available: {', '.join(METRIC_NAMES)})", file=file, key="metrics")
+    return metrics
+
+
+def _check_bases(suite: Suite, file: str) -> None:
+    needs_base = [n for n in suite.metrics if metric_module(n).INFO.needs_base]
+    for i, model in enumerate(suite.models):
+        if not suite.variants_for(model):
+            raise ConfigError(f"no variant applies to model {model.id!r}: empty matrix",
+                              file=file, key=f"models[{i}]")
+        if needs_base and suite.base_variant(model) is None:
+            raise ConfigError(
+                f"base '{model.base_backend}/{model.base}' is not among this model's variants, "
+                f"and {', '.join(needs_base)} compares every variant with it", file=file,
+                key=f"models[{i}].base")

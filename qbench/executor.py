@@ -1,0 +1,256 @@
+"""Run one cell in its own process and turn whatever happens into an outcome.
+
+Like optimum-benchmark's process launcher: the child returns JSON or dies; a side thread samples
+the child's process tree for resident memory (psutil) and per-process VRAM (NVML), so llama.cpp's
+CUDA buffers, invisible to torch's counters, are counted too. Segfaults, aborts, OOM kills and
+timeouts become statuses with the signal and the tail of the cell's log; the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .envinfo import has_amx
+
+TAIL_CHARS = 3000
+AMX_HINT = (
+    "llama.cpp crashed on this CPU, which has AMX: llama-cpp-python built natively uses the AMX "
+    "backend, which segfaults in ggml_backend_amx_mul_mat on quantized models. Rebuild it "
+    "without AMX: CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
+    "-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+    "-DGGML_AVX_VNNI=ON\" pip install --force-reinstall --no-cache-dir --no-binary "
+    "llama-cpp-python llama-cpp-python   (qbench doctor checks this)")
+_OOM_PATTERNS = re.compile(r"bad_alloc|out of memory|failed to allocate|cannot allocate memory|"
+                           r"MemoryError|CUDA error: out of memory", re.IGNORECASE)
+
+
+@dataclass
+class Outcome:
+    status: str                      # ok | failed | timeout | crashed | skipped
+    error: str | None = None
+    signal: str | None = None
+    stderr_tail: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    peak_vram_mb: float | None = None
+    wall_s: float = 0.0
+
+
+class _Sampler(threading.Thread):
+    """Samples RSS (psutil) and NVML per-process GPU memory of a process tree."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_vram: int | None = None
+        self._halt = threading.Event()
+        self._nvml = _NvmlProbe()
+
+    def run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._halt.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                pids = {p.pid for p in procs}
+                rss = 0
+                for p in procs:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_rss = max(self.peak_rss, rss)
+                vram = self._nvml.used_by(pids)
+                if vram is not None:
+                    self.peak_vram = max(self.peak_vram or 0, vram)
+            except psutil.Error:
+                break
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=2)
+        self._nvml.close()
+
+
+class _NvmlProbe:
+    """Per-process GPU memory from NVML; inert (None) without NVML or GPUs."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self.nv = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
+                            for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no pynvml, no driver, no GPU
+            self.handles = []
+
+    def used_by(self, pids: set[int]) -> int | None:
+        if not self.handles:
+            return None
+        total = 0
+        for h in self.handles:
+            try:
+                procs = (self.nv.nvmlDeviceGetComputeRunningProcesses(h)
+                         + self.nv.nvmlDeviceGetGraphicsRunningProcesses(h))
+            except Exception:
+                continue
+            total += sum(p.usedGpuMemory or 0 for p in procs if p.pid in pids)
+        return total
+
+    def close(self) -> None:
+        if self.handles:
+            try:
+                self.nv.nvmlShutdown()
+            except Exception:
+                pass
+
+
+def _limit_memory(limit_mb: int) -> None:
+    """In the child before exec: cap its address space (the run itself is not capped)."""
+    limit = limit_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - TAIL_CHARS))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _head(path: Path, n: int = 20000) -> str:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(n).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
+                 memory_limit_mb: int = 0, python: str = sys.executable) -> Outcome:
+    """Run ``python -m qbench.worker`` on ``job``; never raises for anything the cell does."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job, default=str))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        t0 = time.monotonic()
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [python, "-m", "qbench.worker", str(job_path), str(result_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: a timeout kills the tree
+                preexec_fn=(lambda: _limit_memory(memory_limit_mb)) if memory_limit_mb else None)
+            sampler = _Sampler(proc.pid)
+            sampler.start()
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_tree(proc)
+                proc.wait()
+            except BaseException:  # Ctrl-C / kill of the parent: take the cell down with us
+                _kill_tree(proc)
+                proc.wait()
+                sampler.stop()
+                raise
+            finally:
+                _kill_tree(proc)  # stray grandchildren of a finished cell
+            sampler.stop()
+        wall = time.monotonic() - t0
+        tail = _tail(log_path)
+        result: dict[str, Any] = {}
+        if result_path.exists():
+            try:
+                result = json.loads(result_path.read_text())
+            except ValueError:
+                result = {}
+    out = Outcome(status="failed", stderr_tail=tail or None, wall_s=wall, result=result,
+                  peak_rss_mb=max(sampler.peak_rss / 2**20, result.get("peak_rss_self_mb", 0)),
+                  peak_vram_mb=None if sampler.peak_vram is None else sampler.peak_vram / 2**20)
+    if timed_out:
+        out.status = "timeout"
+        out.error = f"timed out after {timeout_s:g} s; its process tree was killed"
+        out.signal = "SIGKILL"
+    elif proc.returncode < 0:
+        sig = _signal_name(-proc.returncode)
+        out.status = "crashed"
+        out.signal = sig
+        out.error = f"the cell process died of {sig}"
+        if sig == "SIGKILL":
+            out.error += " (not sent by qbench: most likely the kernel's OOM killer)"
+        elif _OOM_PATTERNS.search(tail):
+            out.error += " after an allocation failure: out of memory"
+        log_text = _head(log_path) + tail
+        if sig == "SIGILL" and (missing := build_mismatch(log_text)):
+            out.error += (f": llama.cpp was built for CPU features this CPU lacks "
+                          f"({', '.join(missing)}). Rebuild llama-cpp-python with "
+                          "CMAKE_ARGS=\"$(python -m qbench.buildflags)\" (scripts/bootstrap.sh "
+                          "does this)")
+        elif sig in ("SIGSEGV", "SIGILL", "SIGBUS") and amx_suspect(log_text):
+            out.error += ". " + AMX_HINT
+    elif result:
+        out.status = result.get("status", "failed")
+        out.error = result.get("error")
+        if out.status == "ok":
+            out.stderr_tail = None
+    else:
+        out.error = f"the cell process exited with code {proc.returncode} and wrote no result"
+        if _OOM_PATTERNS.search(tail):
+            out.error += ": out of memory"
+    return out
+
+
+def build_mismatch(log_text: str) -> list[str]:
+    """CPU features the crashed cell's llama.cpp build uses but this CPU lacks."""
+    from .buildflags import missing_features
+
+    for line in log_text.splitlines():
+        if line.startswith("llama.cpp system info:"):
+            return missing_features(line.split(":", 1)[1])
+    return []
+
+
+def amx_suspect(log_tail: str) -> bool:
+    """Did a llama.cpp build with the AMX backend crash on an AMX CPU?"""
+    if "ggml_backend_amx" in log_tail:
+        return True
+    return has_amx() and "AMX_INT8 = 1" in log_tail

@@ -1,0 +1,41 @@
+"""Flat exports: one row per metric value per cell (suite, model, backend, quant, metric, value,
+stderr, n, status), as JSONL or CSV; failed cells appear with their status and no value."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+COLUMNS = ("suite", "model", "backend", "quant", "metric", "name", "value", "stderr", "n",
+           "unit", "status", "error", "key")
+
+
+def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        base = {"suite": r["suite"], "model": r["model"]["id"], "backend": r["variant"]["backend"],
+                "quant": r["variant"]["quant"], "metric": r["metric"], "status": r["status"],
+                "error": r.get("error"), "key": r["key"]}
+        values = r.get("values") or {}
+        if not values:
+            rows.append(base | {"name": None, "value": None, "stderr": None, "n": None,
+                                "unit": None})
+        for name, v in sorted(values.items()):
+            rows.append(base | {"name": name, "value": v.get("value"), "stderr": v.get("stderr"),
+                                "n": v.get("n"), "unit": v.get("unit")})
+    return rows
+
+
+def to_jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps({c: row.get(c) for c in COLUMNS}) + "\n" for row in rows)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in COLUMNS})
+    return buf.getvalue()

@@ -1,0 +1,53 @@
+"""What a metric gets to work with inside a cell's process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import Backend
+
+
+@dataclass
+class CellContext:
+    cell_id: str
+    model_id: str
+    artifact_path: Path            # the variant's model file
+    artifact: dict[str, Any]       # its description (sha256, recipe, size)
+    base_dir: Path                 # relative paths in the suite are relative to this
+    data_dir: Path | None
+    cache_dir: Path
+    is_base: bool
+    base_artifact_path: Path | None = None
+    _load: Callable[[], Backend] | None = None
+    _backend: Backend | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def backend(self) -> Backend:
+        """The loaded variant, loaded on first use (footprint never loads it)."""
+        if self._backend is None:
+            assert self._load is not None
+            self._backend = self._load()
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+def value(v: float | None, stderr: float | None = None, n: int | None = None,
+          unit: str = "", **extra: Any) -> dict[str, Any]:
+    """A stored metric value: number, standard error, sample count, unit."""
+    out: dict[str, Any] = {"value": None if v is None else float(v)}
+    if stderr is not None:
+        out["stderr"] = float(stderr)
+    if n is not None:
+        out["n"] = int(n)
+    if unit:
+        out["unit"] = unit
+    out.update(extra)
+    return out

@@ -1,0 +1,94 @@
+"""Perplexity, by llama.cpp's method (tools/perplexity/perplexity.cpp).
+
+See :mod:`qbench.metrics.scoring` for the chunking. PPL = exp(mean NLL) over the scored tokens;
+its error is PPL x the standard error of the mean NLL. Bits per byte (lm-eval's
+``bits_per_byte``: summed NLL / (ln 2 x UTF-8 bytes of the scored tokens)) is stored too because,
+unlike PPL, it compares models with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..datasets import locate_text
+from ..options import positive
+from . import MetricInfo
+from .context import CellContext, value
+from .scoring import iter_scored, make_chunks, mean_and_stderr
+
+INFO = MetricInfo(
+    name="perplexity", version="1", primary="ppl", higher_is_better=False,
+    methodology=(
+        "llama.cpp's llama-perplexity method: the whole text tokenized once (BOS first where the "
+        "model uses BOS), cut into non-overlapping ctx-token chunks; each chunk evaluated from "
+        "an empty KV cache with its first token set to BOS when the model uses BOS; only the "
+        "second half of each chunk is scored. PPL = exp(mean NLL) +/- PPL x standard error of "
+        "the mean NLL. Bits per byte = sum NLL / (ln 2 x UTF-8 bytes of the scored tokens)."),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    dataset: str = "wikitext-2"   # a name (resolved in the data dir) or a text file path
+    ctx: int = 512
+    chunks: int = 16              # <= 0: every chunk of the text
+
+    def validate(self, *, file: str, key: str) -> None:
+        positive(self.ctx, file=file, key=f"{key}.ctx")
+        if self.ctx < 8 or self.ctx % 2:
+            from ..errors import ConfigError
+            raise ConfigError(f"expected an even context of at least 8 tokens, got {self.ctx}",
+                              file=file, key=f"{key}.ctx")
+
+
+def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
+    """The dataset's content is part of the cell key (a changed file means new numbers)."""
+    from ..sources import sha256_file
+
+    origin = locate_text(options.dataset, plan_ctx.data_dir, plan_ctx.base_dir)
+    if origin.startswith("hf:"):
+        return {"dataset": origin}
+    from pathlib import Path
+    return {"dataset_sha256": sha256_file(Path(origin), plan_ctx.cache_dir)}
+
+
+def run(ctx: CellContext, options: Options) -> dict[str, Any]:
+    backend = ctx.backend
+    chunks = make_chunks(backend, options.dataset, options.ctx, options.chunks,
+                         ctx.data_dir, ctx.base_dir)
+    nll_parts: list[np.ndarray] = []
+    per_chunk: list[float] = []
+    t0 = time.perf_counter()
+    for _, logprobs, targets in iter_scored(backend, chunks):
+        nll = -logprobs[np.arange(len(targets)), targets].astype(np.float64)
+        nll_parts.append(nll)
+        per_chunk.append(math.exp(float(nll.mean())))
+    elapsed = time.perf_counter() - t0
+    nll = np.concatenate(nll_parts)
+    mean, se = mean_and_stderr(nll)
+    ppl = math.exp(mean)
+    scored_bytes = sum(len(backend.detokenize([int(t)]).encode("utf-8"))
+                       for tg in chunks.targets for t in tg)
+    evaluated = len(chunks.chunks) * options.ctx
+    return {
+        "values": {
+            "ppl": value(ppl, ppl * se, len(nll)),
+            "mean_nll": value(mean, se, len(nll), "nats/token"),
+            "bits_per_byte": value(float(nll.sum()) / (math.log(2) * scored_bytes), None,
+                                   len(nll), "bits/byte"),
+            "eval_tokens_per_s": value(evaluated / elapsed, None, evaluated, "tokens/s"),
+        },
+        "details": {
+            "dataset": chunks.text.name, "dataset_origin": chunks.text.origin,
+            "dataset_sha256": chunks.text.sha256, "ctx": options.ctx,
+            "chunks": len(chunks.chunks), "tokens_in_text": chunks.tokens_total,
+            "scored_tokens": len(nll), "scored_bytes": scored_bytes,
+            "bos_replaced": bool(backend.add_bos), "per_chunk_ppl": per_chunk,
+            "eval_seconds": round(elapsed, 3),
+        },
+    }

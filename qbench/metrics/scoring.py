@@ -1,0 +1,80 @@
+"""The token chunks llama-perplexity scores, and log-softmax over them.
+
+Shared by perplexity and KLD so both see exactly the same tokens: the whole text tokenized once
+(BOS added where the model adds it), cut into non-overlapping ``ctx``-token chunks; each chunk
+evaluated from an empty cache with its first token replaced by BOS when the model uses BOS; only
+the second half scored (positions ``ctx/2 .. ctx-2`` predicting the next token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..datasets import Text, load_text
+from ..errors import DatasetError
+
+
+@dataclass(frozen=True)
+class Chunks:
+    text: Text
+    tokens_total: int          # tokens in the whole text
+    chunks: list[list[int]]    # as evaluated (BOS replacement applied)
+    targets: list[np.ndarray]  # per chunk, the scored next tokens (original ids)
+    first: int                 # first scored position
+
+    @property
+    def n_scored(self) -> int:
+        return sum(len(t) for t in self.targets)
+
+
+def make_chunks(backend: Backend, dataset: str, ctx: int, n_chunks: int,
+                data_dir: Path | None, base_dir: Path) -> Chunks:
+    text = load_text(dataset, data_dir, base_dir)
+    tokens = backend.tokenize(text.text, add_special=True)
+    if len(tokens) < 2 * ctx:
+        raise DatasetError(f"dataset '{dataset}' has {len(tokens)} tokens; perplexity with "
+                           f"ctx={ctx} needs at least {2 * ctx} (as llama-perplexity)")
+    available = len(tokens) // ctx
+    count = available if n_chunks <= 0 else min(n_chunks, available)
+    first = ctx // 2
+    chunks, targets = [], []
+    for i in range(count):
+        original = tokens[i * ctx:(i + 1) * ctx]
+        evaluated = list(original)
+        if backend.add_bos and backend.bos_id is not None:
+            evaluated[0] = backend.bos_id
+        chunks.append(evaluated)
+        targets.append(np.asarray(original[first + 1:], dtype=np.int64))
+    return Chunks(text, len(tokens), chunks, targets, first)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax; max subtracted in float32, sum of exps in float64 (as llama.cpp)."""
+    m = logits.max(axis=1, keepdims=True)
+    shifted = logits - m
+    lse = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64, keepdims=True))
+    return (shifted - lse).astype(np.float32)
+
+
+def iter_scored(backend: Backend, chunks: Chunks) -> Iterator[tuple[int, np.ndarray,
+                                                                     np.ndarray]]:
+    """Yield (chunk index, log-probs (n_scored, n_vocab), target ids) chunk by chunk."""
+    for i, logits in enumerate(backend.chunk_logits(chunks.chunks, chunks.first)):
+        targets = chunks.targets[i]
+        if logits.shape[0] != len(targets):
+            raise RuntimeError(f"backend returned {logits.shape[0]} rows for chunk {i}, "
+                               f"expected {len(targets)}")
+        yield i, log_softmax(logits), targets
+
+
+def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error, as llama-perplexity computes them (N-1 in the variance)."""
+    n = len(values)
+    mean = float(values.mean())
+    var = float((values.astype(np.float64) ** 2).mean() - mean * mean)
+    return mean, (np.sqrt(var / (n - 1)) if var > 0 and n > 1 else 0.0)

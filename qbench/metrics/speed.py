@@ -1,0 +1,96 @@
+"""Prompt (pp) and generation (tg) throughput, by llama-bench's method (tools/llama-bench).
+
+pp: a prompt of N random tokens (BOS first where the model uses BOS) decoded in n_batch pieces.
+tg: N single-token decode steps, each synchronised, feeding random tokens (nothing sampled).
+One warm-up (a full prompt, then one generated token) first; the KV cache is cleared before
+each repetition; tokens/s is computed per repetition, reported as mean and sample sd.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..options import positive
+from . import MetricInfo
+from .context import CellContext, value
+
+INFO = MetricInfo(
+    name="speed", version="1", primary="tg_tokens_per_s", higher_is_better=True,
+    methodology=(
+        "llama-bench's method: ppN = a prompt of N random tokens (BOS first where the model uses "
+        "BOS) processed in n_batch pieces; tgN = N single-token decode steps on random tokens. "
+        "One warm-up (prompt + 1 token), KV cache cleared before every repetition, tokens/s per "
+        "repetition, reported as mean +/- sample standard deviation."),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    prompt_tokens: int = 512
+    gen_tokens: int = 128
+    repetitions: int = 3
+    seed: int = 0
+
+    def validate(self, *, file: str, key: str) -> None:
+        positive(self.prompt_tokens, file=file, key=f"{key}.prompt_tokens", allow_zero=True)
+        positive(self.gen_tokens, file=file, key=f"{key}.gen_tokens", allow_zero=True)
+        positive(self.repetitions, file=file, key=f"{key}.repetitions")
+
+
+def _random_tokens(rng: np.random.Generator, n: int, n_vocab: int, bos: int | None
+                   ) -> list[int]:
+    toks = [int(t) for t in rng.integers(0, n_vocab, size=n)]
+    if toks and bos is not None:
+        toks[0] = bos
+    return toks
+
+
+def _summary(samples: list[float], n_tokens: int) -> dict[str, Any]:
+    arr = np.asarray(samples)
+    sd = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return value(float(arr.mean()), sd / np.sqrt(len(arr)) if len(arr) > 1 else None,
+                 len(arr), "tokens/s", sd=sd, samples=[round(s, 3) for s in samples],
+                 tokens=n_tokens)
+
+
+def run(ctx: CellContext, options: Options) -> dict[str, Any]:
+    backend = ctx.backend
+    n_batch = getattr(backend, "n_batch", 2048)
+    rng = np.random.default_rng(options.seed)
+    bos = backend.bos_id if backend.add_bos else None
+    n_ctx = options.prompt_tokens + options.gen_tokens + 1
+    backend.reset(n_ctx)
+
+    def test_prompt(n: int) -> None:
+        backend.decode_tokens(_random_tokens(rng, n, backend.n_vocab, bos), n_batch)
+
+    def test_gen(n: int) -> None:
+        token = bos if bos is not None else int(rng.integers(0, backend.n_vocab))
+        for _ in range(n):
+            backend.decode_tokens([token], 1)
+            token = int(rng.integers(0, backend.n_vocab))
+
+    values: dict[str, Any] = {}
+    for label, n, test in (("pp", options.prompt_tokens, test_prompt),
+                           ("tg", options.gen_tokens, test_gen)):
+        if n <= 0:
+            continue
+        backend.reset(n_ctx)            # warm-up, as llama-bench: a prompt, then one token
+        if options.prompt_tokens:
+            test_prompt(options.prompt_tokens)
+        if options.gen_tokens:
+            test_gen(1)
+        samples = []
+        for _ in range(options.repetitions):
+            backend.reset()
+            t0 = time.perf_counter_ns()
+            test(n)
+            samples.append(n * 1e9 / (time.perf_counter_ns() - t0))
+        values[f"{label}_tokens_per_s"] = _summary(samples, n)
+    return {"values": values,
+            "details": {"test_names": [f"pp{options.prompt_tokens}", f"tg{options.gen_tokens}"],
+                        "n_batch": n_batch, "repetitions": options.repetitions}}

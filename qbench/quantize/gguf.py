@@ -1,0 +1,209 @@
+"""Build GGUF variants with llama.cpp's own quantizer (``llama_model_quantize``), cached by
+content: the cache key is the input file's sha256 plus the recipe, so a changed source or a new
+llama.cpp version makes new files and an unchanged one is never rebuilt.
+
+The chain is source -> float base (F16 by default) -> each quant type, like llama.cpp's
+published ladders. A quantized source (SmolLM2 ships as Q4_1) is dequantized into the base with
+``allow_requantize``; the recipe records that, so reports can say the base is not the original.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import QbenchError, SourceError
+from ..fsutil import atomic_write_text, file_lock
+from ..sources import check_gguf, sha256_file
+from .gguf_types import FLOAT_TYPES, FTYPES
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    sha256: str
+    recipe: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256,
+                "size_bytes": self.path.stat().st_size, "recipe": self.recipe}
+
+
+def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """:func:`tensor_summary`, memoised by the file's sha256 (gguf's reader takes seconds on a
+    large vocabulary); raises SourceError naming the file if it is corrupt or truncated."""
+    check_gguf(path)
+    memo = None
+    if cache_dir is not None:
+        memo = cache_dir / "inspect" / f"{sha256_file(path, cache_dir)}.json"
+        if memo.exists():
+            try:
+                return json.loads(memo.read_text())
+            except ValueError:
+                pass
+    try:
+        summary = tensor_summary(path)
+    except (ValueError, IndexError, OSError, struct.error, KeyError) as exc:
+        raise SourceError(f"{path} is corrupt or truncated: {type(exc).__name__}: {exc}"
+                          ) from None
+    if summary["data_end"] > path.stat().st_size:
+        raise SourceError(f"{path} is truncated: tensor data ends at byte "
+                          f"{summary['data_end']}, the file has {path.stat().st_size}")
+    if memo is not None:
+        atomic_write_text(memo, json.dumps(summary))
+    return summary
+
+
+def tensor_summary(path: Path) -> dict[str, Any]:
+    """What the file really holds: tensor types by count, parameters and bytes; bits per weight
+    over all tensors (as llama-quantize prints); the file's declared ftype."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    hist: dict[str, dict[str, int]] = {}
+    n_params = n_bytes = 0
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        entry = hist.setdefault(name, {"tensors": 0, "params": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["params"] += int(t.n_elements)
+        entry["bytes"] += int(t.n_bytes)
+        n_params += int(t.n_elements)
+        n_bytes += int(t.n_bytes)
+    ftype_field = reader.fields.get("general.file_type")
+    ftype_id = int(ftype_field.parts[ftype_field.data[0]][0]) if ftype_field else None
+    ftype_name = next((k for k, v in FTYPES.items() if v == ftype_id), None)
+    arch = _field_str(reader, "general.architecture")
+    return {
+        "n_tensors": len(reader.tensors), "n_params": n_params, "tensor_bytes": n_bytes,
+        "bpw": 8.0 * n_bytes / n_params if n_params else None,
+        "types": dict(sorted(hist.items(), key=lambda kv: -kv[1]["params"])),
+        "file_type": ftype_name, "architecture": arch,
+        "data_end": max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0),
+        "shape": {k: _field_int(reader, f"{arch}.{k}") for k in (
+            "block_count", "embedding_length", "attention.head_count",
+            "attention.head_count_kv", "context_length")} if arch else {},
+    }
+
+
+def _field_str(reader: Any, key: str) -> str | None:
+    f = reader.fields.get(key)
+    return bytes(f.parts[f.data[0]]).decode("utf-8", "replace") if f else None
+
+
+def _field_int(reader: Any, key: str) -> int | None:
+    f = reader.fields.get(key)
+    return int(f.parts[f.data[0]][0]) if f else None
+
+
+def dominant_type(path: Path, cache_dir: Path | None = None) -> str:
+    """The tensor type holding most parameters (Q4_1 for SmolLM2's shipped file)."""
+    types = inspect_gguf(path, cache_dir)["types"]
+    return next(iter(types)) if types else "?"
+
+
+def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | None) -> None:
+    """One llama_model_quantize call (or llama-quantize with an imatrix: the C API takes the
+    imatrix only as a C++ object)."""
+    if imatrix is not None:
+        tool = find_tool("llama-quantize")
+        cmd = [tool, "--imatrix", str(imatrix), str(inp), str(out), ftype, str(threads or 1)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise QbenchError(f"llama-quantize {ftype} failed (exit {proc.returncode}): "
+                              f"{proc.stderr[-800:]}")
+        return
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(),
+                                        ctypes.byref(params))
+    if rc != 0:
+        raise QbenchError(f"llama_model_quantize {inp.name} -> {ftype} failed (code {rc}); "
+                          "see the cell log for llama.cpp's message")
+
+
+def find_tool(name: str) -> str:
+    """A llama.cpp command-line tool from $QBENCH_LLAMA_CPP_BIN or PATH."""
+    folder = os.environ.get("QBENCH_LLAMA_CPP_BIN")
+    candidate = Path(folder) / name if folder else None
+    if candidate and candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise QbenchError(f"{name} (a llama.cpp tool) not found on PATH or in $QBENCH_LLAMA_CPP_BIN; "
+                      "imatrix quantization needs llama-imatrix and llama-quantize "
+                      "(benchmarks/build_llama_tools.sh builds them)")
+
+
+def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
+    """Return the artifact for ``recipe``, building it once under a lock (atomic rename)."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
+    folder = cache_dir / "artifacts" / digest
+    final = folder / "model.gguf"
+    with file_lock(cache_dir / "artifacts" / f"{digest}.lock"):
+        meta = folder / "recipe.json"
+        if final.exists() and meta.exists():
+            return Artifact(final, json.loads(meta.read_text())["output_sha256"], recipe)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".model.{os.getpid()}.tmp.gguf"
+        t0 = time.perf_counter()
+        try:
+            build(tmp)
+            inspect_gguf(tmp)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        out_sha = sha256_file(final)
+        atomic_write_text(meta, json.dumps(
+            recipe | {"output_sha256": out_sha, "build_s": round(time.perf_counter() - t0, 2)},
+            indent=1))
+        return Artifact(final, out_sha, recipe)
+
+
+def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
+                  cache_dir: Path, threads: int, imatrix_path: Path | None = None,
+                  imatrix_sha: str = "") -> Artifact:
+    """The GGUF file of ``quant``, made from ``source`` via the float ``base_quant``."""
+    import llama_cpp
+
+    source_type = dominant_type(source, cache_dir)
+    lib = {"llama_cpp_python": llama_cpp.__version__}
+    if base_quant not in FLOAT_TYPES:
+        raise QbenchError(f"the base must be a float type ({', '.join(sorted(FLOAT_TYPES))}), "
+                          f"got {base_quant}")
+    base_recipe = {"tool": "llama_model_quantize", "input_sha256": source_sha,
+                   "input_type": source_type, "output_type": base_quant,
+                   "requantized": source_type not in FLOAT_TYPES,
+                   **lib}
+    if source_type == base_quant:
+        base = Artifact(source, source_sha, {"tool": "none (source used as is)",
+                                             "input_sha256": source_sha,
+                                             "output_type": base_quant})
+    else:
+        base = _cached(cache_dir, base_recipe,
+                       lambda out: _quantize(source, out, base_quant, threads, None))
+    if quant == base_quant:
+        return base
+    recipe = {"tool": "llama_model_quantize", "input_sha256": base.sha256,
+              "input_type": base_quant, "output_type": quant, "base_recipe": base.recipe,
+              "imatrix_sha256": imatrix_sha or None, **lib}
+    if imatrix_path is not None:
+        recipe["tool"] = "llama-quantize --imatrix"
+    return _cached(cache_dir, recipe,
+                   lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
+

@@ -1,0 +1,43 @@
+"""The llama.cpp quantization types qbench knows, by the names `llama-quantize` uses.
+
+Kept as a static table so `qbench validate` works without importing llama-cpp-python; a test
+checks every id against the installed ``llama_cpp.LLAMA_FTYPE_MOSTLY_*`` constants.
+"""
+
+from __future__ import annotations
+
+from ..errors import did_you_mean
+
+# name -> llama_ftype value (llama.h, enum llama_ftype)
+FTYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+    "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
+    "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21,
+    "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27,
+    "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37,
+}
+
+# Unquantized storage types: a base may be one of these.
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+# llama-quantize refuses these without an importance matrix (quantize.cpp).
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
+
+# Published nominal bits per weight for a 7B llama (llama-quantize --help); the measured bpw of
+# each file is what qbench reports, this is only the label users know.
+NOMINAL_BPW: dict[str, float] = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69,
+    "Q5_K_S": 5.54, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_1": 5.0,
+    "Q4_0": 4.5, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35, "Q2_K_S": 2.96,
+}
+
+
+def canonical(name: str) -> str | None:
+    """The llama.cpp spelling of ``name`` (case-insensitive), or None if it is not a type."""
+    upper = name.strip().upper()
+    return upper if upper in FTYPES else None
+
+
+def unknown_message(name: str) -> str:
+    """The error text for a name that is not a llama.cpp type."""
+    return f"unknown llama.cpp type '{name}'{did_you_mean(name, FTYPES)}"

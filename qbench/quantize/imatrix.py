@@ -1,0 +1,54 @@
+"""Importance matrices for GGUF quantization, computed with llama.cpp's ``llama-imatrix`` tool.
+
+llama-cpp-python does not expose the imatrix to ``llama_model_quantize`` (the C API takes a C++
+object), so imatrix variants use llama.cpp's command-line tools. The calibration text's sha256
+and the tool's arguments go into the cache key and the result's provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..datasets import load_text
+from ..errors import QbenchError
+from ..fsutil import atomic_write_text, file_lock
+from .gguf import build_variant, find_tool
+
+IMATRIX_CHUNKS = 100  # llama-imatrix --chunks: 100 x 512 tokens, the common published setting
+
+
+def build_imatrix(job: dict[str, Any], model_file: Path, model_sha: str, cache_dir: Path,
+                  threads: int) -> tuple[Path, str]:
+    """Path and sha256 of the imatrix for this model's base and the named calibration text."""
+    variant, model = job["cell"]["variant"], job["cell"]["model"]
+    data_dir = Path(job["data_dir"]) if job.get("data_dir") else None
+    text = load_text(variant["imatrix"], data_dir, Path(job["base_dir"]))
+    base = build_variant(model_file, model_sha, model["base"], model["base"],
+                         cache_dir=cache_dir, threads=threads)
+    recipe = {"base_sha256": base.sha256, "calibration_sha256": text.sha256,
+              "chunks": IMATRIX_CHUNKS, "ctx": 512}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
+    folder = cache_dir / "imatrix" / digest
+    out = folder / "imatrix.dat"
+    with file_lock(folder.with_suffix(".lock")):
+        if out.exists():
+            return out, hashlib.sha256(out.read_bytes()).hexdigest()
+        folder.mkdir(parents=True, exist_ok=True)
+        calib = folder / "calibration.txt"
+        atomic_write_text(calib, text.text)
+        tmp = folder / f".imatrix.{os.getpid()}.tmp"
+        cmd = [find_tool("llama-imatrix"), "-m", str(base.path), "-f", str(calib), "-o",
+               str(tmp), "--chunks", str(IMATRIX_CHUNKS), "-c", "512", "-t", str(threads or 1)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not tmp.exists():
+            raise QbenchError(f"llama-imatrix failed (exit {proc.returncode}): "
+                              f"{proc.stderr[-800:]}")
+        os.replace(tmp, out)
+        atomic_write_text(folder / "provenance.json", json.dumps(
+            recipe | {"calibration": text.origin, "command": cmd}, indent=1))
+    return out, hashlib.sha256(out.read_bytes()).hexdigest()

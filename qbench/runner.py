@@ -1,0 +1,167 @@
+"""`qbench run`: plan the suite, skip finished cells, run the rest one process each, store each
+outcome the moment it is known, and show progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from . import envinfo
+from .config import Suite
+from .executor import Outcome, run_in_child
+from .metrics import metric_module
+from .plan import Cell, PlanContext, expand
+from .schema import SCHEMA_VERSION
+from .store import Store
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    counts: dict[str, int] = field(default_factory=dict)   # status -> cells (this run)
+    cached: int = 0                                         # finished before, not rerun
+    failed_ids: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def any_failed(self) -> bool:
+        return any(self.counts.get(s, 0) for s in ("failed", "timeout", "crashed"))
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
+    """Finished cells are not rerun; failures only with --rerun-failed; 'skipped' always is
+    retried (its reason, e.g. a missing extra, may be gone)."""
+    if record is None:
+        return False
+    status = record.get("status")
+    if status == "ok":
+        return True
+    if status == "skipped":
+        return False
+    return not rerun_failed
+
+
+def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> dict[str, Any]:
+    return {"cell": cell.describe(), "base_dir": str(ctx.base_dir),
+            "data_dir": str(ctx.data_dir) if ctx.data_dir else None,
+            "cache_dir": str(ctx.cache_dir), "device": suite.defaults.device,
+            "threads": suite.defaults.threads}
+
+
+def make_record(cell: Cell, outcome: Outcome, run_id: str, started: str,
+                env: dict[str, Any]) -> dict[str, Any]:
+    spec = cell.describe()
+    res = outcome.result
+    return {
+        "schema_version": SCHEMA_VERSION, "key": cell.key, "id": cell.id, "suite": cell.suite,
+        "run_id": run_id, "model": spec["model"], "variant": spec["variant"],
+        "metric": cell.metric, "metric_version": spec["metric_version"],
+        "options": spec["options"], "status": outcome.status, "error": outcome.error,
+        "signal": outcome.signal, "stderr_tail": outcome.stderr_tail,
+        "values": res.get("values", {}) if outcome.status == "ok" else {},
+        "details": res.get("details", {}), "artifact": res.get("artifact", {}),
+        "backend": res.get("backend", {}),
+        "memory": {"peak_rss_mb": round(outcome.peak_rss_mb, 1),
+                   "peak_vram_mb": (None if outcome.peak_vram_mb is None
+                                    else round(outcome.peak_vram_mb, 1)),
+                   "torch_max_allocated_mb": res.get("torch_max_allocated_mb")},
+        "timings": {"started": started, "wall_s": round(outcome.wall_s, 3),
+                    **res.get("timings", {})},
+        "env": env,
+    }
+
+
+def headline(record: dict[str, Any]) -> str:
+    if record["status"] != "ok":
+        return f"[red]{record['status']}[/red]: {(record.get('error') or '')[:160]}"
+    info = metric_module(record["metric"]).INFO
+    v = record["values"].get(info.primary, {})
+    if v.get("value") is None:
+        return "ok"
+    err = f" ± {v['stderr']:.4g}" if v.get("stderr") else ""
+    return f"{info.primary} = {v['value']:.4g}{err}"
+
+
+def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, ...] = (),
+              rerun_failed: bool = False, console: Console | None = None) -> RunSummary:
+    console = console or Console(stderr=True)
+    cells = expand(suite, ctx, only=only)
+    run_id = new_run_id()
+    summary = RunSummary(run_id)
+    t_start = time.monotonic()
+    env = envinfo.collect()
+    todo = []
+    for cell in cells:
+        if is_done(store.load(cell.key), rerun_failed):
+            summary.cached += 1
+        else:
+            todo.append(cell)
+    manifest: dict[str, Any] = {"run_id": run_id, "suite": suite.name,
+                                "suite_file": str(suite.path), "started": _now(),
+                                "cells_planned": len(cells), "cached": summary.cached,
+                                "cells": [], "env": env}
+    console.print(f"[bold]{suite.name}[/bold]: {len(cells)} cells, {summary.cached} already "
+                  f"done, {len(todo)} to run (run {run_id})")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=len(todo))
+        try:
+            for cell in todo:
+                progress.update(task, description=f"[cyan]{cell.id}[/cyan]")
+                started = _now()
+                outcome = run_in_child(job_for(cell, suite, ctx), log_path=store.log_path(cell.key),
+                                       timeout_s=suite.defaults.timeout_s,
+                                       memory_limit_mb=suite.defaults.memory_limit_mb)
+                record = make_record(cell, outcome, run_id, started, env)
+                store.save(record)
+                summary.counts[outcome.status] = summary.counts.get(outcome.status, 0) + 1
+                if outcome.status in ("failed", "timeout", "crashed"):
+                    summary.failed_ids.append(cell.id)
+                manifest["cells"].append({"id": cell.id, "key": cell.key,
+                                          "status": outcome.status, "wall_s": outcome.wall_s})
+                progress.console.print(f"  {cell.id}: {headline(record)} "
+                                       f"[dim]({outcome.wall_s:.1f} s)[/dim]")
+                progress.advance(task)
+        finally:
+            summary.wall_s = time.monotonic() - t_start
+            manifest.update(finished=_now(), wall_s=round(summary.wall_s, 2),
+                            counts=summary.counts, interrupted=len(manifest["cells"]) < len(todo))
+            store.save_run(run_id, manifest)
+    return summary
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cell_rows(cells: list[Cell], store: Store) -> list[dict[str, Any]]:
+    """For `qbench plan`: each cell and its stored status."""
+    rows = []
+    for c in cells:
+        rec = store.load(c.key)
+        rows.append({"id": c.id, "key": c.key, "status": rec["status"] if rec else "todo",
+                     "base": c.is_base, **({"options": dataclasses.asdict(c.options)})})
+    return rows
+
+
+def default_cache_dir(suite_default: str = "", cli: str | None = None) -> Path:
+    import os
+    for candidate in (cli, os.environ.get("QBENCH_CACHE_DIR"), suite_default):
+        if candidate:
+            return Path(candidate).expanduser().resolve()
+    return Path("~/.cache/qbench").expanduser()

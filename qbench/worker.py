@@ -1,0 +1,143 @@
+"""The cell process: ``python -m qbench.worker JOB.json RESULT.json``.
+
+It builds (or finds in the cache) the variant's file, loads the backend, runs one metric and
+writes a JSON result. A crash here (segfault, OOM kill, hang) takes down only this process; the
+executor records it as the cell's outcome.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .backends import BACKENDS, backend_module
+from .backends.base import LoadOptions
+from .errors import MissingExtraError, QbenchError
+from .fsutil import atomic_write_text
+from .metrics import metric_module
+from .metrics.context import CellContext
+from .sources import resolve, sha256_file
+
+
+def _options(metric: str, raw: dict[str, Any]) -> Any:
+    cls = metric_module(metric).Options
+    fields = cls.__dataclass_fields__
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
+                  if k in fields})
+
+
+def _import_backend(name: str) -> Any:
+    info = BACKENDS[name]
+    try:
+        return backend_module(name)
+    except ImportError as exc:
+        raise MissingExtraError(info.distribution, info.extra,
+                                f"the {name} backend ({exc})") from None
+
+
+def prepare_artifact(job: dict[str, Any], model_file: Path, model_sha: str,
+                     cache_dir: Path, threads: int) -> tuple[Path, dict[str, Any]]:
+    """The variant's model file: a pre-quantized source as is, else built from the model."""
+    variant = job["cell"]["variant"]
+    model = job["cell"]["model"]
+    base_dir = Path(job["base_dir"])
+    if variant["source"]:
+        res = resolve(variant["source"], base_dir=base_dir, cache_dir=cache_dir)
+        from .quantize.gguf import inspect_gguf
+        inspect_gguf(res.path, cache_dir)
+        return res.path, {"path": str(res.path), "sha256": sha256_file(res.path, cache_dir),
+                          "size_bytes": res.path.stat().st_size,
+                          "recipe": {"tool": "none (pre-quantized source)",
+                                     "source": variant["source"], "revision": res.revision}}
+    if variant["backend"] == "llama.cpp":
+        _import_backend("llama.cpp")
+        from .quantize.gguf import build_variant
+        imatrix_path, imatrix_sha = None, ""
+        if variant["imatrix"]:
+            from .quantize.imatrix import build_imatrix
+            imatrix_path, imatrix_sha = build_imatrix(job, model_file, model_sha, cache_dir,
+                                                      threads)
+        art = build_variant(model_file, model_sha, variant["quant"], model["base"],
+                            cache_dir=cache_dir, threads=threads, imatrix_path=imatrix_path,
+                            imatrix_sha=imatrix_sha)
+        return art.path, art.describe()
+    raise QbenchError(f"backend {variant['backend']!r} cannot build variants")
+
+
+def execute(job: dict[str, Any]) -> dict[str, Any]:
+    cell = job["cell"]
+    metric = cell["metric"]
+    cache_dir = Path(job["cache_dir"])
+    base_dir = Path(job["base_dir"])
+    data_dir = Path(job["data_dir"]) if job.get("data_dir") else None
+    threads = int(job.get("threads") or 0)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    source = resolve(cell["model"]["source"], base_dir=base_dir, cache_dir=cache_dir)
+    model_sha = sha256_file(source.path, cache_dir)
+    path, artifact = prepare_artifact(job, source.path, model_sha, cache_dir, threads)
+    artifact["model_source"] = {"ref": source.origin, "path": str(source.path),
+                                "sha256": model_sha, "revision": source.revision}
+    timings["prepare_s"] = round(time.perf_counter() - t0, 3)
+    variant = cell["variant"]
+
+    def load() -> Any:
+        module = _import_backend(variant["backend"])
+        t = time.perf_counter()
+        backend = module.load(path, LoadOptions(
+            device=job.get("device", "auto"), threads=threads, n_batch=variant["batch"],
+            n_ubatch=variant["ubatch"], n_gpu_layers=variant["n_gpu_layers"]))
+        timings["load_s"] = round(time.perf_counter() - t, 3)
+        return backend
+
+    ctx = CellContext(cell_id=cell["id"], model_id=cell["model"]["id"], artifact_path=path,
+                      artifact=artifact, base_dir=base_dir, data_dir=data_dir,
+                      cache_dir=cache_dir, is_base=variant["is_base"], _load=load)
+    module = metric_module(metric)
+    t1 = time.perf_counter()
+    try:
+        out = module.run(ctx, _options(metric, cell["options"]))
+        backend_info = ctx._backend.describe() if ctx._backend is not None else {}
+    finally:
+        ctx.close()
+    timings["metric_s"] = round(time.perf_counter() - t1, 3)
+    return {"status": "ok", "values": out.get("values", {}), "details": out.get("details", {}),
+            "artifact": artifact, "backend": backend_info, "timings": timings}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    faulthandler.enable()  # a segfault prints the Python stack into the cell log
+    job = json.loads(job_path.read_text())
+    print(f"qbench cell {job['cell']['id']} key {job['cell']['key']}", file=sys.stderr,
+          flush=True)
+    try:
+        result = execute(job)
+    except MissingExtraError as exc:
+        result = {"status": "skipped", "error": str(exc)}
+    except MemoryError:
+        result = {"status": "failed", "error": "out of memory (MemoryError in the cell)"}
+    except QbenchError as exc:
+        result = {"status": "failed", "error": str(exc)}
+    except Exception as exc:  # any other failure is this cell's outcome, not the run's
+        tb = traceback.format_exc(limit=-8)
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": tb}
+        print(tb, file=sys.stderr)
+    result["peak_rss_self_mb"] = _peak_rss_mb()
+    atomic_write_text(result_path, json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

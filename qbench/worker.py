@@ -19,6 +19,7 @@ from typing import Any
 from .backends import BACKENDS, backend_module
 from .backends.base import LoadOptions
 from .errors import MissingExtraError, QbenchError
+from .faults import inject
 from .fsutil import atomic_write_text
 from .metrics import metric_module
 from .metrics.context import CellContext
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"qbench cell {job['cell']['id']} key {job['cell']['key']}", file=sys.stderr,
           flush=True)
     try:
+        inject(job["cell"]["id"])
         result = execute(job)
     except MissingExtraError as exc:
         result = {"status": "skipped", "error": str(exc)}

@@ -26,6 +26,8 @@ _MODULES = {
     "footprint": "qbench.metrics.footprint",
     "sanity": "qbench.metrics.sanity",
     "perplexity": "qbench.metrics.perplexity",
+    "kld": "qbench.metrics.kld",
+    "mmlu": "qbench.metrics.mmlu",
     "speed": "qbench.metrics.speed",
 }
 

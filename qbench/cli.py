@@ -124,10 +124,17 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from .store import load_results
 
     records = load_results([Path(p) for p in args.results])
-    pages = build_site(records, Path(args.out))
+    pages = build_site(records, Path(args.out), budget_gb=args.memory_budget_gb,
+                       max_loss_pct=args.max_loss_pct)
     for p in pages:
         console.print(f"wrote {p}")
     return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from .compare import run_compare
+
+    return run_compare(args, console)
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
@@ -166,6 +173,46 @@ def cmd_ls(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace, console: Console) -> int:
+    from .cache import KINDS, clear, usage
+    from .runner import default_cache_dir
+
+    cache_dir = default_cache_dir(cli=args.cache_dir)
+    if args.action == "clear":
+        freed = clear(cache_dir, args.kind)
+        console.print(f"removed {args.kind} from {cache_dir}: {freed / 2**20:.1f} MiB freed")
+        return EXIT_OK
+    table = Table(title=f"qbench cache: {cache_dir}")
+    for col in ("kind", "MiB", "what"):
+        table.add_column(col)
+    for kind, size in usage(cache_dir).items():
+        table.add_row(kind, f"{size / 2**20:.1f}", KINDS[kind])
+    console.print(table)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
+    from .datasets import data_dir_from
+    from .doctor import run_checks
+
+    checks = run_checks(data_dir_from(args.data_dir))
+    table = Table(title="qbench doctor")
+    for col in ("check", "", "detail"):
+        table.add_column(col)
+    for c in checks:
+        mark = "[green]ok[/green]" if c.ok else ("[red]FAIL[/red]" if c.blocking
+                                                  else "[yellow]warn[/yellow]")
+        table.add_row(c.name, mark, c.detail)
+    console.print(table)
+    blocked = [c for c in checks if not c.ok and c.blocking]
+    if blocked:
+        console.print(f"[red]the default suite cannot run here[/red]: "
+                      + "; ".join(c.name for c in blocked))
+        return EXIT_USER
+    console.print("[green]ready[/green]: qbench run suites/smoke.toml")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qbench", description=__doc__)
     p.add_argument("--version", action="version", version=f"qbench {__version__}")
@@ -194,17 +241,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="render stored results as static HTML")
     sp.add_argument("results", nargs="+", help="results folders (a suite's or the root)")
     sp.add_argument("--out", default="reports")
+    sp.add_argument("--memory-budget-gb", type=float, default=None,
+                    help="recommend the best variant that fits (else the suite's [report])")
+    sp.add_argument("--max-loss-pct", type=float, default=None,
+                    help="tolerated quality loss vs base for the recommendation")
+    sp = sub.add_parser("compare", help="differences between two result sets; exit 2 on a "
+                        "regression beyond noise (the CI gate)")
+    sp.add_argument("baseline", help="results folder or file (e.g. results/baselines/smoke)")
+    sp.add_argument("candidate", help="results folder")
+    sp.add_argument("--threshold-pct", type=float, default=2.0,
+                    help="relative change that counts as a regression (default 2%%)")
+    sp.add_argument("--sigma", type=float, default=3.0,
+                    help="...and beyond this many combined standard errors (default 3)")
+    sp.add_argument("--out", default=None, help="also write an HTML diff page here")
+    sp.add_argument("--json", action="store_true")
     sp = sub.add_parser("export", help="flat table of results (JSONL or CSV)")
     sp.add_argument("results", nargs="+")
     sp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     sp.add_argument("-o", "--output", help="file (default: stdout)")
+    sp = sub.add_parser("cache", help="show or clear qbench's cache (artifacts, KLD bases...)")
+    sp.add_argument("action", choices=("info", "clear"))
+    sp.add_argument("kind", nargs="?", default="all",
+                    choices=("all", "artifacts", "kld", "imatrix", "inspect", "hf"))
+    sp.add_argument("--cache-dir")
+    sp = sub.add_parser("doctor", help="check this machine: backends, CPU flags (AMX), GPUs, data")
+    sp.add_argument("--data-dir")
     sp = sub.add_parser("ls", help="list stored suites and their cells")
     sp.add_argument("--out", default="results")
     return p
 
 
 COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "report": cmd_report,
-            "export": cmd_export, "ls": cmd_ls}
+            "export": cmd_export, "ls": cmd_ls, "cache": cmd_cache, "compare": cmd_compare,
+            "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

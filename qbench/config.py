@@ -278,6 +278,8 @@ def _parse_metrics(value: Any, file: str) -> dict[str, Any]:
         module = metric_module(name)
         if module.INFO.implicit and name not in metrics:
             metrics[name] = module.Options()
+    if "kld" in metrics:  # KLD scores the perplexity metric's tokens unless told otherwise
+        metrics["kld"] = metrics["kld"].resolved(metrics.get("perplexity"))
     for name, opts in list(metrics.items()):
         if getattr(opts, "enabled", True) is False:
             del metrics[name]

@@ -56,7 +56,9 @@ def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
 
 
 def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> dict[str, Any]:
+    base = suite.base_variant(cell.model)
     return {"cell": cell.describe(), "base_dir": str(ctx.base_dir),
+            "base_variant": dataclasses.asdict(base) | {"is_base": True} if base else None,
             "data_dir": str(ctx.data_dir) if ctx.data_dir else None,
             "cache_dir": str(ctx.cache_dir), "device": suite.defaults.device,
             "threads": suite.defaults.threads}

@@ -99,7 +99,8 @@ def resolve(ref: str, *, base_dir: Path, cache_dir: Path) -> Resolved:
         # huggingface_hub raises LocalEntryNotFoundError (an OSError/HTTPError subclass
         # depending on version) when offline and the file is not cached
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        reason = reason.rstrip(".")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
         hint = ("HF_HUB_OFFLINE is set" if offline else
                 "no network, a wrong name, or a gated repo needing HF_TOKEN")
         raise SourceError(f"cannot download {ref!r} from the Hugging Face hub ({hint}): "

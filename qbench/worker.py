@@ -42,10 +42,10 @@ def _import_backend(name: str) -> Any:
                                 f"the {name} backend ({exc})") from None
 
 
-def prepare_artifact(job: dict[str, Any], model_file: Path, model_sha: str,
-                     cache_dir: Path, threads: int) -> tuple[Path, dict[str, Any]]:
+def prepare_artifact(job: dict[str, Any], variant: dict[str, Any], model_file: Path,
+                     model_sha: str, cache_dir: Path, threads: int
+                     ) -> tuple[Path, dict[str, Any]]:
     """The variant's model file: a pre-quantized source as is, else built from the model."""
-    variant = job["cell"]["variant"]
     model = job["cell"]["model"]
     base_dir = Path(job["base_dir"])
     if variant["source"]:
@@ -82,25 +82,42 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     source = resolve(cell["model"]["source"], base_dir=base_dir, cache_dir=cache_dir)
     model_sha = sha256_file(source.path, cache_dir)
-    path, artifact = prepare_artifact(job, source.path, model_sha, cache_dir, threads)
+    variant = cell["variant"]
+    path, artifact = prepare_artifact(job, variant, source.path, model_sha, cache_dir, threads)
     artifact["model_source"] = {"ref": source.origin, "path": str(source.path),
                                 "sha256": model_sha, "revision": source.revision}
+    module = metric_module(metric)
+    base_path, base_artifact = None, None
+    if module.INFO.needs_base and job.get("base_variant"):
+        if variant["is_base"]:
+            base_path, base_artifact = path, artifact
+        else:
+            try:
+                base_path, base_artifact = prepare_artifact(
+                    job, job["base_variant"], source.path, model_sha, cache_dir, threads)
+            except QbenchError as exc:
+                raise QbenchError(f"the base variant {job['base_variant']['quant']} could not "
+                                  f"be prepared, so there is nothing to compare with: {exc}"
+                                  ) from None
     timings["prepare_s"] = round(time.perf_counter() - t0, 3)
-    variant = cell["variant"]
 
-    def load() -> Any:
-        module = _import_backend(variant["backend"])
-        t = time.perf_counter()
-        backend = module.load(path, LoadOptions(
-            device=job.get("device", "auto"), threads=threads, n_batch=variant["batch"],
-            n_ubatch=variant["ubatch"], n_gpu_layers=variant["n_gpu_layers"]))
-        timings["load_s"] = round(time.perf_counter() - t, 3)
-        return backend
+    def loader(v: dict[str, Any], p: Path) -> Any:
+        def load() -> Any:
+            backend_mod = _import_backend(v["backend"])
+            t = time.perf_counter()
+            backend = backend_mod.load(p, LoadOptions(
+                device=job.get("device", "auto"), threads=threads, n_batch=v["batch"],
+                n_ubatch=v["ubatch"], n_gpu_layers=v["n_gpu_layers"]))
+            timings.setdefault("load_s", round(time.perf_counter() - t, 3))
+            return backend
+        return load
 
     ctx = CellContext(cell_id=cell["id"], model_id=cell["model"]["id"], artifact_path=path,
                       artifact=artifact, base_dir=base_dir, data_dir=data_dir,
-                      cache_dir=cache_dir, is_base=variant["is_base"], _load=load)
-    module = metric_module(metric)
+                      cache_dir=cache_dir, is_base=variant["is_base"],
+                      base_artifact=base_artifact, _load=loader(variant, path),
+                      _load_base=(loader(job["base_variant"], base_path)
+                                  if base_path is not None else None))
     t1 = time.perf_counter()
     try:
         out = module.run(ctx, _options(metric, cell["options"]))

@@ -20,8 +20,9 @@ class CellContext:
     data_dir: Path | None
     cache_dir: Path
     is_base: bool
-    base_artifact_path: Path | None = None
+    base_artifact: dict[str, Any] | None = None   # the base variant's file (KLD)
     _load: Callable[[], Backend] | None = None
+    _load_base: Callable[[], Backend] | None = None
     _backend: Backend | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
 
@@ -32,6 +33,12 @@ class CellContext:
             assert self._load is not None
             self._backend = self._load()
         return self._backend
+
+    def load_base(self) -> Backend:
+        """Load the model's base variant (the caller closes it)."""
+        if self._load_base is None:
+            raise RuntimeError("this cell has no base variant")
+        return self._load_base()
 
     def close(self) -> None:
         if self._backend is not None:

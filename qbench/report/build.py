@@ -77,7 +77,8 @@ def render_suite(suite: str, records: list[dict[str, Any]]) -> str:
         n_failed=sum(r["status"] in ("failed", "timeout", "crashed") for r in records))
 
 
-def build_site(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+def build_site(records: list[dict[str, Any]], out_dir: Path, *, budget_gb: float | None = None,
+               max_loss_pct: float | None = None) -> list[Path]:
     """Write <out_dir>/<suite>.html per suite and <out_dir>/index.html; return their paths."""
     by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:

@@ -1,0 +1,252 @@
+"""KL-divergence of a variant's next-token distributions from its base's, on the tokens the
+perplexity metric scores, with the statistics ``llama-perplexity --kl-divergence`` prints.
+
+Base distributions are computed once per (base file, text, ctx, chunks, coverage) and cached.
+Storage is bounded: per scored token, the base's most probable tokens up to ``coverage`` of its
+probability mass (at most ``max_tokens`` of them) as (id, log-prob) pairs, plus the log of the
+remaining mass. KLD is computed over those tokens plus one "rest" bucket; by the data-processing
+inequality this never exceeds the exact KLD, and the shortfall is at most the base's uncovered
+mass times the log-ratio on it (reported as ``coverage_mean``). For SmolLM2-135M on the default
+suite (4,080 tokens) the cache is tens of MB, where llama.cpp's full-vocabulary file would be
+400 MB (and 11 GB for a 7B on all of wikitext-2). Remove them with ``qbench cache clear kld``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, QbenchError
+from ..fsutil import file_lock
+from . import MetricInfo
+from .context import CellContext, value
+from .scoring import Chunks, iter_scored, make_chunks
+
+INFO = MetricInfo(
+    name="kld", version="1", primary="kld_mean", higher_is_better=False, needs_base=True,
+    methodology=(
+        "KL(base || variant) of the next-token distributions on exactly the tokens the perplexity "
+        "metric scores (llama-perplexity --kl-divergence). The base's distribution is stored per "
+        "token as its most probable tokens up to `coverage` of the probability mass (capped at "
+        "`max_tokens`) plus one bucket for the rest; KLD is exact on that partition and a lower "
+        "bound of the full-vocabulary KLD. Statistics as llama-perplexity: mean +/- standard "
+        "error, percentiles, same-top-token % +/- sqrt(p(1-p)/(N-1)), RMS and percentiles of "
+        "delta-p (change in the probability of the correct token), mean ln(PPL(Q)/PPL(base)) "
+        "with its covariance-corrected error."),
+)
+
+PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
+DP_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
+
+
+@dataclass(frozen=True)
+class Options:
+    dataset: str | None = None    # None: the same as [metrics.perplexity] (else wikitext-2)
+    ctx: int | None = None        # None: as perplexity (else 512)
+    chunks: int | None = None     # None: as perplexity (else 16)
+    coverage: float = 0.9999      # base probability mass stored per token
+    max_tokens: int = 2048        # ... with at most this many tokens per position
+
+    def validate(self, *, file: str, key: str) -> None:
+        if not 0.5 <= self.coverage < 1.0:
+            raise ConfigError(f"expected a probability mass in [0.5, 1), got {self.coverage}",
+                              file=file, key=f"{key}.coverage")
+        if self.max_tokens < 1:
+            raise ConfigError(f"expected a positive count, got {self.max_tokens}", file=file,
+                              key=f"{key}.max_tokens")
+
+    def resolved(self, perplexity: Any | None) -> "Options":
+        """Fill unset text settings from the perplexity metric so both score the same tokens."""
+        def pick(mine: Any, name: str, default: Any) -> Any:
+            if mine is not None:
+                return mine
+            return getattr(perplexity, name) if perplexity is not None else default
+        return Options(pick(self.dataset, "dataset", "wikitext-2"), pick(self.ctx, "ctx", 512),
+                       pick(self.chunks, "chunks", 16), self.coverage, self.max_tokens)
+
+
+def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
+    from .perplexity import Options as PplOptions, key_extras as ppl_extras
+    return ppl_extras(PplOptions(dataset=options.dataset or "wikitext-2"), plan_ctx)
+
+
+# -- the base cache ----------------------------------------------------------------------------
+
+def _top_mass(logprobs: np.ndarray, coverage: float, cap: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: ids and log-probs of the most probable tokens covering ``coverage`` of the mass
+    (at most ``cap``), flattened, with per-row counts and the log of the uncovered mass."""
+    cap = min(cap, logprobs.shape[1])
+    top = np.argpartition(-logprobs, cap - 1, axis=1)[:, :cap] if cap < logprobs.shape[1] \
+        else np.tile(np.arange(logprobs.shape[1]), (logprobs.shape[0], 1))
+    top_lp = np.take_along_axis(logprobs, top, axis=1)
+    order = np.argsort(-top_lp, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    top_lp = np.take_along_axis(top_lp, order, axis=1)
+    cum = np.cumsum(np.exp(top_lp.astype(np.float64)), axis=1)
+    counts = np.minimum((cum < coverage).sum(axis=1) + 1, cap)
+    mask = np.arange(cap)[None, :] < counts[:, None]
+    covered = cum[np.arange(len(counts)), counts - 1]
+    rest = np.log(np.clip(1.0 - covered, 1e-30, None))
+    return (top[mask].astype(np.int32), top_lp[mask].astype(np.float32),
+            counts.astype(np.int32), rest.astype(np.float32))
+
+
+def base_cache_path(cache_dir: Path, base_sha: str, chunks: Chunks, options: Options) -> Path:
+    ident = {"base_sha256": base_sha, "text_sha256": chunks.text.sha256, "ctx": options.ctx,
+             "chunks": len(chunks.chunks), "coverage": options.coverage,
+             "max_tokens": options.max_tokens, "version": INFO.version}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir / "kld-base" / f"{digest}.npz"
+
+
+def compute_base(backend: Any, chunks: Chunks, options: Options) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "logp", "counts", "rest",
+                                                          "target_logp", "top", "targets")}
+    for _, logprobs, targets in iter_scored(backend, chunks):
+        ids, lp, counts, rest = _top_mass(logprobs, options.coverage, options.max_tokens)
+        parts["ids"].append(ids)
+        parts["logp"].append(lp)
+        parts["counts"].append(counts)
+        parts["rest"].append(rest)
+        parts["target_logp"].append(logprobs[np.arange(len(targets)), targets])
+        parts["top"].append(logprobs.argmax(axis=1).astype(np.int32))
+        parts["targets"].append(targets.astype(np.int32))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def load_or_build_base(ctx: CellContext, chunks: Chunks, options: Options) -> tuple[
+        dict[str, np.ndarray], Path, bool]:
+    """The base's stored distributions, building them (with the base model) if absent."""
+    if ctx.base_artifact is None:
+        raise QbenchError("no base variant to compare with")
+    path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], chunks, options)
+    with file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            with np.load(path) as npz:
+                return {k: npz[k] for k in npz.files}, path, False
+        if ctx.is_base:
+            data = compute_base(ctx.backend, chunks, options)
+        else:
+            base = ctx.load_base()
+            try:
+                data = compute_base(base, chunks, options)
+            finally:
+                base.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **data)
+        os.replace(tmp, path)
+        return data, path, True
+
+
+# -- comparison --------------------------------------------------------------------------------
+
+def _mean_unc(s: float, s2: float, n: int) -> tuple[float, float]:
+    """llama-perplexity's mean_and_uncertainty."""
+    f = s / n
+    var = s2 / n - f * f
+    return f, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
+
+
+def compare(base: dict[str, np.ndarray], backend: Any, chunks: Chunks
+            ) -> dict[str, np.ndarray]:
+    """Per scored token: KLD, same-top flag, NLL of variant and base, delta-p."""
+    offsets = np.concatenate([[0], np.cumsum(base["counts"])])
+    row0 = 0
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("kld", "same", "nll_q", "nll_b", "dp")}
+    for _, lq, targets in iter_scored(backend, chunks):
+        n = len(targets)
+        rows = slice(row0, row0 + n)
+        if not np.array_equal(base["targets"][rows], targets):
+            raise QbenchError("the base cache was made from different tokens (tokenizer "
+                              "mismatch between variant and base?)")
+        counts = base["counts"][rows]
+        lo, hi = offsets[row0], offsets[row0 + n]
+        ids = base["ids"][lo:hi]
+        lp = base["logp"][lo:hi].astype(np.float64)
+        row_idx = np.repeat(np.arange(n), counts)
+        lq_sel = lq[row_idx, ids].astype(np.float64)
+        p = np.exp(lp)
+        kld = np.bincount(row_idx, p * (lp - lq_sel), minlength=n)
+        p_rest = np.exp(base["rest"][rows].astype(np.float64))
+        q_rest = np.clip(1.0 - np.bincount(row_idx, np.exp(lq_sel), minlength=n), 1e-30, None)
+        kld += np.where(p_rest > 1e-30, p_rest * (np.log(p_rest) - np.log(q_rest)), 0.0)
+        lq_t = lq[np.arange(n), targets].astype(np.float64)
+        lb_t = base["target_logp"][rows].astype(np.float64)
+        out["kld"].append(np.maximum(kld, 0.0))
+        out["same"].append(lq.argmax(axis=1) == base["top"][rows])
+        out["nll_q"].append(-lq_t)
+        out["nll_b"].append(-lb_t)
+        out["dp"].append(np.exp(lq_t) - np.exp(lb_t))
+        row0 += n
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def statistics(t: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The figures llama-perplexity --kl-divergence prints, from per-token arrays."""
+    n = len(t["kld"])
+    kld, dp = t["kld"], t["dp"]
+    mean_kld, se_kld = _mean_unc(kld.sum(), (kld ** 2).sum(), n)
+    m_q, se_q = _mean_unc(t["nll_q"].sum(), (t["nll_q"] ** 2).sum(), n)
+    m_b, se_b = _mean_unc(t["nll_b"].sum(), (t["nll_b"] ** 2).sum(), n)
+    cov = ((t["nll_q"] * t["nll_b"]).sum() / n - (t["nll_q"].sum() / n) * (t["nll_b"].sum() / n)
+           ) / (n - 1) if n >= 10 else 0.0
+    ln_ratio = m_q - m_b
+    ln_ratio_unc = math.sqrt(max(se_q ** 2 + se_b ** 2 - 2 * cov, 0.0))
+    p_same = float(t["same"].mean())
+    mse, mse_unc = _mean_unc((dp ** 2).sum(), (dp ** 4).sum(), n)
+    rms = math.sqrt(mse)
+    values = {
+        "kld_mean": value(mean_kld, se_kld, n, "nats"),
+        "kld_median": value(float(np.percentile(kld, 50)), None, n, "nats"),
+        "kld_p90": value(float(np.percentile(kld, 90)), None, n, "nats"),
+        "kld_p99": value(float(np.percentile(kld, 99)), None, n, "nats"),
+        "kld_max": value(float(kld.max()), None, n, "nats"),
+        "same_top_pct": value(100 * p_same, 100 * math.sqrt(p_same * (1 - p_same) / (n - 1)),
+                              n, "%"),
+        "rms_dp_pct": value(100 * rms, 100 * (0.5 / rms) * mse_unc if rms > 0 else 0.0, n, "%"),
+        "mean_dp_pct": value(100 * float(dp.mean()), 100 * _mean_unc(dp.sum(), (dp ** 2).sum(),
+                                                                     n)[1], n, "%"),
+        "ln_ppl_ratio": value(ln_ratio, ln_ratio_unc, n),
+        "ppl_ratio": value(math.exp(ln_ratio), math.exp(ln_ratio) * ln_ratio_unc, n),
+        "ppl": value(math.exp(m_q), math.exp(m_q) * se_q, n),
+        "ppl_base": value(math.exp(m_b), math.exp(m_b) * se_b, n),
+    }
+    details = {
+        "kld_percentiles": {f"{p:g}": float(np.percentile(kld, p)) for p in PERCENTILES}
+        | {"max": float(kld.max()), "min": float(kld.min())},
+        "dp_percentiles_pct": {f"{p:g}": 100 * float(np.percentile(dp, p))
+                               for p in DP_PERCENTILES}
+        | {"max": 100 * float(dp.max()), "min": 100 * float(dp.min())},
+        "cor_ln_ppl_pct": 100 * cov / (se_q * se_b) if se_q > 0 and se_b > 0 else None,
+    }
+    return {"values": values, "details": details}
+
+
+def run(ctx: CellContext, options: Options) -> dict[str, Any]:
+    opts = options.resolved(None)
+    chunks = make_chunks(ctx.backend, opts.dataset, opts.ctx, opts.chunks, ctx.data_dir,
+                         ctx.base_dir)
+    base, path, built = load_or_build_base(ctx, chunks, opts)
+    per_token = compare(base, ctx.backend, chunks)
+    out = statistics(per_token)
+    rest_mass = np.exp(base["rest"].astype(np.float64))
+    out["values"]["coverage_mean"] = value(1 - float(rest_mass.mean()), None,
+                                           len(rest_mass), "probability")
+    out["details"].update({
+        "base_cache": str(path), "base_cache_bytes": path.stat().st_size,
+        "base_cache_built_here": built, "base_tokens_stored_mean": float(base["counts"].mean()),
+        "base_sha256": ctx.base_artifact["sha256"], "dataset": chunks.text.name,
+        "dataset_sha256": chunks.text.sha256, "ctx": opts.ctx, "chunks": len(chunks.chunks),
+        "coverage": opts.coverage, "max_tokens": opts.max_tokens,
+        "coverage_min": 1 - float(rest_mass.max()),
+    })
+    return out

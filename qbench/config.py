@@ -133,11 +133,16 @@ class Suite:
     def variants_for(self, model: ModelSpec) -> tuple[VariantSpec, ...]:
         return tuple(v for v in self.variants if not v.models or model.id in v.models)
 
-    def base_variant(self, model: ModelSpec) -> VariantSpec | None:
-        for v in self.variants_for(model):
-            if v.backend == model.base_backend and v.quant == model.base and not v.source:
-                return v
-        return None
+    def base_variant(self, model: ModelSpec, backend: str | None = None) -> VariantSpec | None:
+        """The reference for ``model``'s variants of ``backend``: the model's base when it is of
+        that backend, else that backend's first unquantized variant (so a transformers variant
+        is compared with transformers fp32, on the same tokenizer and engine)."""
+        backend = backend or model.base_backend
+        variants = [v for v in self.variants_for(model) if v.backend == backend and not v.source]
+        if backend == model.base_backend:
+            return next((v for v in variants if v.quant == model.base), None)
+        floats = BACKENDS[backend].float_quants
+        return next((v for v in variants if v.quant in floats), None)
 
 
 _TOP_KEYS = ("suite", "defaults", "models", "variants", "metrics", "report")
@@ -221,7 +226,7 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                     ) -> tuple[VariantSpec, ...]:
     model_ids = {m.id for m in models}
     out: list[VariantSpec] = []
-    seen: dict[tuple[str, str, str, tuple[str, ...]], str] = {}
+    seen: dict[tuple[str, str, str, str], str] = {}
     for i, table in enumerate(_array_of_tables(value, file, "variants")):
         key = f"variants[{i}]"
         group = from_table(VariantGroup, table, file=file, key=key)
@@ -251,11 +256,15 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                     raise ConfigError(f"{canon} needs an importance matrix: set "
                                       f"imatrix = \"wikitext-2\" (or a text file) in {key}",
                                       file=file, key=qkey)
-            ident = (group.backend, canon, group.source, group.models)
-            if ident in seen:
-                raise ConfigError(f"duplicate variant {group.backend}/{canon} "
-                                  f"(also {seen[ident]})", file=file, key=qkey)
-            seen[ident] = qkey
+            # per model: overlapping groups ([[variants]] for all models and one restricted
+            # with models = [...]) must not give a model the same variant twice
+            for mid in dict.fromkeys(group.models or tuple(m.id for m in models)):
+                ident = (mid, group.backend, canon, group.source)
+                if ident in seen:
+                    which = f" for model {mid!r}" if len(models) > 1 else ""
+                    raise ConfigError(f"duplicate variant {group.backend}/{canon}{which} "
+                                      f"(also {seen[ident]})", file=file, key=qkey)
+                seen[ident] = qkey
             out.append(VariantSpec(backend=group.backend, quant=canon, source=group.source,
                                    imatrix=group.imatrix, n_gpu_layers=group.n_gpu_layers,
                                    batch=group.batch, ubatch=group.ubatch, models=group.models))
@@ -296,8 +305,17 @@ def _check_bases(suite: Suite, file: str) -> None:
         if not suite.variants_for(model):
             raise ConfigError(f"no variant applies to model {model.id!r}: empty matrix",
                               file=file, key=f"models[{i}]")
-        if needs_base and suite.base_variant(model) is None:
+        if not needs_base:
+            continue
+        if suite.base_variant(model) is None:
             raise ConfigError(
                 f"base '{model.base_backend}/{model.base}' is not among this model's variants, "
                 f"and {', '.join(needs_base)} compares every variant with it", file=file,
                 key=f"models[{i}].base")
+        for backend in sorted({v.backend for v in suite.variants_for(model)}):
+            if suite.base_variant(model, backend) is None:
+                floats = ", ".join(sorted(BACKENDS[backend].float_quants))
+                raise ConfigError(
+                    f"{', '.join(needs_base)} compares {backend} variants with an unquantized "
+                    f"{backend} variant ({floats}); add one for model {model.id!r}", file=file,
+                    key="variants")

@@ -74,6 +74,11 @@ def model_identity(model: ModelSpec, ctx: PlanContext) -> str:
     return sha256_file(local.path, ctx.cache_dir)
 
 
+def _base_label(suite: Suite, model: ModelSpec, variant: VariantSpec) -> str | None:
+    base = suite.base_variant(model, variant.backend)
+    return base.label if base else None
+
+
 def _key(parts: dict[str, Any]) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
@@ -90,8 +95,8 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
     extras_memo: dict[str, dict[str, Any]] = {}
     for model in suite.models:
         sha = model_identity(model, ctx)
-        base = suite.base_variant(model)
-        variants = sorted(suite.variants_for(model), key=lambda v: v is not base)
+        bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
+        variants = sorted(suite.variants_for(model), key=lambda v: v not in bases)
         for variant in variants:
             lib = BACKENDS[variant.backend].distribution
             for metric, options in _in_run_order(suite.metrics):
@@ -102,13 +107,13 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
                 key = _key({
                     "model": {"id": model.id, "sha256": sha},
                     "variant": variant.params(),
-                    "base": f"{model.base_backend}/{model.base}",
+                    "base": _base_label(suite, model, variant),
                     "metric": metric, "metric_version": module.INFO.version,
                     "options": dataclasses.asdict(options), "extras": extras_memo[metric],
                     "library": {lib: library_version(lib)},
                 })
                 cells.append(Cell(suite.name, model, variant, metric, options,
-                                  variant is base, sha, key))
+                                  variant in bases, sha, key))
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in only)]
         if not cells:

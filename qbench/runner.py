@@ -56,7 +56,7 @@ def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
 
 
 def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> dict[str, Any]:
-    base = suite.base_variant(cell.model)
+    base = suite.base_variant(cell.model, cell.variant.backend)
     return {"cell": cell.describe(), "base_dir": str(ctx.base_dir),
             "base_variant": dataclasses.asdict(base) | {"is_base": True} if base else None,
             "data_dir": str(ctx.data_dir) if ctx.data_dir else None,

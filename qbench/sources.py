@@ -114,7 +114,14 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
     """sha256 of a file (or of a directory's files, sorted), memoised in cache_dir."""
     path = path.resolve()
     st = path.stat()
-    memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():
+        # a folder's own mtime does not change when a file in it is rewritten in place
+        stamp = "\n".join(f"{f.relative_to(path)}|{s.st_size}|{s.st_mtime_ns}"
+                          for f, s in ((f, f.stat()) for f in files))
+        memo_key = f"{path}|dir|{hashlib.sha256(stamp.encode()).hexdigest()}"
+    else:
+        memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     memo_file = cache_dir / "sha256.json" if cache_dir else None
     memo: dict[str, str] = {}
     if memo_file and memo_file.exists():
@@ -125,7 +132,6 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
         if memo_key in memo:
             return memo[memo_key]
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         if path.is_dir():
             h.update(str(f.relative_to(path)).encode())

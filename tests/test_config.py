@@ -145,6 +145,22 @@ def test_duplicate_variants_across_groups(write_suite):
                         "(also variants[0].quant[1])")
 
 
+def test_duplicate_variant_from_overlapping_groups(write_suite):
+    # one group for every model, one restricted to "m": model m would get Q8_0 twice
+    text = (SUITE + MODEL.replace('id = "m"', 'id = "n"')
+            + '\n[[variants]]\nbackend = "llama.cpp"\nquant = ["Q8_0"]\nmodels = ["m"]\n')
+    file, err = error_of(write_suite, text)
+    assert str(err) == (f"{file}: variants[1].quant[0]: duplicate variant llama.cpp/Q8_0 for "
+                        "model 'm' (also variants[0].quant[1])")
+    # disjoint restricted groups are fine
+    ok = text.replace('quant = ["F16", "Q8_0"]', 'quant = ["F16", "Q8_0"]\nmodels = ["n"]')
+    ok += '\n[[variants]]\nbackend = "llama.cpp"\nquant = ["F16"]\nmodels = ["m"]\n'
+    suite = load_suite(write_suite(ok))
+    for model in suite.models:
+        labels = [v.label for v in suite.variants_for(model)]
+        assert len(labels) == len(set(labels)) == 2
+
+
 def test_empty_quant_list(write_suite):
     file, err = error_of(write_suite, SUITE.replace('["F16", "Q8_0"]', "[]"))
     assert str(err) == f"{file}: variants[0].quant: empty quant list"

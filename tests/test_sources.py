@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import subprocess
 import sys
@@ -188,6 +189,22 @@ def test_sha256_of_directory_depends_on_names_and_contents(tmp_path):
     first = sha256_file(d)
     (d / "b.safetensors").rename(d / "c.safetensors")
     assert sha256_file(d) != first
+
+
+def test_directory_memo_notices_a_file_rewritten_in_place(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    weights = d / "model.safetensors"
+    weights.write_bytes(b"A" * 100)
+    cache = tmp_path / "cache"
+    first = sha256_file(d, cache)
+    dir_stat = d.stat()
+    with weights.open("r+b") as fh:  # same size, same folder entry: only the file's mtime moves
+        fh.write(b"B")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert d.stat().st_mtime_ns == dir_stat.st_mtime_ns
+    assert sha256_file(d, cache) != first
+    assert sha256_file(d, cache) == sha256_file(d)
 
 
 def test_corrupt_memo_is_ignored(tmp_path):

@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -23,6 +24,36 @@ from .metrics import metric_module
 from .plan import Cell, PlanContext, expand
 from .schema import SCHEMA_VERSION
 from .store import Store
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One cell to run: its spec, the job the worker reads, where its log goes."""
+
+    cell: Cell
+    job: dict[str, Any]
+    log_path: Path
+    timeout_s: float
+    memory_limit_mb: int
+
+
+class Executor(Protocol):
+    """Runs work items and yields each outcome as soon as it is known (order may differ)."""
+
+    name: str
+
+    def run(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, Outcome]]: ...
+
+
+class LocalExecutor:
+    """One cell at a time, each in a child process on this machine."""
+
+    name = "local"
+
+    def run(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, Outcome]]:
+        for item in items:
+            yield item, run_in_child(item.job, log_path=item.log_path, timeout_s=item.timeout_s,
+                                     memory_limit_mb=item.memory_limit_mb)
 
 
 @dataclass
@@ -99,9 +130,15 @@ def headline(record: dict[str, Any]) -> str:
 
 
 def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, ...] = (),
-              rerun_failed: bool = False, console: Console | None = None) -> RunSummary:
+              rerun_failed: bool = False, console: Console | None = None,
+              executor: Executor | None = None,
+              select: Callable[[list[Cell]], list[Cell]] | None = None) -> RunSummary:
+    """Run every cell of ``suite`` not already done; ``select`` narrows the plan (sharding)."""
     console = console or Console(stderr=True)
+    executor = executor or LocalExecutor()
     cells = expand(suite, ctx, only=only)
+    if select is not None:
+        cells = select(cells)
     run_id = new_run_id()
     summary = RunSummary(run_id)
     t_start = time.monotonic()
@@ -122,13 +159,14 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
+        items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key),
+                          suite.defaults.timeout_s, suite.defaults.memory_limit_mb) for c in todo]
+        if items:
+            progress.update(task, description=f"[cyan]{items[0].cell.id}[/cyan]")
+        started = _now()
         try:
-            for cell in todo:
-                progress.update(task, description=f"[cyan]{cell.id}[/cyan]")
-                started = _now()
-                outcome = run_in_child(job_for(cell, suite, ctx), log_path=store.log_path(cell.key),
-                                       timeout_s=suite.defaults.timeout_s,
-                                       memory_limit_mb=suite.defaults.memory_limit_mb)
+            for n_done, (item, outcome) in enumerate(executor.run(items), start=1):
+                cell = item.cell
                 record = make_record(cell, outcome, run_id, started, env)
                 store.save(record)
                 summary.counts[outcome.status] = summary.counts.get(outcome.status, 0) + 1
@@ -139,6 +177,9 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                 progress.console.print(f"  {cell.id}: {headline(record)} "
                                        f"[dim]({outcome.wall_s:.1f} s)[/dim]")
                 progress.advance(task)
+                started = _now()
+                if executor.name == "local" and n_done < len(items):
+                    progress.update(task, description=f"[cyan]{items[n_done].cell.id}[/cyan]")
         finally:
             summary.wall_s = time.monotonic() - t_start
             manifest.update(finished=_now(), wall_s=round(summary.wall_s, 2),

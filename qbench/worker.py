@@ -46,6 +46,10 @@ def prepare_artifact(job: dict[str, Any], variant: dict[str, Any], model_file: P
                      model_sha: str, cache_dir: Path, threads: int
                      ) -> tuple[Path, dict[str, Any]]:
     """The variant's model file: a pre-quantized source as is, else built from the model."""
+    if variant["backend"] == "transformers":
+        _import_backend("transformers")
+        from .quantize.hf import prepare
+        return prepare(job, variant, model_file, model_sha, cache_dir, threads)
     model = job["cell"]["model"]
     base_dir = Path(job["base_dir"])
     if variant["source"]:

@@ -264,6 +264,44 @@ def test_run_refuses_a_locked_results_folder(fault_suite, tmp_path, fault, capsy
     assert not (results / "faults" / "cells").exists()
 
 
+def _is_worker(p: psutil.Process) -> bool:
+    try:
+        return "qbench.worker" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.xfail(strict=True, reason="the cell process runs in its own session and nothing "
+                   "ties it to its parent: after kill -9 of `qbench run` it lives on (a hanging "
+                   "cell forever); executor/worker should use PR_SET_PDEATHSIG or watch getppid()")
+def test_cell_dies_with_a_killed_run(fault_suite, tmp_path, fault):
+    fault("*=hang")
+    proc = subprocess.Popen([sys.executable, "-m", "qbench.cli", "run", str(fault_suite),
+                             "--out", str(tmp_path / "results"), "--no-report"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not workers:
+            assert proc.poll() is None and time.monotonic() < deadline
+            workers = [p for p in psutil.Process(proc.pid).children() if _is_worker(p)]
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    try:
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"cell process {[p.pid for p in alive]} outlived the killed run"
+    finally:
+        for p in workers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def test_is_done_rules():
     assert is_done(None, False) is False
     assert is_done({"status": "ok"}, True) is True
@@ -327,6 +365,9 @@ quant = ["F16", "Q8_0"]
 dataset = "wikitext-2"
 ctx = 512
 chunks = 2
+
+[metrics.sanity]
+enabled = false
 """
 
 
@@ -373,7 +414,7 @@ def test_resume_after_kill_9(write_suite, smollm2_ref, data_dir, isolated_env, t
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(before)} already done" in rerun.stderr
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells.glob("*.json")}
-    assert len(after) == 6
+    assert len(after) == 4  # F16, Q8_0 x footprint, perplexity
     for name, snap in before.items():
         assert after[name] == snap, f"{name} was rewritten"
     recs = [json.loads(d) for _, d in after.values()]
@@ -383,4 +424,4 @@ def test_resume_after_kill_9(write_suite, smollm2_ref, data_dir, isolated_env, t
     assert set(ppl) == {"F16", "Q8_0"} and all(1 < v < 1000 for v in ppl.values())
     # a third run has nothing to do
     third = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and "6 already done, 0 to run" in third.stderr
+    assert third.returncode == 0 and "4 already done, 0 to run" in third.stderr

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,17 @@ def test_keys_never_escape_the_folder(store, bad):
 def test_invalid_suite_folder(tmp_path, suite):
     with pytest.raises(StoreError, match="invalid suite name"):
         Store(tmp_path, suite)
+
+
+def test_written_files_are_readable_like_any_new_file(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = tmp_path / "report.html"
+    atomic_write_text(target, "<html>")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    target.chmod(0o640)
+    atomic_write_text(target, "<html>v2")  # a replaced file keeps its mode
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
 def test_corrupt_record_is_set_aside(store, caplog):
@@ -148,6 +160,9 @@ def test_disk_full_on_write(tmp_path, monkeypatch):
 
         def __exit__(self, *a):
             self.fh.close()
+
+        def fileno(self):
+            return self.fh.fileno()
 
         def write(self, data):
             raise OSError(errno.EDQUOT, "Disk quota exceeded")

@@ -9,7 +9,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..quantize import gguf_types
+from ..quantize import gguf_types, hf_types
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,15 @@ BACKENDS: dict[str, BackendInfo] = {
         canonical_quant=gguf_types.canonical,
         unknown_quant=gguf_types.unknown_message,
         float_quants=gguf_types.FLOAT_TYPES,
+    ),
+    "transformers": BackendInfo(
+        name="transformers",
+        module="qbench.backends.transformers",
+        distribution="transformers",
+        extra="hf",
+        canonical_quant=hf_types.canonical,
+        unknown_quant=hf_types.unknown_message,
+        float_quants=hf_types.FLOAT_TYPES,
     ),
 }
 

@@ -107,87 +107,109 @@ def base_cache_path(cache_dir: Path, base_sha: str, chunks: Chunks, options: Opt
     return cache_dir / "kld-base" / f"{digest}.npz"
 
 
-def compute_base(backend: Any, chunks: Chunks, options: Options) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "logp", "counts", "rest",
-                                                          "target_logp", "top", "targets")}
+def _top_rows(logprobs: np.ndarray, targets: np.ndarray, options: Options
+              ) -> dict[str, np.ndarray]:
+    ids, lp, counts, rest = _top_mass(logprobs, options.coverage, options.max_tokens)
+    return {"ids": ids, "logp": lp, "counts": counts, "rest": rest,
+            "target_logp": logprobs[np.arange(len(targets)), targets],
+            "top": logprobs.argmax(axis=1).astype(np.int32), "targets": targets.astype(np.int32)}
+
+
+def _compare_rows(b: dict[str, np.ndarray], lq: np.ndarray, targets: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Per-token KLD, same-top, NLLs and delta-p of one chunk against its base rows."""
+    if not np.array_equal(b["targets"], targets):
+        raise QbenchError("the base cache was made from different tokens (tokenizer "
+                          "mismatch between variant and base?)")
+    n = len(targets)
+    lp = b["logp"].astype(np.float64)
+    row_idx = np.repeat(np.arange(n), b["counts"])
+    lq_sel = lq[row_idx, b["ids"]].astype(np.float64)
+    p = np.exp(lp)
+    kld = np.bincount(row_idx, p * (lp - lq_sel), minlength=n)
+    p_rest = np.exp(b["rest"].astype(np.float64))
+    q_rest = np.clip(1.0 - np.bincount(row_idx, np.exp(lq_sel), minlength=n), 1e-30, None)
+    kld += np.where(p_rest > 1e-30, p_rest * (np.log(p_rest) - np.log(q_rest)), 0.0)
+    lq_t = lq[np.arange(n), targets].astype(np.float64)
+    lb_t = b["target_logp"].astype(np.float64)
+    return {"kld": np.maximum(kld, 0.0), "same": lq.argmax(axis=1) == b["top"],
+            "nll_q": -lq_t, "nll_b": -lb_t, "dp": np.exp(lq_t) - np.exp(lb_t)}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def compute_base(backend: Any, chunks: Chunks, options: Options, *, self_compare: bool = False
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The base's stored rows; with ``self_compare`` also the base compared with its own stored
+    rows in the same pass (the base cell: KLD 0 up to the storage's rounding, for free)."""
+    rows, compared = [], []
     for _, logprobs, targets in iter_scored(backend, chunks):
-        ids, lp, counts, rest = _top_mass(logprobs, options.coverage, options.max_tokens)
-        parts["ids"].append(ids)
-        parts["logp"].append(lp)
-        parts["counts"].append(counts)
-        parts["rest"].append(rest)
-        parts["target_logp"].append(logprobs[np.arange(len(targets)), targets])
-        parts["top"].append(logprobs.argmax(axis=1).astype(np.int32))
-        parts["targets"].append(targets.astype(np.int32))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+        r = _top_rows(logprobs, targets, options)
+        rows.append(r)
+        if self_compare:
+            compared.append(_compare_rows(r, logprobs, targets))
+    return _concat(rows), (_concat(compared) if self_compare else None)
 
 
-def load_or_build_base(ctx: CellContext, chunks: Chunks, options: Options) -> tuple[
-        dict[str, np.ndarray], Path, bool]:
-    """The base's stored distributions, building them (with the base model) if absent."""
+def _save(path: Path, data: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+
+
+def base_and_comparison(ctx: CellContext, chunks: Chunks, options: Options
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Path, bool]:
+    """The base's stored distributions (built with the base model if absent) and the per-token
+    comparison of this cell's variant with them."""
     if ctx.base_artifact is None:
         raise QbenchError("no base variant to compare with")
     path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], chunks, options)
+    built = False
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
             with np.load(path) as npz:
-                return {k: npz[k] for k in npz.files}, path, False
-        if ctx.is_base:
-            data = compute_base(ctx.backend, chunks, options)
+                base = {k: npz[k] for k in npz.files}
+        elif ctx.is_base:
+            base, compared = compute_base(ctx.backend, chunks, options, self_compare=True)
+            _save(path, base)
+            return base, compared, path, True  # type: ignore[return-value]
         else:
-            base = ctx.load_base()
+            loaded = ctx.load_base()
             try:
-                data = compute_base(base, chunks, options)
+                base, _ = compute_base(loaded, chunks, options)
             finally:
-                base.close()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **data)
-        os.replace(tmp, path)
-        return data, path, True
+                loaded.close()
+            _save(path, base)
+            built = True
+    return base, compare(base, ctx.backend, chunks), path, built
 
 
-# -- comparison --------------------------------------------------------------------------------
+def compare(base: dict[str, np.ndarray], backend: Any, chunks: Chunks
+            ) -> dict[str, np.ndarray]:
+    """Per scored token of ``backend``: KLD, same-top flag, NLLs, delta-p against ``base``."""
+    offsets = np.concatenate([[0], np.cumsum(base["counts"])])
+    row0, parts = 0, []
+    for _, lq, targets in iter_scored(backend, chunks):
+        n = len(targets)
+        rows = slice(row0, row0 + n)
+        lo, hi = offsets[row0], offsets[row0 + n]
+        b = {k: base[k][rows] for k in ("counts", "rest", "target_logp", "top", "targets")}
+        b |= {"ids": base["ids"][lo:hi], "logp": base["logp"][lo:hi]}
+        parts.append(_compare_rows(b, lq, targets))
+        row0 += n
+    return _concat(parts)
+
+
+# -- statistics --------------------------------------------------------------------------------
 
 def _mean_unc(s: float, s2: float, n: int) -> tuple[float, float]:
     """llama-perplexity's mean_and_uncertainty."""
     f = s / n
     var = s2 / n - f * f
     return f, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
-
-
-def compare(base: dict[str, np.ndarray], backend: Any, chunks: Chunks
-            ) -> dict[str, np.ndarray]:
-    """Per scored token: KLD, same-top flag, NLL of variant and base, delta-p."""
-    offsets = np.concatenate([[0], np.cumsum(base["counts"])])
-    row0 = 0
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("kld", "same", "nll_q", "nll_b", "dp")}
-    for _, lq, targets in iter_scored(backend, chunks):
-        n = len(targets)
-        rows = slice(row0, row0 + n)
-        if not np.array_equal(base["targets"][rows], targets):
-            raise QbenchError("the base cache was made from different tokens (tokenizer "
-                              "mismatch between variant and base?)")
-        counts = base["counts"][rows]
-        lo, hi = offsets[row0], offsets[row0 + n]
-        ids = base["ids"][lo:hi]
-        lp = base["logp"][lo:hi].astype(np.float64)
-        row_idx = np.repeat(np.arange(n), counts)
-        lq_sel = lq[row_idx, ids].astype(np.float64)
-        p = np.exp(lp)
-        kld = np.bincount(row_idx, p * (lp - lq_sel), minlength=n)
-        p_rest = np.exp(base["rest"][rows].astype(np.float64))
-        q_rest = np.clip(1.0 - np.bincount(row_idx, np.exp(lq_sel), minlength=n), 1e-30, None)
-        kld += np.where(p_rest > 1e-30, p_rest * (np.log(p_rest) - np.log(q_rest)), 0.0)
-        lq_t = lq[np.arange(n), targets].astype(np.float64)
-        lb_t = base["target_logp"][rows].astype(np.float64)
-        out["kld"].append(np.maximum(kld, 0.0))
-        out["same"].append(lq.argmax(axis=1) == base["top"][rows])
-        out["nll_q"].append(-lq_t)
-        out["nll_b"].append(-lb_t)
-        out["dp"].append(np.exp(lq_t) - np.exp(lb_t))
-        row0 += n
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def statistics(t: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -235,8 +257,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     opts = options.resolved(None)
     chunks = make_chunks(ctx.backend, opts.dataset, opts.ctx, opts.chunks, ctx.data_dir,
                          ctx.base_dir)
-    base, path, built = load_or_build_base(ctx, chunks, opts)
-    per_token = compare(base, ctx.backend, chunks)
+    base, per_token, path, built = base_and_comparison(ctx, chunks, opts)
     out = statistics(per_token)
     rest_mass = np.exp(base["rest"].astype(np.float64))
     out["values"]["coverage_mean"] = value(1 - float(rest_mass.mean()), None,

@@ -1,49 +1,213 @@
-"""Plotly figures for the report. One colour per backend; hover names the cell."""
+"""Plotly figures for the report. One colour per backend, one marker symbol per model; hovering a
+point names the cell (model / backend / variant) and its numbers; Pareto frontiers are dotted.
+
+Every user-supplied string that reaches a figure goes through :func:`html.escape` first: plotly
+renders a subset of HTML in labels, and a model called ``<img src=x onerror=...>`` must show as
+text. (plotly.io also escapes ``<`` in the embedded JSON, so nothing can close the script tag.)
+"""
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import plotly.graph_objects as go
 
-BACKEND_COLOURS = {"llama.cpp": "#1f77b4", "transformers": "#d62728"}
+from .table import memory_of
+
+BACKEND_COLOURS = {"llama.cpp": "#1f77b4", "transformers": "#d62728", "vllm": "#2ca02c",
+                   "exllamav2": "#9467bd"}
+_SPARE = ["#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "star", "cross", "pentagon"]
+_LAYOUT = {"template": "plotly_white", "height": 440,
+           "margin": {"l": 70, "r": 20, "t": 60, "b": 60},
+           "legend": {"orientation": "h", "y": -0.18}}
 
 
-def quality_vs_size(rows: list[dict[str, Any]], y: str, y_err: str | None, title: str,
-                    y_label: str) -> go.Figure | None:
-    """Bits per weight vs a quality metric, with the Pareto frontier (lower is better)."""
-    pts = [r for r in rows if r.get("bpw") is not None and r.get(y) is not None]
-    if not pts:
-        return None
-    fig = go.Figure()
-    for backend in sorted({r["backend"] for r in pts}):
-        sel = [r for r in pts if r["backend"] == backend]
-        fig.add_trace(go.Scatter(
-            x=[r["bpw"] for r in sel], y=[r[y] for r in sel], mode="markers+text",
-            name=backend, text=[r["quant"] for r in sel], textposition="top center",
-            marker={"size": 10, "color": BACKEND_COLOURS.get(backend, "#555")},
-            error_y=({"type": "data", "array": [r.get(y_err) or 0 for r in sel]}
-                     if y_err else None),
-            customdata=[[r["model"], r["quant"], r.get("size_mb")] for r in sel],
-            hovertemplate=("%{customdata[0]} %{customdata[1]}<br>%{x:.3f} bits/weight, "
-                           "%{customdata[2]:.1f} MiB<br>" + y_label + " %{y:.4g}<extra></extra>"),
-        ))
-    frontier = pareto(pts, "bpw", y)
-    if len(frontier) > 1:
-        fig.add_trace(go.Scatter(x=[r["bpw"] for r in frontier], y=[r[y] for r in frontier],
-                                 mode="lines", name="Pareto frontier",
-                                 line={"dash": "dot", "color": "#888"}, hoverinfo="skip"))
-    fig.update_layout(title=title, xaxis_title="bits per weight (measured)",
-                      yaxis_title=y_label, template="plotly_white", height=420,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50})
-    return fig
+def colour(backend: str, backends: list[str]) -> str:
+    if backend in BACKEND_COLOURS:
+        return BACKEND_COLOURS[backend]
+    others = [b for b in backends if b not in BACKEND_COLOURS]
+    return _SPARE[others.index(backend) % len(_SPARE)] if backend in others else "#555"
 
 
-def pareto(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, Any]]:
-    """Rows not beaten on both smaller x and smaller y, sorted by x."""
-    out, best = [], float("inf")
-    for r in sorted(rows, key=lambda r: (r[x], r[y])):
-        if r[y] < best:
+def esc(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _groups(pts: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(backend, model, rows) groups in a stable order."""
+    keys = sorted({(r["backend"], r["model"]) for r in pts})
+    return [(b, m, [r for r in pts if r["backend"] == b and r["model"] == m]) for b, m in keys]
+
+
+def _symbol(model: str, models: list[str]) -> str:
+    return SYMBOLS[models.index(model) % len(SYMBOLS)]
+
+
+def _hover(r: dict[str, Any], lines: list[str]) -> str:
+    return "<br>".join([f"<b>{esc(r['label'])}</b>", *(ln for ln in lines if ln)])
+
+
+def pareto(rows: list[dict[str, Any]], x: str, y: str, *, maximize_y: bool = False
+           ) -> list[dict[str, Any]]:
+    """Rows no other row beats on both smaller x and better y, sorted by x."""
+    out: list[dict[str, Any]] = []
+    best = float("-inf") if maximize_y else float("inf")
+    for r in sorted(rows, key=lambda r: (r[x], -r[y] if maximize_y else r[y])):
+        better = r[y] > best if maximize_y else r[y] < best
+        if better:
             out.append(r)
             best = r[y]
     return out
+
+
+def quality_vs_size(rows: list[dict[str, Any]], y: str, y_err: str | None, *, title: str,
+                    y_label: str, higher_is_better: bool = False,
+                    fmt_y: str = ".4g") -> go.Figure | None:
+    """Measured bits per weight vs a quality metric, each model's Pareto frontier dotted."""
+    pts = [r for r in rows if r.get("bpw") is not None and r.get(y) is not None]
+    if not pts:
+        return None
+    backends = sorted({r["backend"] for r in pts})
+    models = sorted({r["model"] for r in pts})
+    fig = go.Figure()
+    for backend, model, sel in _groups(pts):
+        err = [r.get(y_err) or 0 for r in sel] if y_err else None
+        fig.add_trace(go.Scatter(
+            x=[r["bpw"] for r in sel], y=[r[y] for r in sel], mode="markers+text",
+            name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
+            text=[esc(r["quant"]) for r in sel], textposition="top center",
+            marker={"size": 11, "color": colour(backend, backends),
+                    "symbol": _symbol(model, models)},
+            error_y={"type": "data", "array": err, "visible": True} if err else None,
+            hovertext=[_hover(r, [
+                f"{r['bpw']:.3f} bits/weight, {r['size_mb']:.1f} MiB" if r.get("size_mb")
+                else f"{r['bpw']:.3f} bits/weight",
+                f"{esc(y_label)}: {format(r[y], fmt_y)}"
+                + (f" ± {format(r[y_err], '.2g')}" if y_err and r.get(y_err) else ""),
+                "base" if r["is_base"] else ""]) for r in sel],
+            hoverinfo="text",
+        ))
+    for model in models:
+        sel = [r for r in pts if r["model"] == model]
+        front = pareto(sel, "bpw", y, maximize_y=higher_is_better)
+        if len(front) > 1:
+            fig.add_trace(go.Scatter(
+                x=[r["bpw"] for r in front], y=[r[y] for r in front], mode="lines",
+                name="Pareto frontier" + (f" · {esc(model)}" if len(models) > 1 else ""),
+                line={"dash": "dot", "color": "#888"}, hoverinfo="skip"))
+    fig.update_layout(title=title, xaxis_title="bits per weight (measured from the file)",
+                      yaxis_title=y_label + (" (higher is better)" if higher_is_better
+                                             else " (lower is better)"), **_LAYOUT)
+    return fig
+
+
+def speed_vs_memory(rows: list[dict[str, Any]]) -> go.Figure | None:
+    """Generation speed vs the measured peak memory of the variant's process."""
+    pts = []
+    for r in rows:
+        mem, kind = memory_of(r)
+        if mem is not None and r.get("tg_tps") is not None:
+            pts.append({**r, "_mem": mem, "_mem_kind": kind})
+    if not pts:
+        return None
+    backends = sorted({r["backend"] for r in pts})
+    models = sorted({r["model"] for r in pts})
+    fig = go.Figure()
+    for backend, model, sel in _groups(pts):
+        fig.add_trace(go.Scatter(
+            x=[r["_mem"] for r in sel], y=[r["tg_tps"] for r in sel], mode="markers+text",
+            name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
+            text=[esc(r["quant"]) for r in sel], textposition="top center",
+            marker={"size": 11, "color": colour(backend, backends),
+                    "symbol": _symbol(model, models)},
+            error_y={"type": "data", "array": [r.get("tg_sd") or 0 for r in sel],
+                     "visible": True},
+            hovertext=[_hover(r, [
+                f"{r['_mem_kind']}: {r['_mem']:.0f} MiB",
+                f"tg: {r['tg_tps']:.1f} ± {r.get('tg_sd') or 0:.1f} tokens/s",
+                f"pp: {r['pp_tps']:.1f} tokens/s" if r.get("pp_tps") else "",
+                f"device: {esc(r.get('device') or '?')}"]) for r in sel],
+            hoverinfo="text"))
+    front = pareto(pts, "_mem", "tg_tps", maximize_y=True)
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=[r["_mem"] for r in front], y=[r["tg_tps"] for r in front],
+                                 mode="lines", name="Pareto frontier",
+                                 line={"dash": "dot", "color": "#888"}, hoverinfo="skip"))
+    fig.update_layout(title="Generation speed vs peak memory (mean ± sd over repetitions)",
+                      xaxis_title="peak memory of the cell process, MiB (VRAM on GPU, else RSS)",
+                      yaxis_title="tg tokens/s (higher is better)", **_LAYOUT)
+    return fig
+
+
+def deltas_vs_base(rows: list[dict[str, Any]]) -> go.Figure | None:
+    """dPPL % (± its error) per variant against its model's base, one bar per variant."""
+    pts = [r for r in rows if not r["is_base"] and r.get("dppl_pct") is not None]
+    if not pts:
+        return None
+    backends = sorted({r["backend"] for r in pts})
+    fig = go.Figure()
+    for backend in backends:
+        sel = [r for r in pts if r["backend"] == backend]
+        fig.add_trace(go.Bar(
+            x=[esc(f"{r['model']} {r['quant']}") for r in sel], y=[r["dppl_pct"] for r in sel],
+            name=esc(backend), marker_color=colour(backend, backends),
+            error_y={"type": "data", "array": [r.get("dppl_err") or 0 for r in sel],
+                     "visible": True},
+            hovertext=[_hover(r, [f"ΔPPL {r['dppl_pct']:+.2f} % ± {r.get('dppl_err') or 0:.2f}",
+                                  esc(r.get("dppl_how") or ""),
+                                  f"vs {esc(r.get('base_label') or '?')}"]) for r in sel],
+            hoverinfo="text"))
+    fig.update_layout(title="Perplexity change vs the base variant (± 1 standard error)",
+                      yaxis_title="ΔPPL % (lower is better)", barmode="group", **_LAYOUT)
+    return fig
+
+
+def mmlu_deltas(rows: list[dict[str, Any]]) -> go.Figure | None:
+    """MMLU accuracy difference vs the base with the paired 95 % CI; significant ones marked."""
+    pts = [r for r in rows if r.get("mmlu_paired")]
+    if not pts:
+        return None
+    backends = sorted({r["backend"] for r in pts})
+    fig = go.Figure()
+    for backend in backends:
+        sel = [r for r in pts if r["backend"] == backend]
+        d = [100 * r["mmlu_paired"]["diff"] for r in sel]
+        fig.add_trace(go.Bar(
+            x=[esc(f"{r['model']} {r['quant']}") for r in sel], y=d, name=esc(backend),
+            marker_color=colour(backend, backends),
+            marker_pattern_shape=["/" if r["mmlu_paired"]["significant"] else "" for r in sel],
+            error_y={"type": "data", "symmetric": False, "visible": True,
+                     "array": [100 * r["mmlu_paired"]["ci_high"] - v for r, v in zip(sel, d)],
+                     "arrayminus": [v - 100 * r["mmlu_paired"]["ci_low"]
+                                    for r, v in zip(sel, d)]},
+            hovertext=[_hover(r, [
+                f"Δ accuracy {100 * p['diff']:+.1f} points, 95 % CI "
+                f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]",
+                f"flipped: +{p['flips_gained']} / −{p['flips_lost']} of {p['n']}, "
+                f"McNemar p = {p['p_value']:.3g}"
+                + (" (significant)" if p["significant"] else " (not significant)")])
+                for r in sel for p in [r["mmlu_paired"]]],
+            hoverinfo="text"))
+    fig.update_layout(title="MMLU accuracy vs the base: paired difference with 95 % CI "
+                            "(hatched: significant, exact McNemar p < 0.05)",
+                      yaxis_title="Δ accuracy, points (higher is better)", barmode="group",
+                      **_LAYOUT)
+    return fig
+
+
+def suite_figures(rows: list[dict[str, Any]]) -> list[tuple[str, go.Figure | None]]:
+    """(id, figure or None) in page order; None where this run has no data for that plot."""
+    return [
+        ("bpw-ppl", quality_vs_size(rows, "ppl", "ppl_err", title="Perplexity vs bits per weight",
+                                    y_label="perplexity")),
+        ("bpw-kld", quality_vs_size(rows, "kld", "kld_err", title="KL divergence from the base "
+                                    "vs bits per weight", y_label="mean KLD, nats")),
+        ("bpw-mmlu", quality_vs_size(rows, "acc", "acc_err", title="MMLU accuracy vs bits per "
+                                     "weight", y_label="MMLU accuracy", higher_is_better=True,
+                                     fmt_y=".3f")),
+        ("speed-memory", speed_vs_memory(rows)),
+        ("delta-ppl", deltas_vs_base(rows)),
+        ("delta-mmlu", mmlu_deltas(rows)),
+    ]

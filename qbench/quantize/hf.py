@@ -1,0 +1,472 @@
+"""Transformers variants, cached by content like :mod:`qbench.quantize.gguf`.
+
+The chain is source -> HF base folder -> variant:
+
+- **base**: a local Hugging Face model folder or a hub snapshot (``hf:org/repo``) is used as is;
+  a GGUF file gets its *HF twin*: transformers loads the GGUF, dequantizes it to float32, and the
+  model is saved without its GGUF quantization config (a safetensors folder plus the tokenizer
+  transformers builds from the GGUF vocabulary). So one GGUF yields both ladders offline.
+- **fp32 / bf16 / fp16**: the base loaded in that dtype (nothing is written).
+- **bnb-int8 / bnb-nf4 / bnb-fp4**: bitsandbytes at load time, never saved (bitsandbytes 0.50
+  writes a corrupt 4-bit checkpoint after a forward pass on CPU, with no error).
+- **awq-w{b}g{g} / gptq-w{b}g{g}**: llm-compressor ``oneshot`` on the fp32 base with a small named
+  calibration set (default: 32 samples x 256 tokens from the end of wikitext-2's test text, far
+  from the chunks perplexity and KLD score), saved in compressed-tensors format.
+- a pre-quantized folder or hub checkpoint (``source = "hf:org/repo"``) is loaded as is.
+
+What the backend loads is a small *variant descriptor* (``variant.json``): the model folder, the
+dtype and the load-time quantization. Its identity hash (model folder sha256 + load settings, no
+paths) is the artifact's sha256. Every built folder sits under ``cache_dir/artifacts/<recipe
+hash>/model`` with a ``recipe.json`` holding the full recipe, calibration provenance included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import MissingExtraError, QbenchError, SourceError
+from ..fsutil import atomic_write_text, file_lock
+from ..sources import GGUF_MAGIC, sha256_file
+from . import hf_types
+
+DESCRIPTOR_FORMAT = "qbench-hf-variant/1"
+DESCRIPTOR_NAME = "variant.json"
+
+# calibration defaults (the suite may override them per [[variants]] group)
+CALIBRATION_DATASET = "wikitext-2"
+CALIBRATION_SAMPLES = 32
+CALIBRATION_SEQ_LEN = 256
+
+
+class Unsupported(MissingExtraError):
+    """This cell cannot run here (an optional package missing, a CUDA-only kernel on a CPU): the
+    worker records it as ``skipped`` with this message, not as a failure."""
+
+    def __init__(self, message: str, package: str = "") -> None:
+        QbenchError.__init__(self, message)
+        self.package = package
+        self.extra = "hf"
+
+
+def require(module: str, distribution: str, why: str) -> None:
+    """Import ``module`` or raise MissingExtraError (-> the cell is skipped with the reason)."""
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise MissingExtraError(distribution, "hf", f"{why} ({exc})") from None
+
+
+def version_of(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not-installed"
+
+
+@dataclass(frozen=True)
+class HfArtifact:
+    path: Path             # the descriptor the backend loads
+    sha256: str            # identity of (model folder content, load settings)
+    model_dir: Path
+    recipe: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "format": "hf",
+                "model_dir": str(self.model_dir), "size_bytes": weights_bytes(self.model_dir),
+                "recipe": self.recipe}
+
+
+# -- folders --------------------------------------------------------------------------------
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    return files or sorted(model_dir.glob("*.bin")) + sorted(model_dir.glob("*.pt"))
+
+
+def weights_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(model_dir))
+
+
+def check_model_dir(path: Path, *, allow_pickle: bool = True) -> None:
+    """A folder transformers can load: config.json and weights (SourceError otherwise)."""
+    if not path.is_dir():
+        raise SourceError(f"{path} is not a Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path} has no config.json: not a Hugging Face model folder")
+    if not weight_files(path):
+        raise SourceError(f"{path} has no weights (*.safetensors, *.bin)")
+    if not allow_pickle and not list(path.glob("*.safetensors")):
+        raise SourceError(f"{path} has only pickle checkpoints (*.bin/*.pt), which run code "
+                          "when loaded; set allow_pickle = true on the model to accept them")
+
+
+def safetensors_summary(model_dir: Path) -> dict[str, Any]:
+    """Tensor dtypes by count, elements and bytes, from the safetensors headers (no torch)."""
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U32": 4, "U16": 2}
+    hist: dict[str, dict[str, int]] = {}
+    n_tensors = 0
+    packed = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            n_tensors += 1
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            dt = info["dtype"]
+            entry = hist.setdefault(dt, {"tensors": 0, "elements": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["elements"] += count
+            start, end = info["data_offsets"]
+            entry["bytes"] += end - start if end >= start else count * sizes.get(dt, 0)
+            packed += name.endswith(("weight_packed", "qweight"))
+    return {"n_tensors": n_tensors, "dtypes": hist, "packed_tensors": packed,
+            "weights_bytes": weights_bytes(model_dir)}
+
+
+def _config(model_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{model_dir / 'config.json'} is unreadable: {exc}") from None
+
+
+def inspect_artifact(path: Path) -> dict[str, Any]:
+    """What a transformers variant holds, read from files (for the footprint metric): the
+    descriptor's load settings, the folder's tensor dtypes and bytes, its quantization config."""
+    desc = read_descriptor(path) if path.is_file() else {"model_dir": str(path), "load": {}}
+    model_dir = Path(desc["model_dir"])
+    cfg = _config(model_dir)
+    summary = safetensors_summary(model_dir)
+    return {"descriptor": desc, "model_dir": str(model_dir),
+            "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
+            "config_dtype": cfg.get("torch_dtype") or cfg.get("dtype"),
+            "quantization_config": cfg.get("quantization_config"), **summary}
+
+
+# -- descriptors ----------------------------------------------------------------------------
+def write_descriptor(cache_dir: Path, *, quant: str, model_dir: Path, model_sha: str,
+                     load: dict[str, Any], recipe: dict[str, Any]) -> HfArtifact:
+    """The variant descriptor for ``model_dir`` loaded with ``load`` (rewritten only when it
+    changed)."""
+    identity = {"format": DESCRIPTOR_FORMAT, "quant": quant, "model_sha256": model_sha,
+                "load": load}
+    sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    path = cache_dir / "artifacts" / f"hf-{sha[:32]}" / DESCRIPTOR_NAME
+    text = json.dumps(identity | {"model_dir": str(model_dir), "identity_sha256": sha,
+                                  "recipe": recipe}, indent=1, sort_keys=True)
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return HfArtifact(path, sha, model_dir, recipe)
+
+
+def read_descriptor(path: Path) -> dict[str, Any]:
+    try:
+        desc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise QbenchError(f"{path}: not a readable qbench variant descriptor ({exc})") from None
+    if desc.get("format") != DESCRIPTOR_FORMAT:
+        raise QbenchError(f"{path}: expected a {DESCRIPTOR_FORMAT} descriptor, got "
+                          f"{desc.get('format')!r}")
+    return desc
+
+
+def _cached_dir(cache_dir: Path, recipe: dict[str, Any], build: Callable[[Path], None]
+                ) -> tuple[Path, str, dict[str, Any]]:
+    """The folder built by ``build`` for ``recipe``, built once under a lock and renamed into
+    place whole (a killed build leaves only a temporary folder, removed next time)."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
+    folder = cache_dir / "artifacts" / digest
+    final = folder / "model"
+    meta = folder / "recipe.json"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / "artifacts" / f"{digest}.lock"):
+        if final.is_dir() and meta.is_file():
+            stored = json.loads(meta.read_text())
+            return final, stored["output_sha256"], stored
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in [final, *folder.glob(".model.*.tmp")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder / f".model.{os.getpid()}.tmp"
+        t0 = time.perf_counter()
+        try:
+            build(tmp)
+            check_model_dir(tmp)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        out_sha = sha256_file(final, cache_dir)
+        stored = recipe | {"output_sha256": out_sha,
+                           "build_s": round(time.perf_counter() - t0, 2)}
+        atomic_write_text(meta, json.dumps(stored, indent=1, sort_keys=True))
+        return final, out_sha, stored
+
+
+# -- the base -------------------------------------------------------------------------------
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as fh:
+        return fh.read(4) == GGUF_MAGIC
+
+
+def _lib_versions() -> dict[str, str]:
+    return {"transformers": version_of("transformers"), "torch": version_of("torch")}
+
+
+def hf_base(model_file: Path, model_sha: str, cache_dir: Path, *, allow_pickle: bool = False,
+            trust_remote_code: bool = False) -> tuple[Path, str, dict[str, Any]]:
+    """(folder, sha256, recipe) of the float HF model for a model source."""
+    if model_file.is_dir():
+        check_model_dir(model_file, allow_pickle=allow_pickle)
+        return model_file, model_sha, {"tool": "none (Hugging Face folder used as is)",
+                                       "input_sha256": model_sha}
+    if _is_gguf(model_file):
+        from .gguf import dominant_type
+        recipe = {"tool": "transformers GGUF loader (dequantized to float32)",
+                  "input_sha256": model_sha, "input_format": "gguf",
+                  "input_type": dominant_type(model_file, cache_dir), "output_dtype": "float32",
+                  **_lib_versions()}
+        folder, sha, stored = _cached_dir(
+            cache_dir, recipe, lambda out: _gguf_twin(model_file, out, trust_remote_code))
+        return folder, sha, stored
+    raise SourceError(f"{model_file} is neither a GGUF file nor a Hugging Face model folder; "
+                      "for a hub model use source = \"hf:ORG/REPO\" (the whole repository)")
+
+
+def _gguf_twin(gguf: Path, out: Path, trust_remote_code: bool) -> None:
+    """Load ``gguf`` with transformers (dequantizing it) and save it as a float32 HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    config = loaded.config
+    # the GGUF quantizer marks the model quantized; a model rebuilt from the config without it
+    # saves as a plain float checkpoint
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    model.tie_weights()
+    if loaded.generation_config is not None:
+        model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# -- calibration ----------------------------------------------------------------------------
+def calibration_set(variant: dict[str, Any], job: dict[str, Any], tokenizer: Any
+                    ) -> tuple[list[list[int]], dict[str, Any]]:
+    """The calibration token sequences and their provenance.
+
+    ``samples`` sequences of ``seq_len`` tokens cut from the *end* of the named text (tokenized
+    once, without special tokens; BOS first when the tokenizer adds one), so calibration and the
+    perplexity/KLD chunks (from the start of the text) do not overlap unless those chunks cover
+    the whole text."""
+    from ..datasets import load_text
+
+    name = variant.get("calibration") or CALIBRATION_DATASET
+    samples = int(variant.get("calibration_samples") or CALIBRATION_SAMPLES)
+    seq_len = int(variant.get("calibration_seq_len") or CALIBRATION_SEQ_LEN)
+    data_dir = Path(job["data_dir"]) if job.get("data_dir") else None
+    text = load_text(name, data_dir, Path(job["base_dir"]))
+    ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
+    need = samples * seq_len
+    if len(ids) < need:
+        raise QbenchError(f"calibration text '{name}' has {len(ids)} tokens, fewer than "
+                          f"{samples} samples x {seq_len} tokens")
+    start = len(ids) - need
+    seqs = [ids[start + i * seq_len:start + (i + 1) * seq_len] for i in range(samples)]
+    bos = _bos_added(tokenizer)
+    if bos is not None:
+        seqs = [[bos] + s[1:] for s in seqs]
+    digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()
+    return seqs, {"dataset": name, "origin": text.origin, "text_sha256": text.sha256,
+                  "samples": samples, "seq_len": seq_len, "tokens": need,
+                  "region": f"tokens {start}..{len(ids) - 1} of {len(ids)} (the end of the text)",
+                  "bos_first": bos is not None, "tokens_sha256": digest}
+
+
+def _bos_added(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer puts one first by itself, else None."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and with_special[:1] == [bos] and without[:1] != [bos]:
+        return int(bos)
+    return None
+
+
+# -- llm-compressor -------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_pinned_memory_without_accelerator() -> Iterator[None]:
+    """llm-compressor's AWQ pins its cached activations for fast host-to-device copies; with no
+    accelerator torch refuses ("Cannot access accelerator device"). Pinning is only an
+    optimisation, so make it a no-op for the duration of a CPU-only quantization."""
+    import torch
+    from llmcompressor.pipelines import cache as ll_cache
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    original = ll_cache.IntermediatesCache.pin_memory
+    ll_cache.IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ll_cache.IntermediatesCache.pin_memory = original
+
+
+def int_quant_recipe(iq: hf_types.IntQuant) -> dict[str, Any]:
+    """The weight scheme: AWQ asymmetric (zero point, as AutoAWQ's default), GPTQ symmetric (as
+    llm-compressor's W4A16 / AutoGPTQ's default); the tied/untied lm_head is left in float."""
+    return {"method": iq.method, "num_bits": iq.bits, "type": "int",
+            "symmetric": iq.method == "gptq",
+            "strategy": "channel" if iq.group_size < 0 else "group",
+            "group_size": None if iq.group_size < 0 else iq.group_size,
+            "targets": ["Linear"], "ignore": ["lm_head"],
+            **({"actorder": "static", "dampening_frac": 0.01, "block_size": 128}
+               if iq.method == "gptq" else {"duo_scaling": True, "n_grid": 20})}
+
+
+def _quantize_int(base_dir: Path, out: Path, iq: hf_types.IntQuant, scheme: dict[str, Any],
+                  calib_ids: list[list[int]], threads: int, trust_remote_code: bool) -> None:
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    weights = QuantizationArgs(num_bits=scheme["num_bits"], type="int",
+                               symmetric=scheme["symmetric"], strategy=scheme["strategy"],
+                               group_size=scheme["group_size"],
+                               **({"actorder": scheme["actorder"]} if iq.method == "gptq" else {}))
+    groups = {"group_0": QuantizationScheme(targets=scheme["targets"], weights=weights)}
+    if iq.method == "gptq":
+        recipe: list[Any] = [GPTQModifier(config_groups=groups, ignore=scheme["ignore"],
+                                          dampening_frac=scheme["dampening_frac"],
+                                          block_size=scheme["block_size"])]
+    else:
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        recipe = [AWQModifier(duo_scaling=scheme["duo_scaling"], n_grid=scheme["n_grid"]),
+                  QuantizationModifier(config_groups=groups, ignore=scheme["ignore"])]
+    n, seq_len = len(calib_ids), len(calib_ids[0])
+    dataset = Dataset.from_dict({"input_ids": calib_ids, "attention_mask": [[1] * seq_len] * n})
+    with _no_pinned_memory_without_accelerator():
+        oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=n,
+                max_seq_length=seq_len, shuffle_calibration_samples=False)
+    model.save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
+
+
+def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, Any],
+                    variant: dict[str, Any], cache_dir: Path, threads: int,
+                    trust_remote_code: bool = False) -> tuple[Path, str, dict[str, Any]]:
+    """The compressed-tensors folder of ``awq-…`` / ``gptq-…`` made from the fp32 base."""
+    require("llmcompressor", "llmcompressor", f"building {quant} (llm-compressor oneshot)")
+    require("compressed_tensors", "compressed-tensors", f"building {quant}")
+    require("datasets", "datasets", f"building {quant} (llm-compressor's calibration input)")
+    from transformers import AutoTokenizer
+
+    iq = hf_types.parse_int_quant(quant)
+    assert iq is not None
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    calib_ids, calibration = calibration_set(variant, job, tokenizer)
+    scheme = int_quant_recipe(iq)
+    recipe = {"tool": "llm-compressor oneshot", "quant": quant, "input_sha256": base_sha,
+              "modifiers": (["GPTQModifier"] if iq.method == "gptq"
+                            else ["AWQModifier", "QuantizationModifier"]),
+              "scheme": scheme, "calibration": calibration, "format": "compressed-tensors",
+              "llmcompressor": version_of("llmcompressor"),
+              "compressed_tensors": version_of("compressed-tensors"), **_lib_versions()}
+    return _cached_dir(cache_dir, recipe, lambda out: _quantize_int(
+        base_dir, out, iq, scheme, calib_ids, threads, trust_remote_code))
+
+
+# -- load settings --------------------------------------------------------------------------
+def bnb_load(quant: str) -> dict[str, Any]:
+    """BitsAndBytesConfig keyword arguments for a bnb variant (compute dtype chosen at load)."""
+    if quant == "bnb-int8":
+        return {"load_in_8bit": True, "llm_int8_threshold": 6.0}
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": quant.split("-")[1],
+            "bnb_4bit_use_double_quant": False}
+
+
+def load_settings(quant: str) -> dict[str, Any]:
+    k = hf_types.kind(quant)
+    if k == "float":
+        return {"dtype": hf_types.TORCH_DTYPES[quant]}
+    if k == "bnb":
+        return {"dtype": "auto-compute", "bitsandbytes": bnb_load(quant)}
+    return {"dtype": "float32"}   # compressed-tensors: decompressed to float32 for compute
+
+
+# -- the worker's entry point ---------------------------------------------------------------
+def prepare(job: dict[str, Any], variant: dict[str, Any], model_file: Path, model_sha: str,
+            cache_dir: Path, threads: int) -> tuple[Path, dict[str, Any]]:
+    """The variant descriptor to load and the artifact description (worker.prepare_artifact)."""
+    from ..sources import resolve
+
+    model = job["cell"]["model"]
+    trust = bool(model.get("trust_remote_code", False))
+    pickle_ok = bool(model.get("allow_pickle", False))
+    quant = variant["quant"]
+    if variant.get("source"):   # a pre-quantized folder or hub checkpoint, loaded as is
+        res = resolve(variant["source"], base_dir=Path(job["base_dir"]), cache_dir=cache_dir)
+        check_model_dir(res.path, allow_pickle=pickle_ok)
+        sha = sha256_file(res.path, cache_dir)
+        recipe = {"tool": "none (pre-quantized source)", "source": variant["source"],
+                  "revision": res.revision, "quantization_config":
+                  _config(res.path).get("quantization_config")}
+        art = write_descriptor(cache_dir, quant=quant, model_dir=res.path, model_sha=sha,
+                               load={"dtype": "auto", "pre_quantized": True,
+                                     "trust_remote_code": trust}, recipe=recipe)
+        return art.path, art.describe()
+    base_dir, base_sha, base_recipe = hf_base(model_file, model_sha, cache_dir,
+                                              allow_pickle=pickle_ok, trust_remote_code=trust)
+    kind = hf_types.kind(quant)
+    load = load_settings(quant) | {"trust_remote_code": trust}
+    if kind in ("awq", "gptq"):
+        folder, sha, recipe = build_int_quant(base_dir, base_sha, quant, job, variant,
+                                              cache_dir, threads, trust)
+        recipe = recipe | {"base_recipe": base_recipe}
+    else:
+        if kind == "bnb":
+            require("bitsandbytes", "bitsandbytes", f"the {quant} variant (load-time "
+                    "bitsandbytes quantization)")
+        folder, sha = base_dir, base_sha
+        recipe = {"tool": ("bitsandbytes at load time (not saved)" if kind == "bnb"
+                           else "transformers from_pretrained(dtype=...) at load time"),
+                  "quant": quant, "input_sha256": base_sha, "load": load,
+                  "base_recipe": base_recipe,
+                  **({"bitsandbytes": version_of("bitsandbytes")} if kind == "bnb" else {}),
+                  **_lib_versions()}
+    art = write_descriptor(cache_dir, quant=quant, model_dir=folder, model_sha=sha, load=load,
+                           recipe=recipe)
+    return art.path, art.describe()

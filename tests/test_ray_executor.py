@@ -1,0 +1,245 @@
+"""`--executor ray`: cells as Ray tasks on a local Ray cluster (CPU), with injected faults.
+
+QBENCH_FAULT (qbench/faults.py) makes a cell's own process segfault or raise at its start,
+before any model work; QBENCH_RAY_FAULT makes the Ray task around it die. Every cell must come
+back as a stored record (crashed / failed with the reason), none lost. Needs the optional
+'ray' package: skipped with the reason without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from qbench.config import load_suite
+from qbench.errors import QbenchError
+from qbench.executor import Outcome
+from qbench.plan import PlanContext, expand
+from qbench.ray_executor import (INSTALL_HINT, cpus_for, forwarded_env, gpus_for,
+                                 outcome_from_dict, outcome_to_dict)
+from qbench.runner import WorkItem, job_for, run_suite
+from qbench.store import Store
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed "
+                               "(pip install 'qbench-llm[ray]')")
+
+SUITE = """
+[suite]
+name = "ray-suite"
+
+[defaults]
+device = "{device}"
+threads = 1
+timeout_s = 60
+
+[[models]]
+id = "m-1b"
+source = "hf:example/m-1b-GGUF/m-1b-f16.gguf"
+base = "F16"
+
+[[variants]]
+backend = "llama.cpp"
+quant = ["F16", "Q8_0", "Q4_K_M"]
+
+[metrics.speed]
+prompt_tokens = 8
+gen_tokens = 4
+"""
+
+
+def make_suite(tmp_path: Path, device: str = "auto"):
+    path = tmp_path / "suite.toml"
+    path.write_text(SUITE.replace("{device}", device))
+    suite = load_suite(path)
+    ctx = PlanContext(base_dir=tmp_path, data_dir=None, cache_dir=tmp_path / "cache")
+    return suite, ctx, Store(tmp_path / "results", suite.name)
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    monkeypatch.delenv("QBENCH_FAULT", raising=False)
+    monkeypatch.delenv("QBENCH_RAY_FAULT", raising=False)
+
+    def set_faults(cell: str = "", task: str = "") -> None:
+        if cell:
+            monkeypatch.setenv("QBENCH_FAULT", cell)
+        if task:
+            monkeypatch.setenv("QBENCH_RAY_FAULT", task)
+
+    return set_faults
+
+
+# --- without Ray ---------------------------------------------------------------------------
+
+
+def test_missing_ray_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)    # import ray -> ImportError
+    from qbench.ray_executor import RayExecutor
+    with pytest.raises(QbenchError) as err:
+        RayExecutor()
+    assert str(err.value) == INSTALL_HINT == "--executor ray needs 'pip install qbench-llm[ray]'"
+
+
+def test_gpu_and_cpu_requests():
+    job = {"device": "auto", "threads": 4, "cell": {"variant": {"n_gpu_layers": -1}}}
+    assert gpus_for(job, 0, cluster_gpus=0) == 0            # auto, no GPU anywhere: CPU
+    assert gpus_for(job, 0, cluster_gpus=8) == 1            # auto with GPUs: one by default
+    assert gpus_for(job, 0.5, cluster_gpus=8) == 0.5        # two cells may share a GPU
+    assert gpus_for({**job, "device": "cuda"}, 2, cluster_gpus=0) == 2   # cuda always asks
+    assert gpus_for({**job, "device": "cpu"}, 1, cluster_gpus=8) == 0
+    cpu_variant = {**job, "cell": {"variant": {"n_gpu_layers": 0}}}
+    assert gpus_for(cpu_variant, 1, cluster_gpus=8) == 0    # n_gpu_layers = 0 runs on the CPU
+    assert cpus_for(job, None) == 4
+    assert cpus_for({**job, "threads": 0}, None) == 1
+    assert cpus_for(job, 2.5) == 2.5
+
+
+def test_outcome_round_trip_and_env():
+    out = Outcome(status="crashed", error="x", signal="SIGSEGV", stderr_tail="tail",
+                  result={"values": {"a": {"value": 1.0}}}, peak_rss_mb=12.5, peak_vram_mb=None,
+                  wall_s=3.0)
+    assert outcome_from_dict(outcome_to_dict(out) | {"unknown": 1}) == out
+    env = forwarded_env({"QBENCH_FAULT": "a", "HF_HOME": "/h", "PATH": "/bin",
+                         "CUDA_VISIBLE_DEVICES": "0", "TRANSFORMERS_OFFLINE": "1"})
+    assert env == {"QBENCH_FAULT": "a", "HF_HOME": "/h", "TRANSFORMERS_OFFLINE": "1"}
+
+
+# --- a local Ray cluster -------------------------------------------------------------------
+
+
+@needs_ray
+def test_executor_starts_and_stops_its_own_local_ray(tmp_path, faults):
+    """The `qbench run --executor ray` path with no cluster: a local Ray instance for the run."""
+    import ray
+
+    from qbench.ray_executor import RayExecutor
+    if ray.is_initialized():
+        ray.shutdown()
+    faults(cell="*=error")
+    suite, ctx, store = make_suite(tmp_path)
+    executor = RayExecutor(init_kwargs={"num_cpus": 2, "include_dashboard": False})
+    with store.lock():
+        summary = run_suite(suite, ctx, store, executor=executor, only=("*/F16/*",),
+                            console=Console(quiet=True))
+    assert not ray.is_initialized()                      # it started Ray, so it stopped it
+    assert summary.counts == {"failed": 3}
+    assert all("injected error" in r["error"] for r in store.records())
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if not HAVE_RAY:
+        pytest.skip("ray is not installed (pip install 'qbench-llm[ray]')")
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@needs_ray
+def test_faults_become_recorded_outcomes_none_lost(tmp_path, faults, ray_cluster, capsys):
+    # Q8_0 cells segfault in their own process, the Q4_K_M speed cell's Ray task dies itself,
+    # every other cell raises: 9 cells, 9 records, each with its reason
+    faults(cell="*/Q8_0/*=segfault;*=error", task="*/Q4_K_M/speed=exit")
+    from qbench.ray_executor import RayExecutor
+    suite, ctx, store = make_suite(tmp_path)
+    executor = RayExecutor()
+    with store.lock():
+        summary = run_suite(suite, ctx, store, executor=executor, console=Console(quiet=True))
+    assert ray_cluster.is_initialized()                   # someone else's cluster: left running
+    records = {r["id"]: r for r in store.records()}
+    cells = expand(suite, ctx)
+    assert set(records) == {c.id for c in cells} and len(records) == 9
+    assert summary.counts == {"crashed": 4, "failed": 5}
+    for cid, rec in sorted(records.items()):
+        print(f"{cid:32} {rec['status']:8} {rec['signal'] or '-':8} {rec['error'][:90]}")
+        if "/Q8_0/" in cid:
+            assert (rec["status"], rec["signal"]) == ("crashed", "SIGSEGV")
+            assert "died of SIGSEGV" in rec["error"]
+            assert "Fatal Python error: Segmentation fault" in rec["stderr_tail"]
+        elif cid.endswith("/Q4_K_M/speed"):
+            assert rec["status"] == "crashed"
+            assert "Ray task running this cell died (WorkerCrashedError)" in rec["error"]
+        else:
+            assert rec["status"] == "failed"
+            assert rec["error"] == "RuntimeError: injected error"
+        # the cell's log came back from the task into the store
+        log = store.log_path(rec["key"]).read_text()
+        assert ("injecting fault" in log) or ("did not return" in log)
+        assert rec["timings"]["started"]
+    # the run manifest lists every cell
+    manifest = next(store.runs_dir.glob("*.json")).read_text()
+    assert all(cid in manifest for cid in records)
+    with capsys.disabled():
+        print("\nRay run:", summary.counts, f"{summary.wall_s:.1f} s")
+        for cid, rec in sorted(records.items()):
+            print(f"  {cid:32} {rec['status']:8} {rec['signal'] or '-':8} "
+                  f"{rec['error'][:100]}")
+
+
+@needs_ray
+def test_a_task_that_raises_is_a_failed_cell(tmp_path, faults, ray_cluster):
+    faults(task="*/F16/speed=error")
+    from qbench.ray_executor import RayExecutor
+    suite, ctx, store = make_suite(tmp_path)
+    cells = [c for c in expand(suite, ctx) if c.id.endswith("/F16/speed")]
+    items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 60, 0) for c in cells]
+    [(item, outcome)] = list(RayExecutor().run(items))
+    assert outcome.status == "failed"
+    assert outcome.error.startswith("the Ray task raised RuntimeError: injected Ray task error")
+
+
+@needs_ray
+def test_cuda_cells_fail_at_once_on_a_cluster_without_gpus(tmp_path, faults, ray_cluster):
+    from qbench.ray_executor import RayExecutor
+    suite, ctx, store = make_suite(tmp_path, device="cuda")
+    cells = expand(suite, ctx)[:2]
+    items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 60, 0) for c in cells]
+    outcomes = list(RayExecutor().run(items))
+    assert [o.status for _, o in outcomes] == ["failed", "failed"]
+    assert all("has no GPU" in o.error for _, o in outcomes)
+
+
+def _cell_processes(marker: str) -> list:
+    """Live cell processes (python -m qbench.worker) whose QBENCH_FAULT names ``marker``."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "qbench.worker" in " ".join(p.info["cmdline"] or []) and \
+                    marker in p.environ().get("QBENCH_FAULT", ""):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@needs_ray
+def test_stopping_early_cancels_the_rest(tmp_path, faults, ray_cluster):
+    import time
+    marker = f"marker-{tmp_path.name}"          # identifies this test's cell processes
+    faults(cell=f"*/F16/footprint=error;{marker}=error;*=hang")
+    from qbench.ray_executor import RayExecutor
+    suite, ctx, store = make_suite(tmp_path)
+    cells = expand(suite, ctx)
+    items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 120, 0) for c in cells]
+    gen = RayExecutor().run(items)
+    item, outcome = next(gen)          # the first cell fails at once; the next one hangs
+    assert item.cell.id.endswith("/F16/footprint") and outcome.status == "failed"
+    deadline = time.monotonic() + 30
+    while not _cell_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _cell_processes(marker), "a hanging cell should be running"
+    gen.close()                        # the consumer stops (e.g. Ctrl-C): the rest is cancelled
+    deadline = time.monotonic() + 30
+    while _cell_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _cell_processes(marker) == [], "cancelled cells must not leave processes behind"
+    assert ray_cluster.is_initialized()

@@ -110,11 +110,17 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
                   f"{summary.cached} cached. Results: {store.dir}")
     if not args.no_report:
-        pages = build_site(load_results([store.dir]), Path(args.report_dir))
+        pages = build_site(load_results([store.dir]), Path(args.report_dir),
+                           budget_gb=suite.report.memory_budget_gb or None,
+                           max_loss_pct=suite.report.max_loss_pct,
+                           kv_ctx=suite.report.context_tokens)
         console.print(f"report: {pages[1] if len(pages) > 1 else pages[0]}")
     if summary.any_failed:
-        console.print(f"[red]{len(summary.failed_ids)} cell(s) failed[/red]: "
-                      + ", ".join(summary.failed_ids[:10]))
+        failed = summary.failed_ids + summary.recorded_failures
+        console.print(f"[red]{len(failed)} cell(s) failed[/red]"
+                      + (f" ({len(summary.recorded_failures)} in earlier runs; --rerun-failed "
+                         "retries them)" if summary.recorded_failures else "")
+                      + ": " + ", ".join(failed[:10]))
         return EXIT_CELLS_FAILED
     return EXIT_OK
 
@@ -213,11 +219,19 @@ def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad usage; 2 means "cells failed" here, so usage errors exit 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qbench", description=__doc__)
+    p = _Parser(prog="qbench", description=__doc__)
     p.add_argument("--version", action="version", version=f"qbench {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def suite_cmd(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)

@@ -95,7 +95,8 @@ def run_checks(data_dir: Path | None) -> list[Check]:
         checks.append(Check("llama.cpp GPU offload", True,
                             "supported" if llamacpp.gpu_available() else "CPU-only build", False))
     for dist, why in (("torch", "transformers backend"), ("transformers", "transformers backend"),
-                      ("nvidia-ml-py", "per-process VRAM"), ("datasets", "hub datasets")):
+                      ("nvidia-ml-py", "per-process VRAM"), ("datasets", "hub datasets"),
+                      ("ray", "--executor ray")):
         v = _version(dist)
         checks.append(Check(dist, True, v or f"not installed ({why} unavailable)", False))
     gpus = env["gpus"]

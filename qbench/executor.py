@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -126,12 +125,6 @@ class _NvmlProbe:
                 pass
 
 
-def _limit_memory(limit_mb: int) -> None:
-    """In the child before exec: cap its address space (the run itself is not capped)."""
-    limit = limit_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def _tail(path: Path) -> str:
     try:
         with path.open("rb") as fh:
@@ -169,6 +162,7 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job = dict(job, parent_pid=os.getpid(), memory_limit_mb=memory_limit_mb)
         job_path.write_text(json.dumps(job, default=str))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         t0 = time.monotonic()
@@ -176,8 +170,7 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
             proc = subprocess.Popen(
                 [python, "-m", "qbench.worker", str(job_path), str(result_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,  # its own process group: a timeout kills the tree
-                preexec_fn=(lambda: _limit_memory(memory_limit_mb)) if memory_limit_mb else None)
+                start_new_session=True)  # its own process group: a timeout kills the tree
             sampler = _Sampler(proc.pid)
             sampler.start()
             timed_out = False
@@ -210,6 +203,11 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
         out.status = "timeout"
         out.error = f"timed out after {timeout_s:g} s; its process tree was killed"
         out.signal = "SIGKILL"
+    elif proc.returncode < 0 and result.get("status") == "ok":
+        # the measurement was complete and written; the process died on its way out
+        out.status = "ok"
+        out.error = (f"note: the cell process died of {_signal_name(-proc.returncode)} after "
+                     "writing its result")
     elif proc.returncode < 0:
         sig = _signal_name(-proc.returncode)
         out.status = "crashed"

@@ -46,7 +46,10 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.model.id}/{self.variant.backend}/{self.variant.quant}/{self.metric}"
+        quant = self.variant.quant
+        if self.variant.source:  # a pre-quantized file: tell it apart from a built one
+            quant += "@" + self.variant.source.rstrip("/").rsplit("/", 1)[-1]
+        return f"{self.model.id}/{self.variant.backend}/{quant}/{self.metric}"
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able spec stored with every result."""

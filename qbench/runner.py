@@ -64,9 +64,13 @@ class RunSummary:
     failed_ids: list[str] = field(default_factory=list)
     wall_s: float = 0.0
 
+    recorded_failures: list[str] = field(default_factory=list)  # failed earlier, not rerun
+
     @property
     def any_failed(self) -> bool:
-        return any(self.counts.get(s, 0) for s in ("failed", "timeout", "crashed"))
+        """Does the suite, as stored now, hold failed cells? (so a retry of a failing suite
+        without --rerun-failed does not turn a CI job green)"""
+        return bool(self.failed_ids or self.recorded_failures)
 
 
 def new_run_id() -> str:
@@ -145,8 +149,11 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
     env = envinfo.collect()
     todo = []
     for cell in cells:
-        if is_done(store.load(cell.key), rerun_failed):
+        record = store.load(cell.key)
+        if is_done(record, rerun_failed):
             summary.cached += 1
+            if record and record["status"] in ("failed", "timeout", "crashed"):
+                summary.recorded_failures.append(cell.id)
         else:
             todo.append(cell)
     manifest: dict[str, Any] = {"run_id": run_id, "suite": suite.name,

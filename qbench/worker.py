@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import os
 import resource
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -137,11 +140,45 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this cell (and its own children) if `qbench run` dies: no orphan keeps computing.
+
+    PR_SET_PDEATHSIG covers this process; the watcher thread covers its process group
+    (llama-quantize, llama-imatrix) and the window before prctl took effect."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                try:
+                    os.killpg(0, signal.SIGKILL)
+                finally:
+                    os._exit(137)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="qbench-parent-watch").start()
+
+
+def _limit_memory(limit_mb: int) -> None:
+    """Cap this cell's address space (set here, not in a preexec_fn: the parent has threads)."""
+    if limit_mb > 0:
+        limit = limit_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job_path, result_path = Path(argv[0]), Path(argv[1])
     faulthandler.enable()  # a segfault prints the Python stack into the cell log
     job = json.loads(job_path.read_text())
+    if job.get("parent_pid"):
+        _die_with_parent(int(job["parent_pid"]))
+    _limit_memory(int(job.get("memory_limit_mb") or 0))
     print(f"qbench cell {job['cell']['id']} key {job['cell']['key']}", file=sys.stderr,
           flush=True)
     try:

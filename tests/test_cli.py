@@ -112,8 +112,6 @@ def test_every_suite_command_has_the_common_options():
         assert (args.data_dir, args.cache_dir, args.out) == ("d", "c", "o")
 
 
-@pytest.mark.xfail(strict=True, reason="argparse exits 2 on a usage error, the code that means "
-                   "'some cells failed' (design: 1 = user error); cli.py should map it to 1")
 def test_unknown_command_is_a_user_error_not_a_cell_failure(capsys):
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])

@@ -271,9 +271,6 @@ def _is_worker(p: psutil.Process) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason="the cell process runs in its own session and nothing "
-                   "ties it to its parent: after kill -9 of `qbench run` it lives on (a hanging "
-                   "cell forever); executor/worker should use PR_SET_PDEATHSIG or watch getppid()")
 def test_cell_dies_with_a_killed_run(fault_suite, tmp_path, fault):
     fault("*=hang")
     proc = subprocess.Popen([sys.executable, "-m", "qbench.cli", "run", str(fault_suite),

@@ -198,9 +198,16 @@ def _add_deltas(rows: list[dict[str, Any]]) -> None:
     errors combined as if independent (an overestimate of the noise). MMLU: the paired exact
     McNemar test on the questions that flipped, when both cells stored per-question correctness.
     """
-    bases = {(r["suite"], r["model"]): r for r in rows if r["is_base"]}
+    # each backend's variants are compared with that backend's base (same engine, tokenizer)
+    # (falling back to any base of the model when its backend has none)
+    bases = {(r["suite"], r["model"], r["backend"]): r for r in rows if r["is_base"]}
+    model_bases: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
-        base = bases.get((r["suite"], r["model"]))
+        if r["is_base"]:
+            model_bases.setdefault((r["suite"], r["model"]), r)
+    for r in rows:
+        base = (bases.get((r["suite"], r["model"], r["backend"]))
+                or model_bases.get((r["suite"], r["model"])))
         r["base_label"] = base["label"] if base else None
         r["dppl_pct"] = r["dppl_err"] = r["dppl_how"] = None
         if r["is_base"]:

@@ -155,6 +155,15 @@ def llama_kld(bin_dir: Path, gguf: Path, base: Path, a: argparse.Namespace, tmp:
 
 # -- qbench, in process ------------------------------------------------------------------------
 
+def quiet_llama_cpp() -> None:
+    """Keep llama.cpp's in-process log (thousands of lines per load) off stderr."""
+    try:
+        from llama_cpp import _logger
+        _logger.set_verbose(False)
+    except (ImportError, AttributeError):
+        pass
+
+
 def _load(path: Path, threads: int, batch: int) -> Any:
     from qbench.backends.base import LoadOptions
     from qbench.backends.llamacpp import load
@@ -274,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tools", help="folder with llama-perplexity and llama-bench")
     p.add_argument("--json", type=Path, help="write all figures here")
     p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's in-process log")
     a = p.parse_args(argv)
+    if not a.verbose:
+        quiet_llama_cpp()
     a.gguf, a.text = a.gguf.resolve(), a.text.resolve()
     parts = {x.strip() for x in a.parts.split(",") if x.strip()}
     if "kld" in parts and a.base_gguf is None:

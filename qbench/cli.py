@@ -54,7 +54,7 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
             raise ConfigError(exc.detail, file=file, key=f"models[{i}].source") from None
     for name, opts in suite.metrics.items():
         dataset = getattr(opts, "dataset", None)
-        if dataset:
+        if dataset and name != "mmlu":   # MMLU's files are checked by expand() (mmlu_data.locate)
             try:
                 locate_text(dataset, ctx.data_dir, ctx.base_dir)
             except DatasetError as exc:
@@ -77,9 +77,13 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     from .plan import expand
     from .runner import cell_rows
 
+    from .shard import shard_selector
+
+    select = shard_selector(args.shard)
     suite, ctx, store = _suite_context(args)
     _check_inputs(suite, ctx)
-    rows = cell_rows(expand(suite, ctx, only=tuple(args.only or ())), store)
+    cells = expand(suite, ctx, only=tuple(args.only or ()))
+    rows = cell_rows(select(cells) if select else cells, store)
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
         return EXIT_OK
@@ -101,11 +105,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .runner import run_suite
     from .store import load_results
 
+    from .shard import shard_selector
+
+    select = shard_selector(args.shard)            # a bad --shard fails before anything runs
+    executor = None
+    if args.executor == "ray":
+        from .ray_executor import RayExecutor
+        executor = RayExecutor(address=args.ray_address, num_gpus_per_cell=args.gpus_per_cell)
     suite, ctx, store = _suite_context(args)
     _check_inputs(suite, ctx)
     with store.lock():
         summary = run_suite(suite, ctx, store, only=tuple(args.only or ()),
-                            rerun_failed=args.rerun_failed, console=console)
+                            rerun_failed=args.rerun_failed, console=console,
+                            executor=executor, select=select)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing run"
     console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
                   f"{summary.cached} cached. Results: {store.dir}")
@@ -141,6 +153,15 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from .compare import run_compare
 
     return run_compare(args, console)
+
+
+def cmd_merge(args: argparse.Namespace, console: Console) -> int:
+    from .merge import merge_results
+
+    summary = merge_results([Path(p) for p in args.sources], Path(args.out))
+    for line in summary.lines():
+        console.print(line)
+    return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
@@ -245,9 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     suite_cmd("validate", "check a suite file without loading any model")
     sp = suite_cmd("plan", "list the cells and which are done")
     sp.add_argument("--only", action="append", help="glob on cell ids model/backend/quant/metric")
+    sp.add_argument("--shard", metavar="I/N", help="only the cells of shard I of N")
     sp.add_argument("--json", action="store_true")
     sp = suite_cmd("run", "measure every cell not already done")
     sp.add_argument("--only", action="append", help="glob on cell ids model/backend/quant/metric")
+    sp.add_argument("--shard", metavar="I/N",
+                    help="run only shard I of N (1-based; the same split on every machine, "
+                    "balanced by estimated cost): for CI matrices, then `qbench merge`")
+    sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: one cell at a time here; ray: cells as Ray tasks "
+                    "(pip install 'qbench-llm[ray]')")
+    sp.add_argument("--ray-address", default=None,
+                    help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
+    sp.add_argument("--gpus-per-cell", type=float, default=0,
+                    help="GPUs a GPU cell asks Ray for (default 1; 0.5: two cells share one)")
     sp.add_argument("--rerun-failed", action="store_true", help="rerun failed/crashed cells")
     sp.add_argument("--report-dir", default="reports", help="where the HTML goes")
     sp.add_argument("--no-report", action="store_true")
@@ -269,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="...and beyond this many combined standard errors (default 3)")
     sp.add_argument("--out", default=None, help="also write an HTML diff page here")
     sp.add_argument("--json", action="store_true")
+    sp = sub.add_parser("merge", help="merge result folders (e.g. the shards of a CI matrix) "
+                        "into one results root")
+    sp.add_argument("sources", nargs="+", help="results folders: a results root, a suite "
+                    "folder, or a folder holding several")
+    sp.add_argument("--out", default="results", help="results root to merge into "
+                    "(default ./results)")
     sp = sub.add_parser("export", help="flat table of results (JSONL or CSV)")
     sp.add_argument("results", nargs="+")
     sp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
@@ -287,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "report": cmd_report,
             "export": cmd_export, "ls": cmd_ls, "cache": cmd_cache, "compare": cmd_compare,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

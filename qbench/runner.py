@@ -169,7 +169,9 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
         items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key),
                           suite.defaults.timeout_s, suite.defaults.memory_limit_mb) for c in todo]
         if items:
-            progress.update(task, description=f"[cyan]{items[0].cell.id}[/cyan]")
+            progress.update(task, description=(f"[cyan]{items[0].cell.id}[/cyan]"
+                                               if executor.name == "local"
+                                               else f"[cyan]running on {executor.name}[/cyan]"))
         started = _now()
         try:
             for n_done, (item, outcome) in enumerate(executor.run(items), start=1):

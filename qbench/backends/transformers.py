@@ -21,6 +21,7 @@ import inspect
 import json
 import re
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -87,6 +88,10 @@ class TransformersBackend:
         torch.set_num_threads(self.threads)
         self.n_batch = max(1, int(opts.n_batch))
         self.padding_side = str(opts.extra.get("padding_side", "right"))
+        # LLM.int8 picks its fp16 outlier columns from every row of a forward pass, so a
+        # sequence's logits would depend on what else (padding included) shares its batch:
+        # bnb-int8 scores one sequence per forward pass
+        self.max_seqs = 1 if load.get("bitsandbytes", {}).get("load_in_8bit") else 16
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -131,6 +136,7 @@ class TransformersBackend:
                 raise Unsupported(f"{what} needs the Python package 'bitsandbytes' "
                                   f"({_first_line(exc)}; pip install 'qbench-llm[hf]')",
                                   "bitsandbytes") from None
+            warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
             bnb = dict(load["bitsandbytes"])
             if bnb.get("load_in_4bit"):
                 bnb["bnb_4bit_compute_dtype"] = self.compute_dtype
@@ -249,7 +255,7 @@ class TransformersBackend:
                 self.padding_side = saved
             return
         n_ctx = max(len(c) for c in chunks)
-        n_seq = max(1, self.n_batch // max(n_ctx, 1))  # as llama-perplexity: n_batch / n_ctx
+        n_seq = max(1, min(self.max_seqs, self.n_batch // max(n_ctx, 1)))  # llama-perplexity
         for g in range(0, len(chunks), n_seq):
             group = chunks[g:g + n_seq]
             longest = max(len(c) for c in group)
@@ -274,7 +280,7 @@ class TransformersBackend:
             group = [prompts[i]]
             longest = len(prompts[i])
             i += 1
-            while (i < len(prompts) and len(group) < 16
+            while (i < len(prompts) and len(group) < self.max_seqs
                    and (len(group) + 1) * max(longest, len(prompts[i])) <= self.n_batch):
                 longest = max(longest, len(prompts[i]))
                 group.append(prompts[i])
@@ -357,6 +363,7 @@ class TransformersBackend:
             "library_version": transformers.__version__, "torch_version": torch.__version__,
             "device": self.device.type, "threads": torch.get_num_threads(),
             "n_batch": self.n_batch, "padding_side": self.padding_side,
+            "max_seqs_per_forward": self.max_seqs,
             "quant": self.quant, "load": self.descriptor.get("load"),
             "dtype": str(self.model.dtype).replace("torch.", ""),
             "compute_dtype": (str(self.compute_dtype).replace("torch.", "")
@@ -386,7 +393,7 @@ class TransformersBackend:
 
 
 def load(path: Path, opts: LoadOptions) -> TransformersBackend:
-    print(f"transformers {transformers.__version__}, torch {torch.__version__} "
-          f"({torch.__config__.parallel_info().splitlines()[0] if hasattr(torch, '__config__') else ''})",
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"device {opts.device}, threads {opts.threads or physical_cores()}",
           file=sys.stderr, flush=True)
     return TransformersBackend(path, opts)

@@ -170,15 +170,21 @@ def read_split(origin: str, split: str) -> Split:
     return Split(split, origin, qs)
 
 
-_CACHE: dict[str, Split] = {}
+_CACHE: dict[tuple[str, int, int], Split] = {}
 
 
 def load_split(dataset: str, data_dir: Path | None, base_dir: Path, split: str = "test"
                ) -> Split:
+    """Read a split once per process (memoised on path, size and mtime)."""
     origin = locate(dataset, data_dir, base_dir, split)
-    if origin not in _CACHE:
-        _CACHE[origin] = read_split(origin, split)
-    return _CACHE[origin]
+    if origin.startswith("hf:"):
+        memo = (origin, 0, 0)
+    else:
+        st = Path(origin).stat()
+        memo = (origin, st.st_size, st.st_mtime_ns)
+    if memo not in _CACHE:
+        _CACHE[memo] = read_split(origin, split)
+    return _CACHE[memo]
 
 
 # -- the prompt (lm-eval's mmlu task) ---------------------------------------------------

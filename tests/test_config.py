@@ -201,7 +201,7 @@ def test_unknown_backend(write_suite):
     file, err = error_of(write_suite, SUITE.replace('backend = "llama.cpp"',
                                                     'backend = "llamacpp"'))
     assert str(err) == (f"{file}: variants[0].backend: unknown backend 'llamacpp' "
-                        "(did you mean llama.cpp?); available: llama.cpp")
+                        "(did you mean llama.cpp?); available: llama.cpp, transformers")
 
 
 def test_iq_type_needs_imatrix(write_suite):

@@ -2,15 +2,16 @@
 question.
 
 lm-eval scores each of the continuations " A", " B", " C", " D" after the prompt (its
-``_encode_pair``: ``whole = enc(ctx + cont)``, ``ctx_enc = enc(ctx)``, ``cont = whole[len(ctx_enc):]``,
-then the model reads ``ctx_enc + cont``) and predicts the argmax of the summed log-probabilities,
-without length normalisation. When each ``cont`` is a single token - true for every
-tokenizer we know, since "Answer:" ends the prompt - all four log-likelihoods are the
-log-softmax at the last prompt position, so qbench evaluates each prompt once
-(``Backend.last_logits``, several prompts per batch) instead of four times, with the same
-numbers. The check is made per question; a question where any continuation is not one token is
-scored the long way, exactly as lm-eval (``ctx_enc + cont`` through ``Backend.chunk_logits``,
-one sequence per letter), and counted in ``details.multi_token_fallbacks``.
+``_encode_pair``: ``whole = enc(ctx + cont)``, ``ctx_enc = enc(ctx)``,
+``cont = whole[len(ctx_enc):]``, then the model reads ``ctx_enc + cont``) and predicts the argmax
+of the summed log-probabilities, without length normalisation. When each ``cont`` is a single
+token - true for every tokenizer we know, since "Answer:" ends the prompt - all four
+log-likelihoods are the log-softmax at the last prompt position, so qbench evaluates each
+prompt once (``Backend.last_logits``, several prompts per batch) instead of four times, with the
+same numbers (up to batching's floating-point noise). The check is made per question; a
+question where any continuation is not one token is scored the long way, exactly as lm-eval
+(``ctx_enc + cont`` through ``Backend.chunk_logits``, one sequence per letter), and counted in
+``details.multi_token_fallbacks``.
 
 Tokenization adds special tokens the way the model's tokenizer does (``add_special=True``: BOS
 first where the GGUF says ``add_bos_token``), as lm-eval does since it delegated BOS to the

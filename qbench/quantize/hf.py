@@ -159,6 +159,86 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
             "quantization_config": cfg.get("quantization_config"), **summary}
 
 
+_QUANT_META = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "scales",
+               "qzeros", "g_idx", "SCB", "absmax", "quant_map", "quant_state")
+_LOADED_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0,
+                 # bitsandbytes: int8 + an fp32 scale per row (~0); 4-bit: half a byte + an fp32
+                 # absmax per 64-weight block
+                 "bnb-int8": 1.0, "bnb-4bit": 0.5 + 4 / 64}
+
+
+def _is_decoder_linear(name: str, shape: list[int]) -> bool:
+    return (len(shape) == 2 and name.endswith(".weight") and ".layers." in f".{name}"
+            and "embed" not in name and "norm" not in name)
+
+
+def footprint(path: Path) -> dict[str, Any]:
+    """The footprint metric's record for a transformers variant (its ``run`` returns this for an
+    artifact of format "hf"): weights on disk, parameters and bits per weight as stored, and for
+    load-time variants (bf16/fp16 from an fp32 folder, bitsandbytes) an estimate of the weights'
+    bytes once loaded on the CPU (the backend records the measured value in ``describe()``)."""
+    info = inspect_artifact(path)
+    desc = info["descriptor"]
+    load = desc.get("load", {})
+    model_dir = Path(info["model_dir"])
+    qc = info.get("quantization_config") or {}
+    bits = 4
+    for group in (qc.get("config_groups") or {}).values():
+        bits = int((group.get("weights") or {}).get("num_bits") or bits)
+    n_params = stored_bytes = linear = other = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in t["shape"]:
+                count *= d
+            start, end = t["data_offsets"]
+            stored_bytes += end - start
+            if name.endswith(("weight_packed", "qweight")):
+                n_params += count * 32 // bits
+            elif not name.endswith(_QUANT_META):
+                n_params += count
+                if _is_decoder_linear(name, t["shape"]):
+                    linear += count
+                else:
+                    other += count
+    size = info["weights_bytes"]
+    values: dict[str, Any] = {
+        "file_size_mb": {"value": size / 2**20, "unit": "MiB"},
+        "bpw": {"value": 8.0 * stored_bytes / n_params if n_params else None,
+                "unit": "bits/weight"},
+        "n_params": {"value": float(n_params)},
+        "fp16_estimate_mb": {"value": 2 * n_params / 2**20, "unit": "MiB"},
+    }
+    estimate = None
+    if "bitsandbytes" in load:
+        per = _LOADED_BYTES["bnb-int8" if load["bitsandbytes"].get("load_in_8bit")
+                            else "bnb-4bit"]
+        estimate = linear * per + other * 4.0
+    elif load.get("dtype") in ("bfloat16", "float16"):
+        estimate = n_params * _LOADED_BYTES[load["dtype"]]
+    if estimate is not None:
+        values["loaded_weights_estimate_mb"] = {"value": estimate / 2**20, "unit": "MiB"}
+        values["bpw_loaded_estimate"] = {"value": 8.0 * estimate / n_params if n_params else None,
+                                         "unit": "bits/weight"}
+    return {"values": values,
+            "details": {"format": "hf", "tensor_types": info["dtypes"],
+                        "architecture": info["architecture"],
+                        "config_dtype": info["config_dtype"],
+                        "quantization_config": qc or None, "load": load,
+                        "quant": desc.get("quant"), "n_tensors": info["n_tensors"],
+                        "packed_tensors": info["packed_tensors"], "file_size_bytes": size,
+                        "decoder_linear_params": linear,
+                        "estimate_rule": ("bitsandbytes int8 = 1 byte/weight, nf4/fp4 = 0.5 + "
+                                          "4/64 bytes/weight for decoder linears, the rest fp32 "
+                                          "(CPU compute dtype)") if "bitsandbytes" in load
+                        else None}}
+
+
 # -- descriptors ----------------------------------------------------------------------------
 def write_descriptor(cache_dir: Path, *, quant: str, model_dir: Path, model_sha: str,
                      load: dict[str, Any], recipe: dict[str, Any]) -> HfArtifact:
@@ -250,14 +330,46 @@ def hf_base(model_file: Path, model_sha: str, cache_dir: Path, *, allow_pickle: 
                       "for a hub model use source = \"hf:ORG/REPO\" (the whole repository)")
 
 
+@contextlib.contextmanager
+def _memoised_gguf_reading() -> Iterator[None]:
+    """transformers parses the GGUF three times (config, tokenizer, tensors: ~25 s each for a
+    49k-token vocabulary in gguf's pure-Python reader) and rebuilds gguf's tensor-name map once
+    per module (~400 times). Both are pure functions of their arguments: memoise them for the
+    duration of one conversion (the ``gguf`` module attributes transformers imports at call
+    time), which takes SmolLM2's twin from minutes to well under one."""
+    import gguf as gguf_mod
+
+    original_reader, original_map = gguf_mod.GGUFReader, gguf_mod.get_tensor_name_map
+    readers: dict[Any, Any] = {}
+    maps: dict[Any, Any] = {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original_reader(path, *args, **kwargs)
+        return readers[key]
+
+    def name_map(arch: Any, n_blocks: int) -> Any:
+        if (arch, n_blocks) not in maps:
+            maps[(arch, n_blocks)] = original_map(arch, n_blocks)
+        return maps[(arch, n_blocks)]
+
+    gguf_mod.GGUFReader, gguf_mod.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf_mod.GGUFReader, gguf_mod.get_tensor_name_map = original_reader, original_map
+
+
 def _gguf_twin(gguf: Path, out: Path, trust_remote_code: bool) -> None:
     """Load ``gguf`` with transformers (dequantizing it) and save it as a float32 HF folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    with _memoised_gguf_reading():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     config = loaded.config
     # the GGUF quantizer marks the model quantized; a model rebuilt from the config without it
     # saves as a plain float checkpoint

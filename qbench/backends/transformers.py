@@ -240,8 +240,10 @@ class TransformersBackend:
             kwargs["logits_to_keep"] = keep
         logits = self.model(**kwargs).logits
         if not self._keep_arg:   # the model computed every position: cut what was asked for
-            logits = logits[:, -keep:] if isinstance(keep, int) and keep else (
-                logits[:, keep.to(logits.device)] if isinstance(keep, torch.Tensor) else logits)
+            if isinstance(keep, torch.Tensor):
+                logits = logits[:, keep.to(logits.device)]
+            elif keep:
+                logits = logits[:, -keep:]
         return logits
 
     def chunk_logits(self, chunks: Sequence[Sequence[int]], first: int) -> Iterator[np.ndarray]:

@@ -115,8 +115,7 @@ def safetensors_summary(model_dir: Path) -> dict[str, Any]:
     sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U32": 4, "U16": 2}
     hist: dict[str, dict[str, int]] = {}
-    n_tensors = 0
-    packed = 0
+    n_tensors = packed = packed_elements = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
@@ -134,8 +133,11 @@ def safetensors_summary(model_dir: Path) -> dict[str, Any]:
             entry["elements"] += count
             start, end = info["data_offsets"]
             entry["bytes"] += end - start if end >= start else count * sizes.get(dt, 0)
-            packed += name.endswith(("weight_packed", "qweight"))
+            if name.endswith(("weight_packed", "qweight")):
+                packed += 1
+                packed_elements += count
     return {"n_tensors": n_tensors, "dtypes": hist, "packed_tensors": packed,
+            "packed_elements": packed_elements,
             "weights_bytes": weights_bytes(model_dir)}
 
 
@@ -266,11 +268,22 @@ def read_descriptor(path: Path) -> dict[str, Any]:
     return desc
 
 
+def _without_paths(value: Any) -> Any:
+    """The recipe as keyed: where a file was read from ("origin") is provenance, not identity
+    (its content's sha256 is in the recipe), so moving the data dir rebuilds nothing."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k != "origin"}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value
+
+
 def _cached_dir(cache_dir: Path, recipe: dict[str, Any], build: Callable[[Path], None]
                 ) -> tuple[Path, str, dict[str, Any]]:
     """The folder built by ``build`` for ``recipe``, built once under a lock and renamed into
     place whole (a killed build leaves only a temporary folder, removed next time)."""
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(json.dumps(_without_paths(recipe), sort_keys=True).encode()
+                            ).hexdigest()[:32]
     folder = cache_dir / "artifacts" / digest
     final = folder / "model"
     meta = folder / "recipe.json"
@@ -497,6 +510,30 @@ def _quantize_int(base_dir: Path, out: Path, iq: hf_types.IntQuant, scheme: dict
     tokenizer.save_pretrained(out)
 
 
+def check_group_size(model_dir: Path, iq: hf_types.IntQuant) -> None:
+    """Groups must tile every quantized layer's input width (SmolLM2-135M: 576 and 1536, so
+    g64/g32, not g128); say so before minutes of calibration, not after."""
+    if iq.group_size < 0:
+        return
+    cfg = _config(model_dir)
+    cfg = cfg.get("text_config", cfg)
+    widths = {}
+    for key in ("hidden_size", "intermediate_size"):
+        if isinstance(cfg.get(key), int):
+            widths[key] = cfg[key]
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        widths["num_attention_heads x head_dim"] = heads * head_dim
+    bad = {k: w for k, w in widths.items() if w % iq.group_size}
+    if bad:
+        fits = [g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths.values())]
+        raise QbenchError(
+            f"{iq.name}: group size {iq.group_size} does not divide the input width of every "
+            f"layer ({', '.join(f'{k} = {w}' for k, w in bad.items())}); "
+            + (f"use group size {fits[0]} ({iq.method}-w{iq.bits}g{fits[0]})" if fits
+               else "use per-channel (g'c')"))
+
+
 def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, Any],
                     variant: dict[str, Any], cache_dir: Path, threads: int,
                     trust_remote_code: bool = False) -> tuple[Path, str, dict[str, Any]]:
@@ -508,6 +545,7 @@ def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, An
 
     iq = hf_types.parse_int_quant(quant)
     assert iq is not None
+    check_group_size(base_dir, iq)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     calib_ids, calibration = calibration_set(variant, job, tokenizer)
     scheme = int_quant_recipe(iq)

@@ -15,7 +15,7 @@ Compared (qbench vs llama.cpp):
          Also shown: vs the tool's decode time alone ("prompt eval time" of
          llama_perf_context_print, the stricter figure) and end to end (load + tokenize +
          evaluate; process wall clock for the tool).
-  speed  qbench.metrics.speed vs `llama-bench -p P -n N -r R -o json` (avg_ts +/- stdev_ts).
+  speed  qbench.metrics.speed vs `llama-bench -p P -n N -r R -o json` (avg_ts +/- stddev_ts).
   kld    qbench.metrics.kld vs `llama-perplexity --kl-divergence-base F` (base run) then
          `--kl-divergence` (variant run): mean KLD, same top p, RMS dp, PPL(Q), PPL(base).
 Targets checked: PPL within 0.1 %; KLD and same-top within 2 % relative; pp/tg within 5 %;
@@ -130,7 +130,7 @@ def llama_bench(bin_dir: Path, gguf: Path, a: argparse.Namespace, tmp: Path) -> 
     res: dict[str, Any] = {"cmd": cmd}
     for r in rows:
         label = "pp" if r["n_prompt"] and not r["n_gen"] else "tg"
-        res[label] = {"avg_ts": r["avg_ts"], "stdev_ts": r["stdev_ts"],
+        res[label] = {"avg_ts": r["avg_ts"], "stdev_ts": r.get("stddev_ts", r.get("stdev_ts")),
                       "samples_ts": r.get("samples_ts"), "n_batch": r.get("n_batch"),
                       "n_ubatch": r.get("n_ubatch"), "flash_attn": r.get("flash_attn"),
                       "n_threads": r.get("n_threads")}
@@ -250,6 +250,11 @@ def qbench_kld(gguf: Path, base: Path, a: argparse.Namespace, cache: Path) -> di
     return res
 
 
+def median_round(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose avg_ts is the median (lower middle for an even count)."""
+    return sorted(results, key=lambda r: r["avg_ts"])[(len(results) - 1) // 2]
+
+
 # -- comparison --------------------------------------------------------------------------------
 
 def rel(q: float | None, ref: float | None) -> float | None:
@@ -296,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--runs", type=int, default=1,
                    help="repeat the PPL pass of each side N times; the fastest counts")
+    p.add_argument("--speed-rounds", type=int, default=1,
+                   help="alternate llama-bench and qbench's speed N times; medians count "
+                        "(a busy machine)")
     p.add_argument("--parts", default="ppl,speed,kld",
                    help="comma list of ppl, speed, kld (kld needs --base-gguf)")
     p.add_argument("--tools", help="folder with llama-perplexity and llama-bench")
@@ -352,13 +360,17 @@ def main(argv: list[str] | None = None) -> int:
                              "vs_decode_only_ratio": r_dec, "end_to_end_ratio": e2e}
         if "speed" in parts:
             load = os.getloadavg()[0]
-            ll = llama_bench(bin_dir, a.gguf, a, tmp)
-            qb = qbench_speed(a.gguf, a, cache)
-            sp: dict[str, Any] = {"qbench": qb, "llama": ll, "load_1min": load}
+            # alternate the two --speed-rounds times; each side's median round counts
+            rounds = [(llama_bench(bin_dir, a.gguf, a, tmp), qbench_speed(a.gguf, a, cache))
+                      for _ in range(a.speed_rounds)]
+            ll, qb = rounds[0]
+            sp: dict[str, Any] = {"qbench": qb, "llama": ll, "load_1min": load,
+                                  "rounds": rounds}
             for lab, n in (("pp", a.prompt_tokens), ("tg", a.gen_tokens)):
                 if lab not in ll or lab not in qb:
                     continue
-                q, r = qb[lab], ll[lab]
+                q = median_round([qr[lab] for _, qr in rounds])
+                r = median_round([lr[lab] for lr, _ in rounds])
                 d = rel(q["avg_ts"], r["avg_ts"])
                 checks[lab] = abs(d) <= TARGETS["speed_rel_pct"]
                 sp[f"{lab}_rel_diff_pct"] = d

@@ -3,7 +3,7 @@ them: perplexity by qbench's own metric on the same text, ctx and chunks.
 
     .venv/bin/python benchmarks/hf_vs_gguf.py [--gguf FILE] [--data-dir DIR] [--ctx 512] \
         [--chunks 16] [--threads 2] [--variants fp32,bf16,bnb-int8,bnb-nf4,awq-w4g64,gptq-w4g64] \
-        [--json out.json]
+        [--calibration-samples 32 --calibration-seq-len 256] [--no-gguf] [--json out.json]
 
 What it says, and what it cannot:
   * PPL of the HF fp32 twin (transformers loads the GGUF, dequantizes it to float32) and of the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -107,6 +106,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="fp32",
                    help="comma-separated transformers variants (fp32 always runs)")
+    p.add_argument("--calibration-samples", type=int, default=0,
+                   help="AWQ/GPTQ calibration samples (0: qbench's default, 32)")
+    p.add_argument("--calibration-seq-len", type=int, default=0,
+                   help="AWQ/GPTQ calibration sequence length (0: qbench's default, 256)")
     p.add_argument("--no-gguf", action="store_true", help="skip the llama.cpp F16 side")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -126,8 +129,10 @@ def main() -> int:
     hf_fp32 = None
     for quant in variants:
         t0 = time.perf_counter()
-        path, art = hf.prepare(job, {"backend": "transformers", "quant": quant, "source": ""},
-                               gguf, sha, args.cache_dir, args.threads)
+        variant = {"backend": "transformers", "quant": quant, "source": "",
+                   "calibration_samples": args.calibration_samples,
+                   "calibration_seq_len": args.calibration_seq_len}
+        path, art = hf.prepare(job, variant, gguf, sha, args.cache_dir, args.threads)
         prepare_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         backend = tb.load(path, opts)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -92,7 +93,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         table.add_column(col)
     for r in rows:
         style = {"ok": "green", "todo": "", "skipped": "yellow"}.get(r["status"], "red")
-        table.add_row(r["id"] + (" (base)" if r["base"] else ""), r["key"][:12],
+        table.add_row(escape(r["id"]) + (" (base)" if r["base"] else ""), r["key"][:12],
                       f"[{style}]{r['status']}[/{style}]" if style else r["status"])
     console.print(table)
     done = sum(r["status"] == "ok" for r in rows)
@@ -120,7 +121,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                             executor=executor, select=select)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing run"
     console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
-                  f"{summary.cached} cached. Results: {store.dir}")
+                  f"{summary.cached} cached. Results: {escape(str(store.dir))}")
     if not args.no_report:
         pages = build_site(load_results([store.dir]), Path(args.report_dir),
                            budget_gb=suite.report.memory_budget_gb or None,
@@ -132,7 +133,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]{len(failed)} cell(s) failed[/red]"
                       + (f" ({len(summary.recorded_failures)} in earlier runs; --rerun-failed "
                          "retries them)" if summary.recorded_failures else "")
-                      + ": " + ", ".join(failed[:10]))
+                      + ": " + escape(", ".join(failed[:10])))
         return EXIT_CELLS_FAILED
     return EXIT_OK
 
@@ -341,6 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qbench: interrupted; finished cells are saved", file=sys.stderr)
         return 130
+    except OSError as exc:
+        import errno
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"qbench: error: cannot write{where}: {exc.strerror} (disk full or file size "
+                  "limit); results already stored are intact", file=sys.stderr)
+            return EXIT_USER
+        raise
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ AMX_HINT = (
     "-DGGML_AVX_VNNI=ON\" pip install --force-reinstall --no-cache-dir --no-binary "
     "llama-cpp-python llama-cpp-python   (qbench doctor checks this)")
 _OOM_PATTERNS = re.compile(r"bad_alloc|out of memory|failed to allocate|cannot allocate memory|"
-                           r"MemoryError|CUDA error: out of memory", re.IGNORECASE)
+                           r"insufficient memory|MemoryError|CUDA error: out of memory",
+                           re.IGNORECASE)
+OOM_SCAN_BYTES = 1 << 18   # llama.cpp prints a long backtrace after the allocation failure
 
 
 @dataclass
@@ -125,10 +127,10 @@ class _NvmlProbe:
                 pass
 
 
-def _tail(path: Path) -> str:
+def _tail(path: Path, n: int = TAIL_CHARS) -> str:
     try:
         with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - TAIL_CHARS))
+            fh.seek(max(0, path.stat().st_size - n))
             return fh.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -215,8 +217,10 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
         out.error = f"the cell process died of {sig}"
         if sig == "SIGKILL":
             out.error += " (not sent by qbench: most likely the kernel's OOM killer)"
-        elif _OOM_PATTERNS.search(tail):
+        elif _OOM_PATTERNS.search(_tail(log_path, OOM_SCAN_BYTES)):
             out.error += " after an allocation failure: out of memory"
+            if memory_limit_mb:
+                out.error += f" (memory_limit_mb = {memory_limit_mb})"
         log_text = _head(log_path) + tail
         if sig == "SIGILL" and (missing := build_mismatch(log_text)):
             out.error += (f": llama.cpp was built for CPU features this CPU lacks "
@@ -230,6 +234,11 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
         out.error = result.get("error")
         if out.status == "ok":
             out.stderr_tail = None
+        elif (out.status == "failed" and "out of memory" not in (out.error or "")
+              and _OOM_PATTERNS.search(_tail(log_path, OOM_SCAN_BYTES))):
+            out.error = (f"{out.error}: out of memory (the cell log shows an allocation failure"
+                         + (f"; memory_limit_mb = {memory_limit_mb}" if memory_limit_mb else "")
+                         + ")")
     else:
         out.error = f"the cell process exited with code {proc.returncode} and wrote no result"
         if _OOM_PATTERNS.search(tail):

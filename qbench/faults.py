@@ -2,7 +2,9 @@
 
 ``QBENCH_FAULT="GLOB=KIND[;GLOB=KIND...]"`` makes the cell whose id matches GLOB misbehave at the
 start of its process: segfault, abort, hang, hang-tree (a grandchild that also hangs), oom
-(allocates until the memory limit stops it), exit (exit code 3 without a result), error (raises).
+(allocates until the memory limit stops it), exit (exit code 3 without a result), error (raises),
+alloc-abort (what llama.cpp does when an allocation fails under a memory cap: prints ggml's
+"insufficient memory" line, then a long backtrace, then aborts).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import subprocess
 import sys
 import time
 
-KINDS = ("segfault", "abort", "hang", "hang-tree", "oom", "exit", "error")
+KINDS = ("segfault", "abort", "hang", "hang-tree", "oom", "exit", "error", "alloc-abort")
 
 
 def fault_for(cell_id: str, spec: str | None = None) -> str | None:
@@ -49,3 +51,12 @@ def inject(cell_id: str) -> None:
         os._exit(3)
     elif kind == "error":
         raise RuntimeError("injected error")
+    elif kind == "alloc-abort":
+        # as ggml_aligned_malloc + GGML_ASSERT + llama.cpp's gdb backtrace write it (stderr)
+        os.write(2, b"ggml_aligned_malloc: insufficient memory (attempted to allocate "
+                    b"41.96 MB)\nggml/src/ggml.c:1644: GGML_ASSERT(ctx->mem_buffer != NULL) "
+                    b"failed\n")
+        for i in range(120):
+            os.write(2, f"#{i:<3} 0x00007f0000{i:06x} in ggml_backtrace_frame_{i} () from "
+                        f"libggml-base.so.0\n".encode())
+        os.abort()

@@ -55,8 +55,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(f"disk full while writing {path}: nothing was written there; "
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            why = ("file size limit reached (ulimit -f or the file system's maximum)"
+                   if exc.errno == errno.EFBIG else "disk full")
+            raise StoreError(f"{why} while writing {path}: nothing was written there; "
                              "earlier results are intact") from None
         raise
     _fsync_dir(path.parent)

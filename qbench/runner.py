@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -23,6 +24,7 @@ from .executor import Outcome, run_in_child
 from .metrics import metric_module
 from .plan import Cell, PlanContext, expand
 from .schema import SCHEMA_VERSION
+from .errors import StoreError
 from .store import Store
 
 
@@ -124,7 +126,7 @@ def make_record(cell: Cell, outcome: Outcome, run_id: str, started: str,
 
 def headline(record: dict[str, Any]) -> str:
     if record["status"] != "ok":
-        return f"[red]{record['status']}[/red]: {(record.get('error') or '')[:160]}"
+        return f"[red]{record['status']}[/red]: {escape((record.get('error') or '')[:160])}"
     info = metric_module(record["metric"]).INFO
     v = record["values"].get(info.primary, {})
     if v.get("value") is None:
@@ -169,7 +171,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
         items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key),
                           suite.defaults.timeout_s, suite.defaults.memory_limit_mb) for c in todo]
         if items:
-            progress.update(task, description=(f"[cyan]{items[0].cell.id}[/cyan]"
+            progress.update(task, description=(f"[cyan]{escape(items[0].cell.id)}[/cyan]"
                                                if executor.name == "local"
                                                else f"[cyan]running on {executor.name}[/cyan]"))
         started = _now()
@@ -183,17 +185,21 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                     summary.failed_ids.append(cell.id)
                 manifest["cells"].append({"id": cell.id, "key": cell.key,
                                           "status": outcome.status, "wall_s": outcome.wall_s})
-                progress.console.print(f"  {cell.id}: {headline(record)} "
+                progress.console.print(f"  {escape(cell.id)}: {headline(record)} "
                                        f"[dim]({outcome.wall_s:.1f} s)[/dim]")
                 progress.advance(task)
                 started = _now()
                 if executor.name == "local" and n_done < len(items):
-                    progress.update(task, description=f"[cyan]{items[n_done].cell.id}[/cyan]")
+                    progress.update(
+                        task, description=f"[cyan]{escape(items[n_done].cell.id)}[/cyan]")
         finally:
             summary.wall_s = time.monotonic() - t_start
             manifest.update(finished=_now(), wall_s=round(summary.wall_s, 2),
                             counts=summary.counts, interrupted=len(manifest["cells"]) < len(todo))
-            store.save_run(run_id, manifest)
+            try:
+                store.save_run(run_id, manifest)
+            except (OSError, StoreError) as exc:  # never mask the error that ended the run
+                console.print(f"[yellow]could not write the run record: {escape(str(exc))}")
     return summary
 
 

@@ -482,3 +482,60 @@ def test_group_size_must_tile_the_layers(tmp_path: Path) -> None:
         hf.check_group_size(tmp_path, hf_types.IntQuant("gptq", 4, 128))
     hf.check_group_size(tmp_path, hf_types.IntQuant("awq", 4, 64))
     hf.check_group_size(tmp_path, hf_types.IntQuant("gptq", 8, -1))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 1-layer Llama with a word-level tokenizer: loads in a second."""
+    if not HAVE_HF:
+        pytest.skip("torch/transformers not installed (pip install -r requirements/hf.txt)")
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 64)} | {"[UNK]": 0},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, reason", [
+    ("gptq", "not installed"), ("awq", "gptqmodel"), ("fbgemm_fp8", "CUDA GPU")])
+def test_checkpoint_needing_cuda_or_a_missing_kernel_is_skipped(
+        method: str, reason: str, tiny_model: Path, tmp_path: Path) -> None:
+    """A pre-quantized checkpoint whose kernels need CUDA, or a package that is not installed,
+    raises MissingExtraError (the worker records the cell 'skipped' with this reason)."""
+    import shutil
+
+    from qbench.backends.base import LoadOptions
+    from qbench.backends.transformers import load
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 32}
+    (d / "config.json").write_text(json.dumps(cfg))
+    art = hf.write_descriptor(tmp_path / "c", quant="gptq-w4g32", model_dir=d, model_sha=method,
+                              load={"dtype": "auto", "pre_quantized": True}, recipe={})
+    with pytest.raises(MissingExtraError, match=reason):
+        load(art.path, LoadOptions(device="cpu", threads=1))
+
+
+@pytest.mark.slow
+def test_model_folder_loads_directly(tiny_model: Path) -> None:
+    from qbench.backends.base import LoadOptions
+    from qbench.backends.transformers import load
+
+    b = load(tiny_model, LoadOptions(device="cpu", threads=1))
+    assert b.add_bos is False and b.n_vocab == 64
+    assert b.tokenize("w1 w2 w3", add_special=True) == [1, 2, 3]
+    rows = list(b.last_logits([[1, 2, 3], [4]]))
+    assert [r.shape for r in rows] == [(64,), (64,)]
+    b.close()

@@ -92,8 +92,8 @@ class TransformersBackend:
         # sequence's logits would depend on what else (padding included) shares its batch:
         # bnb-int8 scores one sequence per forward pass
         self.max_seqs = 1 if load.get("bitsandbytes", {}).get("load_in_8bit") else 16
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        # no reset of torch's peak counter here: a KLD cell loads its base as a second backend,
+        # and the cell's peak is over both (the cell process starts fresh anyway)
 
         trust = bool(load.get("trust_remote_code", False))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust)
@@ -143,13 +143,13 @@ class TransformersBackend:
             kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**bnb)
         try:
             return AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
-        except ImportError as exc:
-            raise Unsupported(f"{what} needs a package that is not installed: "
-                              f"{_first_line(exc)}") from None
-        except (RuntimeError, ValueError, OSError, NotImplementedError) as exc:
+        except (ImportError, RuntimeError, ValueError, OSError, NotImplementedError) as exc:
             if self.device.type == "cpu" and _NEEDS_GPU.search(str(exc)):
                 raise Unsupported(f"{what} needs a CUDA GPU (its kernels do not run on the "
                                   f"CPU): {_first_line(exc)}") from None
+            if isinstance(exc, ImportError):
+                raise Unsupported(f"{what} needs a package that is not installed: "
+                                  f"{_first_line(exc)}") from None
             raise
 
     def _adds_bos(self) -> bool:

@@ -31,6 +31,9 @@ class Options:
 
 
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
+    if ctx.artifact_path.name == "variant.json" or ctx.artifact.get("format") == "hf":
+        from ..quantize.hf import footprint  # a transformers variant: safetensors + load settings
+        return footprint(ctx.artifact_path)
     from ..quantize.gguf import inspect_gguf
 
     summary = inspect_gguf(ctx.artifact_path, ctx.cache_dir)

@@ -105,9 +105,15 @@ def check_model_dir(path: Path, *, allow_pickle: bool = True) -> None:
         raise SourceError(f"{path} has no config.json: not a Hugging Face model folder")
     if not weight_files(path):
         raise SourceError(f"{path} has no weights (*.safetensors, *.bin)")
-    if not allow_pickle and not list(path.glob("*.safetensors")):
-        raise SourceError(f"{path} has only pickle checkpoints (*.bin/*.pt), which run code "
-                          "when loaded; set allow_pickle = true on the model to accept them")
+    # transformers loads model.safetensors(.index.json) if present, else the pickle
+    # (pytorch_model.bin...), whatever other *.safetensors files lie beside it
+    safe = any((path / n).is_file()
+               for n in ("model.safetensors", "model.safetensors.index.json"))
+    pickles = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth") for p in path.glob(pat))
+    if not allow_pickle and pickles and not safe:
+        raise SourceError(f"{path} has pickle checkpoints ({', '.join(pickles[:3])}) and no "
+                          "model.safetensors: transformers would load the pickle, which can run "
+                          "code; set allow_pickle = true on the model to accept them")
 
 
 def safetensors_summary(model_dir: Path) -> dict[str, Any]:

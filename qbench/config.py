@@ -78,6 +78,10 @@ class VariantGroup:
     n_gpu_layers: int = -1           # -1: all layers when on a GPU
     batch: int = 2048                # llama.cpp n_batch (logical batch)
     ubatch: int = 512                # llama.cpp n_ubatch (physical batch)
+    # transformers awq-*/gptq-* only: the calibration text and how much of it llm-compressor sees
+    calibration: str = ""            # dataset name or text file; "": wikitext-2
+    calibration_samples: int = 32
+    calibration_seq_len: int = 256
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,14 @@ class VariantSpec:
     batch: int = 2048
     ubatch: int = 512
     models: tuple[str, ...] = ()
+    calibration: str = ""
+    calibration_samples: int = 32
+    calibration_seq_len: int = 256
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether building this variant runs a calibration pass (transformers AWQ/GPTQ)."""
+        return self.backend == "transformers" and not self.source and _is_calibrated(self.quant)
 
     @property
     def label(self) -> str:
@@ -99,9 +111,20 @@ class VariantSpec:
 
     def params(self) -> dict[str, Any]:
         """What changes the variant's artifact or results (part of the cell key)."""
-        return {"backend": self.backend, "quant": self.quant, "source": self.source,
-                "imatrix": self.imatrix, "n_gpu_layers": self.n_gpu_layers,
-                "batch": self.batch, "ubatch": self.ubatch}
+        params = {"backend": self.backend, "quant": self.quant, "source": self.source,
+                  "imatrix": self.imatrix, "n_gpu_layers": self.n_gpu_layers,
+                  "batch": self.batch, "ubatch": self.ubatch}
+        if self.calibrated:  # only where it changes the artifact: other keys stay stable
+            params |= {"calibration": self.calibration or "wikitext-2",
+                       "calibration_samples": self.calibration_samples,
+                       "calibration_seq_len": self.calibration_seq_len}
+        return params
+
+
+def _is_calibrated(quant: str) -> bool:
+    from .quantize.hf_types import parse_int_quant
+
+    return parse_int_quant(quant) is not None
 
 
 @dataclass(frozen=True)
@@ -265,10 +288,38 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                     raise ConfigError(f"duplicate variant {group.backend}/{canon}{which} "
                                       f"(also {seen[ident]})", file=file, key=qkey)
                 seen[ident] = qkey
-            out.append(VariantSpec(backend=group.backend, quant=canon, source=group.source,
-                                   imatrix=group.imatrix, n_gpu_layers=group.n_gpu_layers,
-                                   batch=group.batch, ubatch=group.ubatch, models=group.models))
+            spec = VariantSpec(backend=group.backend, quant=canon, source=group.source,
+                               imatrix=group.imatrix, n_gpu_layers=group.n_gpu_layers,
+                               batch=group.batch, ubatch=group.ubatch, models=group.models,
+                               calibration=group.calibration,
+                               calibration_samples=group.calibration_samples,
+                               calibration_seq_len=group.calibration_seq_len)
+            out.append(spec)
+        _check_calibration(group, table, out[-len(quants):], file=file, key=key)
     return tuple(out)
+
+
+_CALIBRATION_KEYS = ("calibration", "calibration_samples", "calibration_seq_len")
+
+
+def _check_calibration(group: VariantGroup, table: dict[str, Any],
+                       specs: list[VariantSpec], *, file: str, key: str) -> None:
+    """Calibration keys only on a group with a calibration pass, with sane sizes."""
+    given = [k for k in _CALIBRATION_KEYS if k in table]
+    if given and not any(s.calibrated for s in specs):
+        raise ConfigError(f"'{given[0]}' applies only to transformers awq-*/gptq-* variants "
+                          f"(built with a calibration pass), not "
+                          f"{', '.join(s.label for s in specs)}"
+                          + ("; llama.cpp types take an imatrix = \"...\" instead"
+                             if group.backend == "llama.cpp" else ""),
+                          file=file, key=f"{key}.{given[0]}")
+    if group.calibration_samples < 1:
+        raise ConfigError(f"expected at least 1 sample, got {group.calibration_samples}",
+                          file=file, key=f"{key}.calibration_samples")
+    if group.calibration_seq_len < 16:
+        raise ConfigError(f"expected at least 16 tokens per sample, got "
+                          f"{group.calibration_seq_len}", file=file,
+                          key=f"{key}.calibration_seq_len")
 
 
 def _parse_metrics(value: Any, file: str) -> dict[str, Any]:

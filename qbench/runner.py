@@ -117,7 +117,9 @@ def make_record(cell: Cell, outcome: Outcome, run_id: str, started: str,
         "memory": {"peak_rss_mb": round(outcome.peak_rss_mb, 1),
                    "peak_vram_mb": (None if outcome.peak_vram_mb is None
                                     else round(outcome.peak_vram_mb, 1)),
-                   "torch_max_allocated_mb": res.get("torch_max_allocated_mb")},
+                   "torch_max_allocated_mb": (res.get("torch_max_allocated_mb") or
+                                              res.get("backend", {}).get(
+                                                  "torch_max_allocated_mb"))},
         "timings": {"started": started, "wall_s": round(outcome.wall_s, 3),
                     **res.get("timings", {})},
         "env": env,

@@ -17,6 +17,14 @@ $VPY -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 # qbench itself and its pure-Python dependencies (never torch: a GGUF-only install)
 $VPY -m pip install -q -e ".[test,gpu,ray]" 2>&1 | grep -v '^WARNING: Location' || true
 
+# the transformers backend (AWQ/GPTQ via llm-compressor, bitsandbytes): torch pinned to the
+# local CPU build first, so nothing pulls a multi-GB CUDA wheel. QBENCH_NO_HF=1 skips it
+# (transformers cells are then recorded as skipped, with the reason).
+if [ "${QBENCH_NO_HF:-0}" != "1" ]; then
+  $VPY -m pip install -q "$(grep -m1 '^torch==' requirements/hf.txt)" 2>&1 | grep -v '^WARNING: Location' || true
+  $VPY -m pip install -q -r requirements/hf.txt 2>&1 | grep -v '^WARNING: Location' || true
+fi
+
 CMAKE_ARGS="${QBENCH_CMAKE_ARGS:-$($VPY -m qbench.buildflags)}"
 HASH="$(printf '%s %s' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-16)"
 # the installed build must be the one for these flags (a wheel for another CPU dies of SIGILL)

@@ -344,3 +344,41 @@ def test_default_suite_without_dataset_names_the_key(tmp_path, smollm2_ref, isol
     assert err.startswith(f"qbench: error: {smoke}: metrics.perplexity.dataset: dataset "
                           "'wikitext-2' not found: expected ")
     assert str(empty / "wikitext-2-raw" / "wiki.test.raw") in err
+
+
+HF_GROUP = """
+[[variants]]
+backend = "transformers"
+quant = ["fp32", "awq-w4g64", "bnb-int8"]
+"""
+
+
+def test_calibration_keys_reach_awq_gptq_keys_only(write_suite):
+    text = SUITE + HF_GROUP + 'calibration = "wikitext-2"\ncalibration_samples = 8\n'
+    suite = load_suite(write_suite(text))
+    by_quant = {v.quant: v for v in suite.variants}
+    awq = by_quant["awq-w4g64"]
+    assert awq.calibrated and awq.calibration_samples == 8
+    assert awq.params()["calibration_samples"] == 8
+    assert awq.params()["calibration_seq_len"] == 256
+    # the same group's fp32 and bnb rows run no calibration: their keys do not carry it
+    assert "calibration" not in by_quant["fp32"].params()
+    assert "calibration" not in by_quant["bnb-int8"].params()
+    # a different calibration size is a different artifact, hence a different key
+    other = load_suite(write_suite(text.replace("calibration_samples = 8",
+                                                "calibration_samples = 16")))
+    assert {v.quant: v for v in other.variants}["awq-w4g64"].params() != awq.params()
+
+
+def test_calibration_on_a_group_without_calibration_pass_is_refused(write_suite):
+    text = SUITE.replace('quant = ["F16", "Q8_0"]',
+                         'quant = ["F16", "Q8_0"]\ncalibration_samples = 8')
+    file, err = error_of(write_suite, text)
+    assert err.file == file and err.key == "variants[0].calibration_samples"
+    assert "awq-*/gptq-*" in str(err) and "imatrix" in str(err)
+
+
+def test_calibration_sizes_are_checked(write_suite):
+    text = SUITE + HF_GROUP + "calibration_seq_len = 4\n"
+    _, err = error_of(write_suite, text)
+    assert err.key == "variants[1].calibration_seq_len" and "16 tokens" in str(err)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qbench.buildflags import cmake_args, missing_features
-from qbench.metrics.kld import _top_mass, statistics
+from qbench.metrics.kld import Options as KldOptions, _compare_rows, _top_mass, _top_rows, statistics
 from qbench.metrics.sanity import degenerate_reason
 from qbench.metrics.scoring import log_softmax, mean_and_stderr
 
@@ -50,6 +50,37 @@ def test_top_mass_kld_matches_exact_kld_when_mass_is_covered() -> None:
     assert np.all(approx <= exact + 1e-6)            # a lower bound (data processing)
     assert approx.mean() == pytest.approx(exact.mean(), rel=0.02)
     assert np.all(counts <= 4000) and np.all(counts >= 1)
+
+
+def test_tail_draws_make_kld_unbiased_when_the_cap_truncates() -> None:
+    # heavy tails: 100 stored tokens of 4000 keep well under the coverage target, so the
+    # "rest bucket" alone underestimates KLD; the tail draws must recover it
+    rng = np.random.default_rng(2)
+    base = log_softmax((rng.normal(size=(500, 4000)) * 1.5).astype(np.float32))
+    other = log_softmax((base.astype(np.float64) + rng.normal(size=base.shape) * 0.4
+                         ).astype(np.float32))
+    exact = _exact_kld(base.astype(np.float64), other.astype(np.float64))
+    targets = rng.integers(0, 4000, size=500)
+    opts = KldOptions(max_tokens=100, tail_samples=256)
+    rows = _top_rows(base, targets, opts, seed=0)
+    assert np.exp(rows["rest"].astype(np.float64)).mean() > 0.5    # most mass is in the tail
+    kld = _compare_rows(rows, other, targets)["kld"]
+    # the partition bound (stored tokens + one bucket for the tail), by hand
+    row = np.repeat(np.arange(500), rows["counts"])
+    ids = rows["ids"].astype(np.int64)
+    lp, lq = rows["logp"].astype(np.float64), other[row, ids].astype(np.float64)
+    p_rest = np.exp(rows["rest"].astype(np.float64))
+    q_rest = 1 - np.bincount(row, np.exp(lq), minlength=500)
+    lower = (np.bincount(row, np.exp(lp) * (lp - lq), minlength=500)
+             + p_rest * np.log(p_rest / q_rest))
+    assert lower.mean() < 0.8 * exact.mean()
+    assert kld.mean() == pytest.approx(exact.mean(), rel=0.02)
+    assert np.all(kld >= lower - 1e-9)
+    # a distribution compared with itself: exactly zero, tail included
+    assert np.allclose(_compare_rows(rows, base, targets)["kld"], 0.0, atol=1e-6)
+    # seeded: the same draws every time
+    again = _top_rows(base, targets, opts, seed=0)
+    assert np.array_equal(again["tail_ids"], rows["tail_ids"])
 
 
 def test_top_mass_respects_cap() -> None:

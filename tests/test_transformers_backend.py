@@ -539,3 +539,9 @@ def test_model_folder_loads_directly(tiny_model: Path) -> None:
     rows = list(b.last_logits([[1, 2, 3], [4]]))
     assert [r.shape for r in rows] == [(64,), (64,)]
     b.close()
+
+
+def test_require_names_the_missing_package() -> None:
+    with pytest.raises(MissingExtraError, match="no_such_module_qbench_test"):
+        hf.require("no_such_module_qbench_test", "no_such_module_qbench_test", "building x")
+    hf.require("json", "json", "never raised")

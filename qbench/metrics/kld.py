@@ -3,12 +3,16 @@ perplexity metric scores, with the statistics ``llama-perplexity --kl-divergence
 
 Base distributions are computed once per (base file, text, ctx, chunks, coverage) and cached.
 Storage is bounded: per scored token, the base's most probable tokens up to ``coverage`` of its
-probability mass (at most ``max_tokens`` of them) as (id, log-prob) pairs, plus the log of the
-remaining mass. KLD is computed over those tokens plus one "rest" bucket; by the data-processing
-inequality this never exceeds the exact KLD, and the shortfall is at most the base's uncovered
-mass times the log-ratio on it (reported as ``coverage_mean``). For SmolLM2-135M on the default
-suite (4,080 tokens) the cache is tens of MB, where llama.cpp's full-vocabulary file would be
-400 MB (and 11 GB for a 7B on all of wikitext-2). Remove them with ``qbench cache clear kld``.
+probability mass (at most ``max_tokens`` of them) as (id, log-prob) pairs, the log of the
+remaining ("tail") mass, and ``tail_samples`` token ids drawn from the tail in proportion to the
+base's probability (seeded per chunk). KLD = the exact sum over the stored tokens + the tail
+mass x the sampled mean of log p - log q over the tail draws: an unbiased Monte-Carlo estimate of
+the tail's share, where dropping the tail (a "rest" bucket alone) underestimates KLD by ~2 % on
+SmolLM2 (measured, benchmarks/fidelity.py). The tail's KL between the renormalised tails cannot
+be negative, so a draw that says otherwise is clipped to 0 (never below the exact lower bound).
+For SmolLM2-135M on the default suite (4,080 tokens) the cache is a few tens of MB, where
+llama.cpp's full-vocabulary file is 400 MB (and 11 GB for a 7B on all of wikitext-2). Remove
+them with ``qbench cache clear kld``.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ from .context import CellContext, value
 from .scoring import Chunks, iter_scored, make_chunks
 
 INFO = MetricInfo(
-    name="kld", version="1", primary="kld_mean", higher_is_better=False, needs_base=True,
+    name="kld", version="2", primary="kld_mean", higher_is_better=False, needs_base=True,
     methodology=(
         "KL(base || variant) of the next-token distributions on exactly the tokens the perplexity "
         "metric scores (llama-perplexity --kl-divergence). The base's distribution is stored per "
         "token as its most probable tokens up to `coverage` of the probability mass (capped at "
-        "`max_tokens`) plus one bucket for the rest; KLD is exact on that partition and a lower "
-        "bound of the full-vocabulary KLD. Statistics as llama-perplexity: mean +/- standard "
+        "`max_tokens`) plus `tail_samples` draws from the remaining tail (proportional to the "
+        "base probability, seeded); KLD is exact on the stored tokens and the tail's share is "
+        "estimated without bias from the draws (tail mass x mean log-ratio). Statistics as llama-perplexity: mean +/- standard "
         "error, percentiles, same-top-token % +/- sqrt(p(1-p)/(N-1)), RMS and percentiles of "
         "delta-p (change in the probability of the correct token), mean ln(PPL(Q)/PPL(base)) "
         "with its covariance-corrected error."),
@@ -52,7 +57,8 @@ class Options:
     ctx: int | None = None        # None: as perplexity (else 512)
     chunks: int | None = None     # None: as perplexity (else 16)
     coverage: float = 0.9999      # base probability mass stored per token
-    max_tokens: int = 2048        # ... with at most this many tokens per position
+    max_tokens: int = 1024        # ... with at most this many tokens per position
+    tail_samples: int = 64        # draws from the rest of the vocabulary per position
 
     def validate(self, *, file: str, key: str) -> None:
         if not 0.5 <= self.coverage < 1.0:
@@ -61,6 +67,9 @@ class Options:
         if self.max_tokens < 1:
             raise ConfigError(f"expected a positive count, got {self.max_tokens}", file=file,
                               key=f"{key}.max_tokens")
+        if self.tail_samples < 1:
+            raise ConfigError(f"expected a positive count, got {self.tail_samples}", file=file,
+                              key=f"{key}.tail_samples")
 
     def resolved(self, perplexity: Any | None) -> "Options":
         """Fill unset text settings from the perplexity metric so both score the same tokens."""
@@ -69,7 +78,8 @@ class Options:
                 return mine
             return getattr(perplexity, name) if perplexity is not None else default
         return Options(pick(self.dataset, "dataset", "wikitext-2"), pick(self.ctx, "ctx", 512),
-                       pick(self.chunks, "chunks", 16), self.coverage, self.max_tokens)
+                       pick(self.chunks, "chunks", 16), self.coverage, self.max_tokens,
+                       self.tail_samples)
 
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
@@ -102,15 +112,43 @@ def _top_mass(logprobs: np.ndarray, coverage: float, cap: int
 def base_cache_path(cache_dir: Path, base_sha: str, chunks: Chunks, options: Options) -> Path:
     ident = {"base_sha256": base_sha, "text_sha256": chunks.text.sha256, "ctx": options.ctx,
              "chunks": len(chunks.chunks), "coverage": options.coverage,
-             "max_tokens": options.max_tokens, "version": INFO.version}
+             "max_tokens": options.max_tokens, "tail_samples": options.tail_samples,
+             "version": INFO.version}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
     return cache_dir / "kld-base" / f"{digest}.npz"
 
 
-def _top_rows(logprobs: np.ndarray, targets: np.ndarray, options: Options
+def _tail_draws(logprobs: np.ndarray, ids: np.ndarray, counts: np.ndarray, samples: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: ``samples`` token ids drawn (with replacement) from the tokens not stored,
+    in proportion to their probability, and the log of that tail's mass summed directly."""
+    n, vocab = logprobs.shape
+    draws = np.zeros((n, samples), dtype=np.int32)
+    rest = np.full(n, math.log(1e-30), dtype=np.float32)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    for r in range(n):
+        p = np.exp(logprobs[r].astype(np.float64))
+        p[ids[offsets[r]:offsets[r + 1]]] = 0.0
+        cum = np.cumsum(p)
+        total = cum[-1]
+        if total <= 1e-30:
+            draws[r] = ids[offsets[r]]  # no tail: the draws are multiplied by a zero mass
+            continue
+        rest[r] = math.log(total)
+        draws[r] = np.minimum(np.searchsorted(cum, rng.random(samples) * total, side="right"),
+                              vocab - 1)
+    return draws, rest
+
+
+def _top_rows(logprobs: np.ndarray, targets: np.ndarray, options: Options, seed: int = 0
               ) -> dict[str, np.ndarray]:
-    ids, lp, counts, rest = _top_mass(logprobs, options.coverage, options.max_tokens)
-    return {"ids": ids, "logp": lp, "counts": counts, "rest": rest,
+    ids, lp, counts, _ = _top_mass(logprobs, options.coverage, options.max_tokens)
+    tail_ids, rest = _tail_draws(logprobs, ids, counts, options.tail_samples,
+                                 np.random.default_rng([20260523, seed]))
+    id_type = np.uint16 if logprobs.shape[1] <= 65536 else np.int32
+    return {"ids": ids.astype(id_type), "logp": lp, "counts": counts, "rest": rest,
+            "tail_ids": tail_ids.astype(id_type),
+            "tail_logp": np.take_along_axis(logprobs, tail_ids, axis=1).astype(np.float32),
             "target_logp": logprobs[np.arange(len(targets)), targets],
             "top": logprobs.argmax(axis=1).astype(np.int32), "targets": targets.astype(np.int32)}
 
@@ -124,12 +162,21 @@ def _compare_rows(b: dict[str, np.ndarray], lq: np.ndarray, targets: np.ndarray
     n = len(targets)
     lp = b["logp"].astype(np.float64)
     row_idx = np.repeat(np.arange(n), b["counts"])
-    lq_sel = lq[row_idx, b["ids"]].astype(np.float64)
+    ids = b["ids"].astype(np.int64)
+    lq_sel = lq[row_idx, ids].astype(np.float64)
     p = np.exp(lp)
     kld = np.bincount(row_idx, p * (lp - lq_sel), minlength=n)
-    p_rest = np.exp(b["rest"].astype(np.float64))
+    log_p_rest = b["rest"].astype(np.float64)
+    p_rest = np.exp(log_p_rest)
     q_rest = np.clip(1.0 - np.bincount(row_idx, np.exp(lq_sel), minlength=n), 1e-30, None)
-    kld += np.where(p_rest > 1e-30, p_rest * (np.log(p_rest) - np.log(q_rest)), 0.0)
+    # the tail: mass x KL(renormalised base tail || renormalised variant tail), the latter
+    # estimated from the draws (E over base-tail draws of log p - log q, plus the
+    # renormalisation), clipped at 0 because a KL cannot be negative
+    tail_ids = b["tail_ids"].astype(np.int64)
+    ratio = (b["tail_logp"].astype(np.float64)
+             - np.take_along_axis(lq, tail_ids, axis=1).astype(np.float64)).mean(axis=1)
+    tail_kl = np.maximum(ratio - log_p_rest + np.log(q_rest), 0.0)
+    kld += np.where(p_rest > 1e-30, p_rest * (log_p_rest - np.log(q_rest) + tail_kl), 0.0)
     lq_t = lq[np.arange(n), targets].astype(np.float64)
     lb_t = b["target_logp"].astype(np.float64)
     return {"kld": np.maximum(kld, 0.0), "same": lq.argmax(axis=1) == b["top"],
@@ -145,8 +192,8 @@ def compute_base(backend: Any, chunks: Chunks, options: Options, *, self_compare
     """The base's stored rows; with ``self_compare`` also the base compared with its own stored
     rows in the same pass (the base cell: KLD 0 up to the storage's rounding, for free)."""
     rows, compared = [], []
-    for _, logprobs, targets in iter_scored(backend, chunks):
-        r = _top_rows(logprobs, targets, options)
+    for i, logprobs, targets in iter_scored(backend, chunks):
+        r = _top_rows(logprobs, targets, options, seed=i)
         rows.append(r)
         if self_compare:
             compared.append(_compare_rows(r, logprobs, targets))
@@ -196,7 +243,8 @@ def compare(base: dict[str, np.ndarray], backend: Any, chunks: Chunks
         n = len(targets)
         rows = slice(row0, row0 + n)
         lo, hi = offsets[row0], offsets[row0 + n]
-        b = {k: base[k][rows] for k in ("counts", "rest", "target_logp", "top", "targets")}
+        b = {k: base[k][rows] for k in ("counts", "rest", "target_logp", "top", "targets",
+                                          "tail_ids", "tail_logp")}
         b |= {"ids": base["ids"][lo:hi], "logp": base["logp"][lo:hi]}
         parts.append(_compare_rows(b, lq, targets))
         row0 += n
@@ -268,6 +316,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
         "base_sha256": ctx.base_artifact["sha256"], "dataset": chunks.text.name,
         "dataset_sha256": chunks.text.sha256, "ctx": opts.ctx, "chunks": len(chunks.chunks),
         "coverage": opts.coverage, "max_tokens": opts.max_tokens,
+        "tail_samples": opts.tail_samples,
         "coverage_min": 1 - float(rest_mass.max()),
     })
     return out

@@ -19,7 +19,7 @@ from ..datasets import locate_text
 from ..options import positive
 from . import MetricInfo
 from .context import CellContext, value
-from .scoring import iter_scored, make_chunks, mean_and_stderr
+from .scoring import iter_nll, make_chunks, mean_and_stderr
 
 INFO = MetricInfo(
     name="perplexity", version="1", primary="ppl", higher_is_better=False,
@@ -64,8 +64,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     nll_parts: list[np.ndarray] = []
     per_chunk: list[float] = []
     t0 = time.perf_counter()
-    for _, logprobs, targets in iter_scored(backend, chunks):
-        nll = -logprobs[np.arange(len(targets)), targets].astype(np.float64)
+    for nll in iter_nll(backend, chunks):
         nll_parts.append(nll)
         per_chunk.append(math.exp(float(nll.mean())))
     elapsed = time.perf_counter() - t0

@@ -53,23 +53,48 @@ def make_chunks(backend: Backend, dataset: str, ctx: int, n_chunks: int,
     return Chunks(text, len(tokens), chunks, targets, first)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax; max subtracted in float32, sum of exps in float64 (as llama.cpp)."""
-    m = logits.max(axis=1, keepdims=True)
-    shifted = logits - m
+def _shifted_lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits minus their row max (float32) and the log of the summed exps (float64, as
+    llama.cpp accumulates them)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64, keepdims=True))
-    return (shifted - lse).astype(np.float32)
+    return shifted, lse
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax; max subtracted in float32, sum of exps in float64 (as llama.cpp).
+    The result stays float32 (no float64 copy of a vocabulary-wide array)."""
+    shifted, lse = _shifted_lse(logits)
+    shifted -= lse.astype(np.float32)
+    return shifted
+
+
+def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) per row, without materialising the whole log-softmax."""
+    shifted, lse = _shifted_lse(logits)
+    return lse[:, 0] - shifted[np.arange(len(targets)), targets].astype(np.float64)
+
+
+def _checked(i: int, logits: np.ndarray, chunks: Chunks) -> np.ndarray:
+    targets = chunks.targets[i]
+    if logits.shape[0] != len(targets):
+        raise RuntimeError(f"backend returned {logits.shape[0]} rows for chunk {i}, "
+                           f"expected {len(targets)}")
+    return targets
 
 
 def iter_scored(backend: Backend, chunks: Chunks) -> Iterator[tuple[int, np.ndarray,
                                                                      np.ndarray]]:
     """Yield (chunk index, log-probs (n_scored, n_vocab), target ids) chunk by chunk."""
     for i, logits in enumerate(backend.chunk_logits(chunks.chunks, chunks.first)):
-        targets = chunks.targets[i]
-        if logits.shape[0] != len(targets):
-            raise RuntimeError(f"backend returned {logits.shape[0]} rows for chunk {i}, "
-                               f"expected {len(targets)}")
+        targets = _checked(i, logits, chunks)
         yield i, log_softmax(logits), targets
+
+
+def iter_nll(backend: Backend, chunks: Chunks) -> Iterator[np.ndarray]:
+    """Yield, chunk by chunk, the scored tokens' negative log-likelihoods (float64)."""
+    for i, logits in enumerate(backend.chunk_logits(chunks.chunks, chunks.first)):
+        yield target_nll(logits, _checked(i, logits, chunks))
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:

@@ -60,11 +60,17 @@ class Unsupported(MissingExtraError):
 
 
 def require(module: str, distribution: str, why: str) -> None:
-    """Import ``module`` or raise MissingExtraError (-> the cell is skipped with the reason)."""
+    """Raise MissingExtraError (-> the cell is skipped with the reason) unless ``module`` is
+    installed. Found, not imported: llm-compressor takes ~20 s to import, and a cached artifact
+    does not need it."""
+    import importlib.util
+
     try:
-        __import__(module)
-    except ImportError as exc:
-        raise MissingExtraError(distribution, "hf", f"{why} ({exc})") from None
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingExtraError(distribution, "hf", why)
 
 
 def version_of(distribution: str) -> str:
@@ -284,10 +290,12 @@ def _without_paths(value: Any) -> Any:
     return value
 
 
-def _cached_dir(cache_dir: Path, recipe: dict[str, Any], build: Callable[[Path], None]
+def _cached_dir(cache_dir: Path, recipe: dict[str, Any],
+                build: Callable[[Path], dict[str, Any] | None]
                 ) -> tuple[Path, str, dict[str, Any]]:
     """The folder built by ``build`` for ``recipe``, built once under a lock and renamed into
-    place whole (a killed build leaves only a temporary folder, removed next time)."""
+    place whole (a killed build leaves only a temporary folder, removed next time). What
+    ``build`` returns (provenance known only once built) is merged into the stored recipe."""
     digest = hashlib.sha256(json.dumps(_without_paths(recipe), sort_keys=True).encode()
                             ).hexdigest()[:32]
     folder = cache_dir / "artifacts" / digest
@@ -304,15 +312,15 @@ def _cached_dir(cache_dir: Path, recipe: dict[str, Any], build: Callable[[Path],
         tmp = folder / f".model.{os.getpid()}.tmp"
         t0 = time.perf_counter()
         try:
-            build(tmp)
+            extra = build(tmp) or {}
             check_model_dir(tmp)
             os.replace(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         out_sha = sha256_file(final, cache_dir)
-        stored = recipe | {"output_sha256": out_sha,
-                           "build_s": round(time.perf_counter() - t0, 2)}
+        stored = recipe | extra | {"output_sha256": out_sha,
+                                   "build_s": round(time.perf_counter() - t0, 2)}
         atomic_write_text(meta, json.dumps(stored, indent=1, sort_keys=True))
         return final, out_sha, stored
 
@@ -406,36 +414,58 @@ def _gguf_twin(gguf: Path, out: Path, trust_remote_code: bool) -> None:
 
 
 # -- calibration ----------------------------------------------------------------------------
-def calibration_set(variant: dict[str, Any], job: dict[str, Any], tokenizer: Any
-                    ) -> tuple[list[list[int]], dict[str, Any]]:
-    """The calibration token sequences and their provenance.
+CALIBRATION_SELECTION = ("the last samples x seq_len tokens of the text (tokenized once, "
+                         "without special tokens), cut into samples; BOS first where the "
+                         "tokenizer adds one")
 
-    ``samples`` sequences of ``seq_len`` tokens cut from the *end* of the named text (tokenized
-    once, without special tokens; BOS first when the tokenizer adds one), so calibration and the
-    perplexity/KLD chunks (from the start of the text) do not overlap unless those chunks cover
-    the whole text."""
+
+def calibration_spec(variant: dict[str, Any], job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The calibration text and what identifies the calibration set (part of the artifact key):
+    the text's name and sha256, the sample count and length, the selection rule. Reading the
+    text is cheap; tokenizing it happens only when the artifact is built."""
     from ..datasets import load_text
 
     name = variant.get("calibration") or CALIBRATION_DATASET
     samples = int(variant.get("calibration_samples") or CALIBRATION_SAMPLES)
     seq_len = int(variant.get("calibration_seq_len") or CALIBRATION_SEQ_LEN)
+    if samples < 1 or seq_len < 2:
+        raise QbenchError(f"calibration needs at least 1 sample of 2 tokens, got {samples} x "
+                          f"{seq_len}")
     data_dir = Path(job["data_dir"]) if job.get("data_dir") else None
     text = load_text(name, data_dir, Path(job["base_dir"]))
+    return text, {"dataset": name, "origin": text.origin, "text_sha256": text.sha256,
+                  "samples": samples, "seq_len": seq_len, "tokens": samples * seq_len,
+                  "selection": CALIBRATION_SELECTION}
+
+
+def calibration_tokens(text: Any, spec: dict[str, Any], tokenizer: Any
+                       ) -> tuple[list[list[int]], dict[str, Any]]:
+    """The calibration sequences of ``spec`` and the provenance known once tokenized.
+
+    Cut from the *end* of the text, so calibration and the perplexity/KLD chunks (from the
+    start) do not overlap unless those chunks cover the whole text."""
+    samples, seq_len = spec["samples"], spec["seq_len"]
     ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
     need = samples * seq_len
     if len(ids) < need:
-        raise QbenchError(f"calibration text '{name}' has {len(ids)} tokens, fewer than "
-                          f"{samples} samples x {seq_len} tokens")
+        raise QbenchError(f"calibration text '{spec['dataset']}' has {len(ids)} tokens, fewer "
+                          f"than {samples} samples x {seq_len} tokens")
     start = len(ids) - need
     seqs = [ids[start + i * seq_len:start + (i + 1) * seq_len] for i in range(samples)]
     bos = _bos_added(tokenizer)
     if bos is not None:
         seqs = [[bos] + s[1:] for s in seqs]
     digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()
-    return seqs, {"dataset": name, "origin": text.origin, "text_sha256": text.sha256,
-                  "samples": samples, "seq_len": seq_len, "tokens": need,
-                  "region": f"tokens {start}..{len(ids) - 1} of {len(ids)} (the end of the text)",
-                  "bos_first": bos is not None, "tokens_sha256": digest}
+    return seqs, {"region": f"tokens {start}..{len(ids) - 1} of {len(ids)} (the end of the "
+                            "text)", "bos_first": bos is not None, "tokens_sha256": digest}
+
+
+def calibration_set(variant: dict[str, Any], job: dict[str, Any], tokenizer: Any
+                    ) -> tuple[list[list[int]], dict[str, Any]]:
+    """The calibration sequences and their full provenance (spec + tokenized facts)."""
+    text, spec = calibration_spec(variant, job)
+    seqs, facts = calibration_tokens(text, spec, tokenizer)
+    return seqs, spec | facts
 
 
 def _bos_added(tokenizer: Any) -> int | None:
@@ -481,7 +511,8 @@ def int_quant_recipe(iq: hf_types.IntQuant) -> dict[str, Any]:
 
 
 def _quantize_int(base_dir: Path, out: Path, iq: hf_types.IntQuant, scheme: dict[str, Any],
-                  calib_ids: list[list[int]], threads: int, trust_remote_code: bool) -> None:
+                  calib_text: Any, calib_spec: dict[str, Any], threads: int,
+                  trust_remote_code: bool) -> dict[str, Any]:
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -492,6 +523,7 @@ def _quantize_int(base_dir: Path, out: Path, iq: hf_types.IntQuant, scheme: dict
     if threads:
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    calib_ids, facts = calibration_tokens(calib_text, calib_spec, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
                                                  trust_remote_code=trust_remote_code)
     weights = QuantizationArgs(num_bits=scheme["num_bits"], type="int",
@@ -514,6 +546,7 @@ def _quantize_int(base_dir: Path, out: Path, iq: hf_types.IntQuant, scheme: dict
                 max_seq_length=seq_len, shuffle_calibration_samples=False)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
+    return {"calibration": calib_spec | facts}
 
 
 def check_group_size(model_dir: Path, iq: hf_types.IntQuant) -> None:
@@ -547,13 +580,10 @@ def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, An
     require("llmcompressor", "llmcompressor", f"building {quant} (llm-compressor oneshot)")
     require("compressed_tensors", "compressed-tensors", f"building {quant}")
     require("datasets", "datasets", f"building {quant} (llm-compressor's calibration input)")
-    from transformers import AutoTokenizer
-
     iq = hf_types.parse_int_quant(quant)
     assert iq is not None
     check_group_size(base_dir, iq)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    calib_ids, calibration = calibration_set(variant, job, tokenizer)
+    calib_text, calibration = calibration_spec(variant, job)
     scheme = int_quant_recipe(iq)
     recipe = {"tool": "llm-compressor oneshot", "quant": quant, "input_sha256": base_sha,
               "modifiers": (["GPTQModifier"] if iq.method == "gptq"
@@ -562,7 +592,7 @@ def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, An
               "llmcompressor": version_of("llmcompressor"),
               "compressed_tensors": version_of("compressed-tensors"), **_lib_versions()}
     return _cached_dir(cache_dir, recipe, lambda out: _quantize_int(
-        base_dir, out, iq, scheme, calib_ids, threads, trust_remote_code))
+        base_dir, out, iq, scheme, calib_text, calibration, threads, trust_remote_code))
 
 
 # -- load settings --------------------------------------------------------------------------

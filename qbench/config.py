@@ -82,6 +82,7 @@ class VariantGroup:
     calibration: str = ""            # dataset name or text file; "": wikitext-2
     calibration_samples: int = 32
     calibration_seq_len: int = 256
+    metrics: tuple[str, ...] = ()    # measure only these metrics on this group; empty: all
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class VariantSpec:
     calibration: str = ""
     calibration_samples: int = 32
     calibration_seq_len: int = 256
+    metrics: tuple[str, ...] = ()    # empty: every metric of the suite
+
+    def measures(self, metric: str) -> bool:
+        """Whether this variant gets ``metric`` (footprint and sanity always run)."""
+        return not self.metrics or metric in self.metrics or metric_module(metric).INFO.implicit
 
     @property
     def calibrated(self) -> bool:
@@ -293,7 +299,8 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                                batch=group.batch, ubatch=group.ubatch, models=group.models,
                                calibration=group.calibration,
                                calibration_samples=group.calibration_samples,
-                               calibration_seq_len=group.calibration_seq_len)
+                               calibration_seq_len=group.calibration_seq_len,
+                               metrics=group.metrics)
             out.append(spec)
         _check_calibration(group, table, out[-len(quants):], file=file, key=key)
     return tuple(out)
@@ -350,7 +357,30 @@ def _parse_metrics(value: Any, file: str) -> dict[str, Any]:
     return metrics
 
 
+def _check_variant_metrics(suite: Suite, file: str) -> None:
+    """A group's ``metrics`` names metrics of this suite, and a base measures everything the
+    variants compared with it measure (ΔPPL, KLD and the MMLU paired test need the base's)."""
+    for variant in suite.variants:
+        for name in variant.metrics:
+            if name not in suite.metrics:
+                raise ConfigError(f"'{name}' is not a metric of this suite"
+                                  f"{did_you_mean(name, suite.metrics)}; it has: "
+                                  f"{', '.join(suite.metrics)}", file=file,
+                                  key=f"variants ({variant.label}).metrics")
+    for i, model in enumerate(suite.models):
+        for variant in suite.variants_for(model):
+            base = suite.base_variant(model, variant.backend)
+            if base is None or base is variant:
+                continue
+            missing = [m for m in suite.metrics if variant.measures(m) and not base.measures(m)]
+            if missing:
+                raise ConfigError(f"{variant.label} measures {', '.join(missing)} but its base "
+                                  f"{base.label} does not: add them to the base's metrics",
+                                  file=file, key=f"variants ({base.label}).metrics")
+
+
 def _check_bases(suite: Suite, file: str) -> None:
+    _check_variant_metrics(suite, file)
     needs_base = [n for n in suite.metrics if metric_module(n).INFO.needs_base]
     for i, model in enumerate(suite.models):
         if not suite.variants_for(model):

@@ -103,6 +103,8 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
         for variant in variants:
             lib = BACKENDS[variant.backend].distribution
             for metric, options in _in_run_order(suite.metrics):
+                if not variant.measures(metric):
+                    continue
                 module = metric_module(metric)
                 if metric not in extras_memo:
                     key_extras = getattr(module, "key_extras", None)

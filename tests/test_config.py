@@ -382,3 +382,48 @@ def test_calibration_sizes_are_checked(write_suite):
     text = SUITE + HF_GROUP + "calibration_seq_len = 4\n"
     _, err = error_of(write_suite, text)
     assert err.key == "variants[1].calibration_seq_len" and "16 tokens" in str(err)
+
+
+def test_group_metrics_restrict_cells(write_suite, tmp_path):
+    from qbench.plan import PlanContext, expand
+
+    text = SUITE.replace('quant = ["F16", "Q8_0"]', 'quant = ["F16"]') + '''
+[[variants]]
+backend = "llama.cpp"
+quant = ["Q8_0"]
+metrics = ["perplexity"]
+
+[metrics.perplexity]
+ctx = 128
+'''
+    suite = load_suite(write_suite(text))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # hashed, not read, by expand()
+    ctx = PlanContext(base_dir=tmp_path, data_dir=None, cache_dir=tmp_path / "c")
+    ids = {c.id.split("/", 2)[2] for c in expand(suite, ctx)}
+    assert "Q8_0/perplexity" in ids and "Q8_0/speed" not in ids
+    assert {"Q8_0/footprint", "Q8_0/sanity", "F16/speed"} <= ids   # implicit ones always run
+
+
+def test_group_metrics_are_checked(write_suite):
+    text = SUITE + '''
+[[variants]]
+backend = "llama.cpp"
+quant = ["Q4_0"]
+metrics = ["perplexty"]
+'''
+    _, err = error_of(write_suite, text)
+    assert err.key == "variants (llama.cpp/Q4_0).metrics"
+    assert "not a metric of this suite" in str(err)
+
+
+def test_base_must_measure_what_its_variants_measure(write_suite):
+    text = SUITE.replace('quant = ["F16", "Q8_0"]', 'quant = ["F16"]\nmetrics = ["speed"]') + '''
+[[variants]]
+backend = "llama.cpp"
+quant = ["Q8_0"]
+
+[metrics.perplexity]
+ctx = 128
+'''
+    _, err = error_of(write_suite, text)
+    assert err.key == "variants (llama.cpp/F16).metrics" and "perplexity" in str(err)

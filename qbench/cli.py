@@ -53,6 +53,13 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
                 inspect_gguf(local.path, ctx.cache_dir)
         except SourceError as exc:
             raise ConfigError(exc.detail, file=file, key=f"models[{i}].source") from None
+    for name, opts in suite.metrics.items():
+        dataset = getattr(opts, "dataset", None)
+        if dataset and name != "mmlu":   # MMLU's files are checked by expand() (mmlu_data.locate)
+            try:
+                locate_text(dataset, ctx.data_dir, ctx.base_dir)
+            except DatasetError as exc:
+                raise ConfigError(exc.detail, file=file, key=f"metrics.{name}.dataset") from None
     for i, variant in enumerate(suite.variants):
         for attr in ("imatrix", "calibration"):
             text = getattr(variant, attr)
@@ -62,13 +69,6 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
                 except DatasetError as exc:
                     raise ConfigError(exc.detail, file=file,
                                       key=f"variants ({variant.label}).{attr}") from None
-    for name, opts in suite.metrics.items():
-        dataset = getattr(opts, "dataset", None)
-        if dataset and name != "mmlu":   # MMLU's files are checked by expand() (mmlu_data.locate)
-            try:
-                locate_text(dataset, ctx.data_dir, ctx.base_dir)
-            except DatasetError as exc:
-                raise ConfigError(exc.detail, file=file, key=f"metrics.{name}.dataset") from None
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:

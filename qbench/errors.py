@@ -46,6 +46,11 @@ class MissingExtraError(QbenchError):
         self.extra = extra
 
 
+class NotApplicable(QbenchError):
+    """The metric does not apply to this cell (e.g. an lm-eval task on a GGUF variant): the
+    cell is recorded ``skipped`` with the reason."""
+
+
 class StoreError(QbenchError):
     """The results directory cannot be written or holds unreadable records."""
 

@@ -80,21 +80,35 @@ def new_run_id() -> str:
 
 
 def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
-    """Finished cells are not rerun; failures only with --rerun-failed; 'skipped' always is
-    retried (its reason, e.g. a missing extra, may be gone)."""
+    """Finished cells are not rerun; failures only with --rerun-failed; 'skipped' is retried
+    (its reason, e.g. a missing extra, may be gone) unless the metric does not apply."""
     if record is None:
         return False
     status = record.get("status")
     if status == "ok":
         return True
-    if status == "skipped":
-        return False
+    if status == "skipped":  # retried (a missing extra may be installed now) unless permanent
+        return bool((record.get("details") or {}).get("not_applicable"))
     return not rerun_failed
+
+
+def companions_for(cell: Cell, suite: Suite) -> dict[str, Any]:
+    """Metrics a cell can serve in its own pass: the perplexity cell computes the KLD
+    comparison when the kld metric scores exactly its tokens (the KLD cell then only reads it).
+    Not part of the cell key: the perplexity values are the same either way."""
+    kld = suite.metrics.get("kld")
+    if cell.metric != "perplexity" or kld is None or not cell.variant.measures("kld"):
+        return {}
+    ppl = cell.options
+    if (kld.dataset, kld.ctx, kld.chunks) != (ppl.dataset, ppl.ctx, ppl.chunks):
+        return {}
+    return {"kld": dataclasses.asdict(kld)}
 
 
 def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> dict[str, Any]:
     base = suite.base_variant(cell.model, cell.variant.backend)
-    return {"cell": cell.describe(), "base_dir": str(ctx.base_dir),
+    return {"cell": cell.describe(), "companions": companions_for(cell, suite),
+            "base_dir": str(ctx.base_dir),
             "base_variant": dataclasses.asdict(base) | {"is_base": True} if base else None,
             "data_dir": str(ctx.data_dir) if ctx.data_dir else None,
             "cache_dir": str(ctx.cache_dir), "device": suite.defaults.device,

@@ -21,7 +21,7 @@ from typing import Any
 
 from .backends import BACKENDS, backend_module
 from .backends.base import LoadOptions
-from .errors import MissingExtraError, QbenchError
+from .errors import MissingExtraError, NotApplicable, QbenchError
 from .faults import inject
 from .fsutil import atomic_write_text
 from .metrics import metric_module
@@ -95,7 +95,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                                 "sha256": model_sha, "revision": source.revision}
     module = metric_module(metric)
     base_path, base_artifact = None, None
-    if module.INFO.needs_base and job.get("base_variant"):
+    companions = job.get("companions") or {}
+    if (module.INFO.needs_base or companions) and job.get("base_variant"):
         if variant["is_base"]:
             base_path, base_artifact = path, artifact
         else:
@@ -124,7 +125,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                       cache_dir=cache_dir, is_base=variant["is_base"],
                       base_artifact=base_artifact, _load=loader(variant, path),
                       _load_base=(loader(job["base_variant"], base_path)
-                                  if base_path is not None else None))
+                                  if base_path is not None else None),
+                      companions=companions)
     t1 = time.perf_counter()
     try:
         out = module.run(ctx, _options(metric, cell["options"]))
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inject(job["cell"]["id"])
         result = execute(job)
-    except MissingExtraError as exc:
+    except NotApplicable as exc:  # permanent: a rerun would say the same
+        result = {"status": "skipped", "error": str(exc), "details": {"not_applicable": True}}
+    except MissingExtraError as exc:  # retried next run: the extra may be installed by then
         result = {"status": "skipped", "error": str(exc)}
     except MemoryError:
         result = {"status": "failed", "error": "out of memory (MemoryError in the cell)"}

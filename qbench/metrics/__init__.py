@@ -29,6 +29,7 @@ _MODULES = {
     "kld": "qbench.metrics.kld",
     "mmlu": "qbench.metrics.mmlu",
     "speed": "qbench.metrics.speed",
+    "lm_eval": "qbench.metrics.lm_eval_bridge",
 }
 
 METRIC_NAMES: tuple[str, ...] = tuple(_MODULES)

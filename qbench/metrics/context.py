@@ -25,6 +25,8 @@ class CellContext:
     _load_base: Callable[[], Backend] | None = None
     _backend: Backend | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    # other metrics' options this cell may serve in the same pass (perplexity -> kld)
+    companions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def backend(self) -> Backend:

@@ -31,6 +31,7 @@ from ..errors import ConfigError, QbenchError
 from ..fsutil import file_lock
 from . import MetricInfo
 from .context import CellContext, value
+from ..datasets import load_text
 from .scoring import Chunks, iter_scored, make_chunks
 
 INFO = MetricInfo(
@@ -109,9 +110,11 @@ def _top_mass(logprobs: np.ndarray, coverage: float, cap: int
             counts.astype(np.int32), rest.astype(np.float32))
 
 
-def base_cache_path(cache_dir: Path, base_sha: str, chunks: Chunks, options: Options) -> Path:
-    ident = {"base_sha256": base_sha, "text_sha256": chunks.text.sha256, "ctx": options.ctx,
-             "chunks": len(chunks.chunks), "coverage": options.coverage,
+def base_cache_path(cache_dir: Path, base_sha: str, text_sha: str, options: Options) -> Path:
+    """The base cache of (base file, text, ctx, requested chunks, storage settings): the
+    requested count fixes the chunks as surely as the actual one, and needs no tokenizer."""
+    ident = {"base_sha256": base_sha, "text_sha256": text_sha, "ctx": options.ctx,
+             "chunks": options.chunks, "coverage": options.coverage,
              "max_tokens": options.max_tokens, "tail_samples": options.tail_samples,
              "version": INFO.version}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
@@ -213,7 +216,8 @@ def base_and_comparison(ctx: CellContext, chunks: Chunks, options: Options
     comparison of this cell's variant with them."""
     if ctx.base_artifact is None:
         raise QbenchError("no base variant to compare with")
-    path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], chunks, options)
+    path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], chunks.text.sha256,
+                           options)
     built = False
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
@@ -234,21 +238,85 @@ def base_and_comparison(ctx: CellContext, chunks: Chunks, options: Options
     return base, compare(base, ctx.backend, chunks), path, built
 
 
+def _base_slice(base: dict[str, np.ndarray], offsets: np.ndarray, row0: int, n: int
+                ) -> dict[str, np.ndarray]:
+    """The stored rows ``row0 .. row0+n`` (one chunk) of the base cache."""
+    rows = slice(row0, row0 + n)
+    lo, hi = offsets[row0], offsets[row0 + n]
+    b = {k: base[k][rows] for k in ("counts", "rest", "target_logp", "top", "targets",
+                                      "tail_ids", "tail_logp")}
+    return b | {"ids": base["ids"][lo:hi], "logp": base["logp"][lo:hi]}
+
+
 def compare(base: dict[str, np.ndarray], backend: Any, chunks: Chunks
             ) -> dict[str, np.ndarray]:
     """Per scored token of ``backend``: KLD, same-top flag, NLLs, delta-p against ``base``."""
     offsets = np.concatenate([[0], np.cumsum(base["counts"])])
     row0, parts = 0, []
     for _, lq, targets in iter_scored(backend, chunks):
-        n = len(targets)
-        rows = slice(row0, row0 + n)
-        lo, hi = offsets[row0], offsets[row0 + n]
-        b = {k: base[k][rows] for k in ("counts", "rest", "target_logp", "top", "targets",
-                                          "tail_ids", "tail_logp")}
-        b |= {"ids": base["ids"][lo:hi], "logp": base["logp"][lo:hi]}
-        parts.append(_compare_rows(b, lq, targets))
-        row0 += n
+        parts.append(_compare_rows(_base_slice(base, offsets, row0, len(targets)), lq, targets))
+        row0 += len(targets)
     return _concat(parts)
+
+
+# -- the shared pass: KLD from the perplexity cell's forward pass -----------------------------
+
+def pairs_path(base_cache: Path, variant_sha: str) -> Path:
+    """Where the per-token comparison of one variant with one base cache is kept."""
+    return base_cache.parent / "pairs" / f"{base_cache.stem}-{variant_sha[:32]}.npz"
+
+
+class SharedPass:
+    """Computes this variant's per-token KLD inside the perplexity cell's pass over the same
+    tokens, so the KLD cell needs no second forward pass (half the inference of ppl + KLD).
+    The numbers are those the KLD cell would compute (same log-softmax, same stored base rows).
+    The base variant's pass also builds the base cache. A variant whose base cache does not
+    exist yet is left to its KLD cell."""
+
+    def __init__(self, ctx: CellContext, chunks: Chunks, options: Options) -> None:
+        if ctx.base_artifact is None:
+            raise QbenchError("no base variant to compare with")
+        self.opts = options
+        self.cache = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"],
+                                     chunks.text.sha256, options)
+        self.out = pairs_path(self.cache, ctx.artifact["sha256"])
+        self.base: dict[str, np.ndarray] | None = None
+        self.rows: list[dict[str, np.ndarray]] = []
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.row0 = 0
+        self.active = not self.out.exists()
+        self.build = self.active and ctx.is_base and not self.cache.exists()
+        if self.active and not self.build:
+            if not self.cache.exists():
+                self.active = False
+            else:
+                with np.load(self.cache) as npz:
+                    self.base = {k: npz[k] for k in npz.files}
+                self.offsets = np.concatenate([[0], np.cumsum(self.base["counts"])])
+
+    def feed(self, i: int, logprobs: np.ndarray, targets: np.ndarray) -> None:
+        if not self.active:
+            return
+        if self.build:
+            r = _top_rows(logprobs, targets, self.opts, seed=i)
+            self.rows.append(r)
+            self.parts.append(_compare_rows(r, logprobs, targets))
+        else:
+            assert self.base is not None
+            b = _base_slice(self.base, self.offsets, self.row0, len(targets))
+            self.parts.append(_compare_rows(b, logprobs, targets))
+        self.row0 += len(targets)
+
+    def finish(self) -> Path | None:
+        """Save the base cache (when built here) and the comparison; the pairs file's path."""
+        if not self.active or not self.parts:
+            return None
+        if self.build:
+            with file_lock(self.cache.with_suffix(".lock")):
+                if not self.cache.exists():
+                    _save(self.cache, _concat(self.rows))
+        _save(self.out, _concat(self.parts))
+        return self.out
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -303,9 +371,23 @@ def statistics(t: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     opts = options.resolved(None)
-    chunks = make_chunks(ctx.backend, opts.dataset, opts.ctx, opts.chunks, ctx.data_dir,
-                         ctx.base_dir)
-    base, per_token, path, built = base_and_comparison(ctx, chunks, opts)
+    if ctx.base_artifact is None:
+        raise QbenchError("no base variant to compare with")
+    text = load_text(opts.dataset, ctx.data_dir, ctx.base_dir)
+    path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], text.sha256, opts)
+    pairs = pairs_path(path, ctx.artifact["sha256"])
+    shared = path.exists() and pairs.exists()
+    if shared:  # the perplexity cell's pass already compared this variant: no model load
+        with np.load(path) as npz:
+            base = {k: npz[k] for k in ("counts", "rest")}
+        with np.load(pairs) as npz:
+            per_token = {k: npz[k] for k in npz.files}
+        built, n_chunks = False, None
+    else:
+        chunks = make_chunks(ctx.backend, opts.dataset, opts.ctx, opts.chunks, ctx.data_dir,
+                             ctx.base_dir)
+        base, per_token, path, built = base_and_comparison(ctx, chunks, opts)
+        n_chunks = len(chunks.chunks)
     out = statistics(per_token)
     rest_mass = np.exp(base["rest"].astype(np.float64))
     out["values"]["coverage_mean"] = value(1 - float(rest_mass.mean()), None,
@@ -313,10 +395,14 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     out["details"].update({
         "base_cache": str(path), "base_cache_bytes": path.stat().st_size,
         "base_cache_built_here": built, "base_tokens_stored_mean": float(base["counts"].mean()),
-        "base_sha256": ctx.base_artifact["sha256"], "dataset": chunks.text.name,
-        "dataset_sha256": chunks.text.sha256, "ctx": opts.ctx, "chunks": len(chunks.chunks),
+        "base_sha256": ctx.base_artifact["sha256"], "dataset": text.name,
+        "dataset_sha256": text.sha256, "ctx": opts.ctx,
+        "chunks": n_chunks if n_chunks is not None else opts.chunks,
+        "scored_tokens": len(per_token["kld"]),
         "coverage": opts.coverage, "max_tokens": opts.max_tokens,
         "tail_samples": opts.tail_samples,
+        "computed_in": ("the perplexity cell's forward pass (shared, same tokens)" if shared
+                        else "this cell"),
         "coverage_min": 1 - float(rest_mass.max()),
     })
     return out

@@ -19,7 +19,7 @@ from ..datasets import locate_text
 from ..options import positive
 from . import MetricInfo
 from .context import CellContext, value
-from .scoring import iter_nll, make_chunks, mean_and_stderr
+from .scoring import iter_nll, iter_scored, make_chunks, mean_and_stderr
 
 INFO = MetricInfo(
     name="perplexity", version="1", primary="ppl", higher_is_better=False,
@@ -63,11 +63,27 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
                          ctx.data_dir, ctx.base_dir)
     nll_parts: list[np.ndarray] = []
     per_chunk: list[float] = []
+    shared = _shared_kld(ctx, chunks)
+    shared_s = 0.0
     t0 = time.perf_counter()
-    for nll in iter_nll(backend, chunks):
-        nll_parts.append(nll)
-        per_chunk.append(math.exp(float(nll.mean())))
-    elapsed = time.perf_counter() - t0
+    if shared is None:
+        for nll in iter_nll(backend, chunks):
+            nll_parts.append(nll)
+            per_chunk.append(math.exp(float(nll.mean())))
+    else:  # the same NLLs from the full log-softmax, which the KLD comparison needs anyway
+        for i, logprobs, targets in iter_scored(backend, chunks):
+            nll = -logprobs[np.arange(len(targets)), targets].astype(np.float64)
+            nll_parts.append(nll)
+            per_chunk.append(math.exp(float(nll.mean())))
+            t1 = time.perf_counter()
+            shared.feed(i, logprobs, targets)
+            shared_s += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        pairs = shared.finish()
+        shared_s += time.perf_counter() - t1
+        if pairs is not None:
+            ctx.notes.append(f"kld computed in this pass, for the kld cell: {pairs.name}")
+    elapsed = time.perf_counter() - t0 - shared_s
     nll = np.concatenate(nll_parts)
     mean, se = mean_and_stderr(nll)
     ppl = math.exp(mean)
@@ -89,5 +105,17 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             "scored_tokens": len(nll), "scored_bytes": scored_bytes,
             "bos_replaced": bool(backend.add_bos), "per_chunk_ppl": per_chunk,
             "eval_seconds": round(elapsed, 3),
+            "kld_shared_pass_s": round(shared_s, 3) if shared is not None else None,
         },
     }
+
+
+def _shared_kld(ctx: CellContext, chunks: Any) -> Any:
+    """The KLD comparison to run in this pass, when the suite's kld metric scores these same
+    tokens (the runner passes its options as a companion) and a base is known."""
+    opts = ctx.companions.get("kld")
+    if not opts or ctx.base_artifact is None:
+        return None
+    from . import kld
+    shared = kld.SharedPass(ctx, chunks, kld.Options(**opts))
+    return shared if shared.active else None

@@ -181,11 +181,24 @@ def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
     """The GGUF file of ``quant``, made from ``source`` via the float ``base_quant``."""
     import llama_cpp
 
-    source_type = dominant_type(source, cache_dir)
+    from .convert import convert, converter_version, is_hf_folder
+
     lib = {"llama_cpp_python": llama_cpp.__version__}
     if base_quant not in FLOAT_TYPES:
         raise QbenchError(f"the base must be a float type ({', '.join(sorted(FLOAT_TYPES))}), "
                           f"got {base_quant}")
+    if is_hf_folder(source):  # a Hugging Face folder: llama.cpp's converter makes the base
+        recipe = {"tool": "convert_hf_to_gguf", "converter": converter_version(),
+                  "input_sha256": source_sha, "input_type": "hf-folder",
+                  "output_type": base_quant, "requantized": False}
+        base = _cached(cache_dir, recipe, lambda out: convert(source, out, base_quant,
+                                                              cache_dir))
+        if quant == base_quant:
+            return base
+        return _cached(cache_dir, _variant_recipe(base, base_quant, quant, imatrix_sha, lib,
+                                                  imatrix_path),
+                       lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
+    source_type = dominant_type(source, cache_dir)
     base_recipe = {"tool": "llama_model_quantize", "input_sha256": source_sha,
                    "input_type": source_type, "output_type": base_quant,
                    "requantized": source_type not in FLOAT_TYPES,
@@ -199,11 +212,17 @@ def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
                        lambda out: _quantize(source, out, base_quant, threads, None))
     if quant == base_quant:
         return base
+    return _cached(cache_dir, _variant_recipe(base, base_quant, quant, imatrix_sha, lib,
+                                              imatrix_path),
+                   lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
+
+
+def _variant_recipe(base: Artifact, base_quant: str, quant: str, imatrix_sha: str,
+                    lib: dict[str, str], imatrix_path: Path | None) -> dict[str, Any]:
     recipe = {"tool": "llama_model_quantize", "input_sha256": base.sha256,
               "input_type": base_quant, "output_type": quant, "base_recipe": base.recipe,
               "imatrix_sha256": imatrix_sha or None, **lib}
     if imatrix_path is not None:
         recipe["tool"] = "llama-quantize --imatrix"
-    return _cached(cache_dir, recipe,
-                   lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
+    return recipe
 

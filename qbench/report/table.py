@@ -121,6 +121,12 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     fp = cells.get("footprint")
     row["size_mb"], _ = value_of(fp, "file_size_mb")
     row["bpw"], _ = value_of(fp, "bpw")
+    # load-time quantization (bitsandbytes): the file is the float base, the weights in memory
+    # are not; plots and the table use the in-memory estimate and say so
+    loaded, _ = value_of(fp, "bpw_loaded_estimate")
+    row["bpw_file"] = None
+    if loaded is not None and row["bpw"] is not None and loaded < row["bpw"] - 0.01:
+        row["bpw_file"], row["bpw"] = row["bpw"], loaded
     row["n_params"], _ = value_of(fp, "n_params")
     row["fp16_estimate_mb"], _ = value_of(fp, "fp16_estimate_mb")
     fp_ok = bool(fp and fp["status"] == "ok")
@@ -148,6 +154,11 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     spv = (sp or {}).get("values", {}) if sp and sp["status"] == "ok" else {}
     row["pp_sd"] = (spv.get("pp_tokens_per_s") or {}).get("sd")
     row["tg_sd"] = (spv.get("tg_tokens_per_s") or {}).get("sd")
+
+    lm = cells.get("lm_eval")
+    row["lm_eval"] = {k: (v.get("value"), v.get("stderr"), v.get("n"))
+                      for k, v in ((lm or {}).get("values") or {}).items()
+                      if k not in ("score", "docs_per_s")} if lm and lm["status"] == "ok" else {}
 
     san = cells.get("sanity")
     row["degenerate"] = None          # None: not measured; "": looks fine; text: why it is broken

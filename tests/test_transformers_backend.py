@@ -485,24 +485,9 @@ def test_group_size_must_tile_the_layers(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 1-layer Llama with a word-level tokenizer: loads in a second."""
-    if not HAVE_HF:
-        pytest.skip("torch/transformers not installed (pip install -r requirements/hf.txt)")
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny")
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 64)} | {"[UNK]": 0},
-                                     unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
-    return d
+def tiny_model(tiny_hf_model: Path) -> Path:
+    """A random 1-layer Llama with a word-level tokenizer (conftest): loads in a second."""
+    return tiny_hf_model
 
 
 @pytest.mark.slow

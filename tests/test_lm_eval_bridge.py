@@ -87,8 +87,17 @@ metadata:
 def test_local_task_runs_through_qbench_run(tiny_hf_model: Path, tmp_path: Path) -> None:
     """A suite with [metrics.lm_eval] on a local task: lm-eval runs offline on the loaded
     model, its accuracy and stderr are stored per cell and the report lists them."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
     from qbench.cli import main
 
+    model = tmp_path / "model"   # lm-eval needs a BOS or EOS token to prefix contexts with
+    shutil.copytree(tiny_hf_model, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.bos_token, tok.eos_token = "w63", "w62"
+    tok.save_pretrained(model)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     rows = [{"question": f"w{i} w{i + 1}", "choices": [f"w{i}", f"w{i + 2}", f"w{i + 3}"],
@@ -103,7 +112,7 @@ name = "lm-eval-test"
 threads = 1
 [[models]]
 id = "tiny"
-source = "{tiny_hf_model}"
+source = "{model}"
 base = "fp32"
 base_backend = "transformers"
 [[variants]]

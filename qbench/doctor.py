@@ -95,6 +95,10 @@ def run_checks(data_dir: Path | None) -> list[Check]:
         checks.append(Check("llama.cpp GPU offload", True,
                             "supported" if llamacpp.gpu_available() else "CPU-only build", False))
     for dist, why in (("torch", "transformers backend"), ("transformers", "transformers backend"),
+                      ("bitsandbytes", "bnb-int8/nf4/fp4 variants"),
+                      ("llmcompressor", "awq-*/gptq-* variants"),
+                      ("compressed-tensors", "loading awq-*/gptq-* variants"),
+                      ("lm-eval", "[metrics.lm_eval]"),
                       ("nvidia-ml-py", "per-process VRAM"), ("datasets", "hub datasets"),
                       ("ray", "--executor ray")):
         v = _version(dist)

@@ -45,7 +45,9 @@ class Backend(Protocol):
                      ) -> Iterator[np.ndarray]:
         """For each chunk, evaluated alone from an empty cache, yield the float32 logits at
         positions ``first .. len(chunk)-2`` (shape ``(len(chunk)-1-first, n_vocab)``): the
-        predictions of tokens ``first+1 .. len(chunk)-1``. Backends may batch chunks."""
+        predictions of tokens ``first+1 .. len(chunk)-1``. Backends may batch chunks. A yielded
+        array may be a read-only view of the engine's buffer, valid until the next one is
+        requested: copy it to keep it (this saves a copy of n_vocab floats per token)."""
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
         """For each prompt (fresh cache), yield the float32 logits after its last token."""

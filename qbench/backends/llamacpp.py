@@ -151,9 +151,15 @@ class LlamaCppBackend:
             llama_cpp.llama_batch_free(batch)
         return n_out
 
-    def _outputs(self, n_out: int) -> np.ndarray:
+    def _outputs(self, n_out: int, *, copy: bool = True) -> np.ndarray:
+        """The logits of the last decode; without ``copy`` a read-only view of llama.cpp's
+        buffer, overwritten by the next decode."""
         ptr = llama_cpp.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()
+        view = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+        if copy:
+            return view.copy()
+        view.flags.writeable = False
+        return view
 
     def chunk_logits(self, chunks: Sequence[Sequence[int]], first: int) -> Iterator[np.ndarray]:
         if not chunks:
@@ -167,8 +173,8 @@ class LlamaCppBackend:
             if n_ctx <= self.n_batch:
                 entries = [(int(t), p, s, first <= p < len(c) - 1)
                            for s, c in enumerate(group) for p, t in enumerate(c)]
-                out = self._outputs(self._decode(entries))
-                offset = 0
+                out = self._outputs(self._decode(entries), copy=False)  # consumed before
+                offset = 0                                               # the next decode
                 for c in group:
                     n = max(len(c) - 1 - first, 0)
                     yield out[offset:offset + n]

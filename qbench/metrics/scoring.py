@@ -70,9 +70,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log p(target) per row, without materialising the whole log-softmax."""
-    shifted, lse = _shifted_lse(logits)
-    return lse[:, 0] - shifted[np.arange(len(targets)), targets].astype(np.float64)
+    """-log p(target) per row, without materialising the whole log-softmax (one scratch
+    array, exponentiated in place; the input is never written)."""
+    m = logits.max(axis=1, keepdims=True)
+    picked = (logits[np.arange(len(targets)), targets] - m[:, 0]).astype(np.float64)
+    scratch = np.subtract(logits, m)
+    np.exp(scratch, out=scratch)
+    return np.log(scratch.sum(axis=1, dtype=np.float64)) - picked
 
 
 def _checked(i: int, logits: np.ndarray, chunks: Chunks) -> np.ndarray:

@@ -11,6 +11,11 @@ metric (one forward pass per question) and lm-eval's ``simple_evaluate`` with it
 JSONL (lm-eval's ``mmlu`` reads cais/mmlu from the hub; this machine has no hub). With --gguf,
 qbench's accuracy on that GGUF (llama.cpp) is printed as well: the cross-engine figure.
 
+With --shots K (k-shot, where qbench evaluates each subject's few-shot prefix once and keeps
+its KV cache): the shared data has no MMLU dev split, so the shots are the first K *test*
+questions of each subject that are not in the subset, written as a dev split into a temporary
+data dir that both sides read (lm-eval's template samples its shots with first_n from it).
+
 Prints accuracy, per-question agreement, questions/second of each and the speed-up.
 Targets (issue 3): same backend within 0.5 points; GGUF vs lm-eval within 1 point; qbench >= 5x
 lm-eval's questions/second.
@@ -46,17 +51,26 @@ def _twin(cache_dir: Path) -> Path:
     return folder
 
 
-def _task_folder(root: Path, questions: list, template: Path) -> list[str]:
-    """One lm-eval task per subject: lm-eval's mmlu template, questions from a local JSONL."""
+def _jsonl(path: Path, qs: list) -> Path:
+    path.write_text("".join(json.dumps({"question": q.question, "subject": q.subject,
+                                        "choices": list(q.choices), "answer": q.answer,
+                                        "qbench_id": q.id}) + "\n" for q in qs))
+    return path
+
+
+def _task_folder(root: Path, questions: list, template: Path,
+                 dev: dict[str, list] | None = None) -> list[str]:
+    """One lm-eval task per subject: lm-eval's mmlu template, questions (and the few-shot dev
+    examples) from local JSONL files."""
     by_subject: dict[str, list] = {}
     for q in questions:
         by_subject.setdefault(q.subject, []).append(q)
     tasks = []
     for subject, qs in sorted(by_subject.items()):
-        data = root / f"{subject}.jsonl"
-        data.write_text("".join(json.dumps({"question": q.question, "subject": q.subject,
-                                            "choices": list(q.choices), "answer": q.answer,
-                                            "qbench_id": q.id}) + "\n" for q in qs))
+        data = _jsonl(root / f"{subject}.jsonl", qs)
+        files = f"    test: {data}\n"
+        if dev:
+            files += f"    dev: {_jsonl(root / f'{subject}.dev.jsonl', dev[subject])}\n"
         name = f"qbench_mmlu_{subject}"
         words = subject.replace("_", " ")
         (root / f"{name}.yaml").write_text(
@@ -64,9 +78,9 @@ def _task_folder(root: Path, questions: list, template: Path) -> list[str]:
             f"task: {name}\n"
             "dataset_path: json\n"
             "dataset_name: null\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"dataset_kwargs:\n  data_files:\n{files}"
             "test_split: test\n"
-            "fewshot_split: null\n"
+            + ("fewshot_split: dev\n" if dev else "fewshot_split: null\n") +
             f"description: \"The following are multiple choice questions (with answers) about "
             f"{words}.\\n\\n\"\n")
         tasks.append(name)
@@ -77,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subset", type=int, default=285)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shots", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
     ap.add_argument("--model-dir", type=Path, default=None, help="an HF model folder")
@@ -102,11 +117,27 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_dir or _twin(cache_dir)
     backend = TransformersBackend(model_dir, LoadOptions(device="cpu", threads=args.threads))
 
-    opts = mmlu.Options(subset=args.subset, seed=args.seed)
     test = load_split("mmlu", data_dir, REPO, "test")
     ids = select_subset(test.questions, args.subset, args.seed)
     questions = [test.questions[i] for i in ids]
+    dev: dict[str, list] | None = None
+    work = Path(tempfile.mkdtemp(prefix="qbench-lmeval-"))
+    if args.shots:
+        chosen = set(ids)
+        dev = {}
+        for q in test.questions:
+            if q.id not in chosen and len(dev.setdefault(q.subject, [])) < args.shots:
+                dev[q.subject].append(q)
+        # qbench reads the same questions and shots from a data dir of its own
+        data_dir = work / "data"
+        (data_dir / "mmlu").mkdir(parents=True)
+        _jsonl(data_dir / "mmlu" / "test.jsonl", questions)
+        _jsonl(data_dir / "mmlu" / "dev.jsonl", [q for s in sorted(dev) for q in dev[s]])
+        opts = mmlu.Options(subset=0, seed=args.seed, shots=args.shots)
+    else:
+        opts = mmlu.Options(subset=args.subset, seed=args.seed)
     out: dict = {"model_dir": str(model_dir), "subset": args.subset, "seed": args.seed,
+                 "shots": args.shots,
                  "threads": args.threads, "lm_eval_version": lm_eval.__version__,
                  "load_avg_before": os.getloadavg()[0]}
 
@@ -117,17 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         q = mmlu.run(ctx, opts)
         q_s = time.perf_counter() - t0
-        q_correct = dict(zip(q["details"]["question_ids"], q["details"]["correct"]))
+        row_ids = (q["details"]["question_ids"] if not args.shots
+                   else [questions[r].id for r in q["details"]["question_ids"]])
+        q_correct = dict(zip(row_ids, q["details"]["correct"]))
+        out["qbench_prefix_cached"] = q["details"].get("fewshot_prefix_cached")
 
         template = Path(lm_eval.__file__).parent / "tasks/mmlu/default/_default_template_yaml"
         root = Path(tmp) / "tasks"
         root.mkdir()
-        tasks = _task_folder(root, questions, template)
+        tasks = _task_folder(root, questions, template, dev)
         manager = TaskManager(include_path=str(root))
         lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer,
                   batch_size=args.batch_size)
         t0 = time.perf_counter()
-        res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, task_manager=manager,
+        res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.shots,
+                              task_manager=manager,
                               log_samples=True, random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0)
         l_s = time.perf_counter() - t0
@@ -160,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         g.close()
     out["load_avg_after"] = os.getloadavg()[0]
 
-    print(f"MMLU, {n} questions (subset {args.subset}, seed {args.seed}, 0-shot), "
+    print(f"MMLU, {n} questions (subset {args.subset}, seed {args.seed}, {args.shots}-shot), "
           f"{args.threads} threads, lm-eval {lm_eval.__version__}")
     print(f"  qbench (transformers)   acc {100 * acc_q:6.2f}  {out['qbench_questions_per_s']:7.2f} q/s")
     print(f"  lm-eval (same model)    acc {100 * acc_l:6.2f}  {out['lm_eval_questions_per_s']:7.2f} q/s")
@@ -177,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  load average {out['load_avg_before']:.2f} before, {out['load_avg_after']:.2f} after")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

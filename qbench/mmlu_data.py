@@ -200,11 +200,16 @@ def doc_to_text(q: Question) -> str:
     return (f"{q.question.strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:")
 
 
+def few_shot_prefix(subject: str, fewshot: Sequence[Question] = ()) -> str:
+    """What every question of ``subject`` shares: the description and the k solved examples."""
+    return description(subject) + "".join(f"{doc_to_text(d)} {LETTERS[d.answer]}\n\n"
+                                          for d in fewshot)
+
+
 def build_context(q: Question, fewshot: Sequence[Question] = ()) -> str:
     """description + k solved examples (``text + " " + letter``, each followed by ``\\n\\n``) +
     the question's text: lm-eval's ``fewshot_context`` for this task."""
-    shots = "".join(f"{doc_to_text(d)} {LETTERS[d.answer]}\n\n" for d in fewshot)
-    return description(q.subject) + shots + doc_to_text(q)
+    return few_shot_prefix(q.subject, fewshot) + doc_to_text(q)
 
 
 def fewshot_examples(dev: Split, k: int) -> dict[str, tuple[Question, ...]]:

@@ -382,3 +382,93 @@ def test_mmlu_on_smollm2_f16(smollm2_f16: Path, mmlu_data_dir: Path, tmp_path: P
             np.testing.assert_allclose(fast, slow, atol=5e-2)  # batching noise: ~0.015 seen
     finally:
         ctx.close()
+
+
+class PrefixBigram(BigramBackend):
+    """The fake model with a KV-cache-style prefix API: records which prefixes it evaluated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix_calls: list[tuple[int, int]] = []
+
+    def prefix_last_logits(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]
+                           ) -> Iterator[np.ndarray]:
+        self.prefix_calls.append((len(prefix), len(suffixes)))
+        for s in suffixes:
+            yield self.table[(list(prefix) + list(s))[-1]].copy()
+
+
+def test_few_shot_prefix_is_evaluated_once_per_subject(tmp_path: Path) -> None:
+    qs = synthetic_questions({s: 6 for s in SUBJECTS[:4]})
+    write_mmlu(tmp_path / "data" / "mmlu", qs)
+    write_mmlu(tmp_path / "data" / "mmlu",
+               [Question(i, s, f"dev {s} {i}", ("a", "b", "c", "d"), i % 4)
+                for s in SUBJECTS[:4] for i in range(5)], name="dev.jsonl")
+    opts = mmlu.Options(subset=24, seed=1, shots=3)
+    cached = PrefixBigram()
+    out = mmlu.run(_ctx(tmp_path / "data", tmp_path, cached), opts)
+    # one prefix per subject, each serving that subject's 6 questions
+    assert sorted(n for _, n in cached.prefix_calls) == [6, 6, 6, 6]
+    assert out["details"]["fewshot_prefix_cached"] == 24
+    plain = BigramBackend()
+    plain.n_batch = 4096   # 3-shot prompts are longer than the fake's default batch
+    ref = mmlu.run(_ctx(tmp_path / "data", tmp_path, plain), opts)
+    assert out["details"]["predicted"] == ref["details"]["predicted"]
+    assert out["details"]["correct"] == ref["details"]["correct"]
+    # 0-shot keeps the batched path
+    zero = PrefixBigram()
+    mmlu.run(_ctx(tmp_path / "data", tmp_path, zero), mmlu.Options(subset=24, seed=1))
+    assert zero.prefix_calls == []
+
+
+def test_prefix_that_is_not_a_token_prefix_falls_back() -> None:
+    backend = PrefixBigram()
+    contexts = [build_context(q) for q in synthetic_questions({"anatomy": 3})]
+    encoded = [mmlu.encode(backend, c) for c in contexts]
+    wrong = [[backend.bos_id, 999, 998]] * len(encoded)       # not how the contexts start
+    lls = mmlu.score_choices(backend, encoded, wrong)
+    assert backend.prefix_calls == []
+    np.testing.assert_allclose(lls, mmlu.score_choices(BigramBackend(), encoded), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cached_prefix_matches_full_prompts_on_smollm2(smollm2_f16: Path, mmlu_data_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """llama.cpp: the 2-shot prefix decoded once, then each question after it, gives the
+    log-likelihoods of evaluating every whole prompt."""
+    from qbench.backends.base import LoadOptions
+    from qbench.backends.llamacpp import load
+    from qbench.mmlu_data import few_shot_prefix
+
+    backend = load(smollm2_f16, LoadOptions(threads=2, device="cpu"))
+    try:
+        test = load_split("mmlu", mmlu_data_dir, tmp_path)   # the shared data has no dev split:
+        virology = [q for q in test.questions if q.subject == "virology"]
+        shots = {"virology": tuple(virology[:2])}            # two test questions as the shots
+        qs = virology[2:6]
+        encoded = [mmlu.encode(backend, build_context(q, shots["virology"])) for q in qs]
+        prefix = backend.tokenize(few_shot_prefix("virology", shots["virology"]),
+                                  add_special=True)[:-1]
+        cached = mmlu.score_choices(backend, encoded, [prefix] * len(qs))
+        full = mmlu.score_choices(backend, encoded)
+        np.testing.assert_allclose(cached, full, atol=5e-2)
+        assert (cached.argmax(axis=1) == full.argmax(axis=1)).all()
+    finally:
+        backend.close()
+
+
+@pytest.mark.slow
+def test_cached_prefix_matches_full_prompts_on_transformers(tiny_hf_model: Path) -> None:
+    from qbench.backends.base import LoadOptions
+    from qbench.backends.transformers import TransformersBackend
+
+    b = TransformersBackend(tiny_hf_model, LoadOptions(device="cpu", threads=1))
+    try:
+        prefix = [5, 6, 7, 8, 9, 10]
+        suffixes = [[11, 12], [13], [14, 15, 16]]
+        cached = list(b.prefix_last_logits(prefix, suffixes))
+        full = list(b.last_logits([prefix + s for s in suffixes]))
+        for c, f in zip(cached, full, strict=True):
+            np.testing.assert_allclose(c, f, atol=1e-4)
+    finally:
+        b.close()

@@ -192,6 +192,27 @@ class LlamaCppBackend:
                     yield np.concatenate(parts) if parts else np.empty((0, self.n_vocab),
                                                                        np.float32)
 
+    def prefix_last_logits(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]
+                           ) -> Iterator[np.ndarray]:
+        """The logits after ``prefix + suffix`` for each suffix, the prefix decoded once: its
+        KV cache stays, each suffix is decoded after it and then removed from the cache."""
+        if not suffixes:
+            return
+        n = len(prefix)
+        self.reset(n + max(len(s) for s in suffixes))
+        self.reset()
+        self.decode_tokens(prefix, self.n_batch)
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        for suffix in suffixes:
+            for b in range(0, len(suffix), self.n_batch):
+                piece = suffix[b:b + self.n_batch]
+                last = b + len(piece) == len(suffix)
+                self._decode([(int(t), n + b + k, 0, last and k == len(piece) - 1)
+                              for k, t in enumerate(piece)])
+            yield self._outputs(1)[0]
+            llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
+        self._pos = n
+
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
         if not prompts:
             return

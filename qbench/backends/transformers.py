@@ -274,6 +274,29 @@ class TransformersBackend:
                 n = max(len(c) - 1 - first, 0)
                 yield np.ascontiguousarray(rows[i, :n])
 
+    def prefix_last_logits(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]
+                           ) -> Iterator[np.ndarray]:
+        """The logits after ``prefix + suffix`` for each suffix, the prefix's KV cache computed
+        once and cropped back to it after each suffix."""
+        if not suffixes:
+            return
+        n = len(prefix)
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device),
+                             use_cache=True)
+            cache = out.past_key_values
+            for suffix in suffixes:
+                kwargs: dict[str, Any] = {
+                    "input_ids": torch.tensor([list(suffix)], device=self.device),
+                    "past_key_values": cache, "use_cache": True,
+                    "position_ids": torch.arange(n, n + len(suffix),
+                                                 device=self.device).unsqueeze(0)}
+                if self._keep_arg:
+                    kwargs["logits_to_keep"] = 1
+                logits = self.model(**kwargs).logits[0, -1]
+                yield np.ascontiguousarray(logits.float().cpu().numpy())
+                cache.crop(n)
+
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
         if not prompts:
             return

@@ -36,8 +36,8 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..errors import DatasetError, QbenchError
-from ..mmlu_data import (LETTERS, SUBSET_RULE, Question, build_context, fewshot_examples,
-                         load_split, locate, select_subset)
+from ..mmlu_data import (LETTERS, SUBSET_RULE, Question, build_context, few_shot_prefix,
+                         fewshot_examples, load_split, locate, select_subset)
 from ..options import positive
 from . import MetricInfo
 from .context import CellContext, value
@@ -143,12 +143,41 @@ def _groups(order: list[int], lengths: list[int], n_batch: int) -> list[list[int
     return groups
 
 
-def score_choices(backend: Backend, encoded: Sequence[Encoded]) -> np.ndarray:
-    """Log-likelihood of each continuation after its context: shape (questions, choices)."""
+def _prefix_groups(encoded: Sequence[Encoded], prefixes: Sequence[list[int]] | None,
+                   fast: list[int]) -> tuple[dict[tuple[int, ...], list[int]], list[int]]:
+    """Questions whose context starts with their (few-shot) prefix, grouped by prefix, and
+    the rest. A prefix is used only where it really is the start of the tokenized context."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    rest = []
+    for i in fast:
+        pre = prefixes[i] if prefixes is not None else []
+        ctx = encoded[i].context
+        if len(pre) >= 2 and len(ctx) > len(pre) and ctx[:len(pre)] == pre:
+            groups[tuple(pre)].append(i)
+        else:
+            rest.append(i)
+    return groups, rest
+
+
+def score_choices(backend: Backend, encoded: Sequence[Encoded],
+                  prefixes: Sequence[list[int]] | None = None) -> np.ndarray:
+    """Log-likelihood of each continuation after its context: shape (questions, choices).
+
+    With ``prefixes`` (per question, the tokens of its shared few-shot prefix) and a backend
+    that keeps a KV cache (``prefix_last_logits``), each prefix is evaluated once per subject
+    and only the question's own tokens per question."""
     n_choices = len(encoded[0].continuations) if encoded else 0
     lls = np.zeros((len(encoded), n_choices), dtype=np.float64)
     fast = [i for i, e in enumerate(encoded) if e.single_token]
     slow = [i for i, e in enumerate(encoded) if not e.single_token]
+    if prefixes is not None and hasattr(backend, "prefix_last_logits"):
+        by_prefix, fast = _prefix_groups(encoded, prefixes, fast)
+        for pre, group in by_prefix.items():
+            rows = backend.prefix_last_logits(list(pre), [encoded[i].context[len(pre):]
+                                                          for i in group])
+            for i, logits in zip(group, rows, strict=True):
+                lp = _row_logprobs(logits)
+                lls[i] = [lp[c[0]] for c in encoded[i].continuations]
     lengths = [len(e.context) for e in encoded]
     # longest first: the backend's context grows to the longest prompt once, early
     fast.sort(key=lambda i: (-lengths[i], i))
@@ -204,8 +233,19 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     backend = ctx.backend
     t0 = time.perf_counter()
     encoded = [encode(backend, c) for c in contexts]
-    lls = score_choices(backend, encoded)
+    prefixes = None
+    if options.shots > 0 and hasattr(backend, "prefix_last_logits"):
+        # the subject's header + k examples, less its last token (a merge across the boundary
+        # then cannot break the prefix property; it is checked per question anyway)
+        per_subject = {s: backend.tokenize(c, add_special=True)[:-1] for s, c in
+                       ((s, few_shot_prefix(s, fewshot.get(s, ())[:options.shots]))
+                        for s in {q.subject for q in questions})}
+        prefixes = [per_subject[q.subject] for q in questions]
+    lls = score_choices(backend, encoded, prefixes)
     elapsed = time.perf_counter() - t0
+    cached = 0 if prefixes is None else sum(
+        1 for e, p in zip(encoded, prefixes) if e.single_token and len(e.context) > len(p)
+        and e.context[:len(p)] == p)
 
     predicted = lls.argmax(axis=1)   # ties: the first letter, as np.argmax in lm-eval
     correct = [int(p == q.answer) for p, q in zip(predicted, questions)]
@@ -241,6 +281,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             "letter_token_ids": [list(t) for t in letter_tokens],
             "multi_token_fallbacks": fallbacks,
             "prefix_mismatches": prefix_bad,
+            "fewshot_prefix_cached": cached,
             "prompt_tokens_mean": float(np.mean(prompt_tokens)),
             "prompt_tokens_max": int(max(prompt_tokens)),
             "first_prompt": contexts[0],

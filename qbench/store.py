@@ -12,6 +12,7 @@ File names are keys (hex), never user strings, so no model id can escape the fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -48,7 +49,17 @@ class Store:
     @contextmanager
     def lock(self, *, wait: bool = False) -> Iterator[None]:
         with exclusive_lock(self.dir, wait=wait):
+            self._sweep_temporaries()
             yield
+
+    def _sweep_temporaries(self) -> None:
+        """Remove the temporary files of an atomic write that a kill -9 interrupted: with the
+        lock held, no writer of this folder is alive. Finished results are never touched."""
+        for folder in (self.cells_dir, self.runs_dir, self.dir):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
 
     def load(self, key: str) -> dict[str, Any] | None:
         """The stored record for ``key``, migrated; None if absent or unreadable (set aside)."""

@@ -243,3 +243,16 @@ def test_load_results_errors(tmp_path):
 
 def test_read_record_missing_file_is_none(tmp_path):
     assert read_record(tmp_path / "absent.json") is None
+
+
+def test_lock_sweeps_temporaries_of_an_interrupted_write(tmp_path) -> None:
+    from qbench.store import Store
+
+    store = Store(tmp_path, "s")
+    store.cells_dir.mkdir(parents=True)
+    stale = store.cells_dir / ".abc.json.123.tmp"
+    stale.write_text("{half")
+    kept = store.cells_dir / "abc.json"
+    kept.write_text("{}")
+    with store.lock():
+        assert not stale.exists() and kept.exists()

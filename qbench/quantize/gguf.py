@@ -159,6 +159,8 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
         if final.exists() and meta.exists():
             return Artifact(final, json.loads(meta.read_text())["output_sha256"], recipe)
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".model.*.tmp.gguf"):  # a build killed earlier (lock held)
+            stale.unlink(missing_ok=True)
         tmp = folder / f".model.{os.getpid()}.tmp.gguf"
         t0 = time.perf_counter()
         try:

@@ -108,3 +108,23 @@ def test_no_shared_pass_without_a_base_cache(text_dir: Path) -> None:
                                                                    chunks=2))
     assert out["details"]["kld_shared_pass_s"] is None
     assert not (text_dir / "cache" / "kld-base").exists()
+
+
+def test_a_failing_shared_pass_leaves_perplexity_intact(text_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    opts = kld.Options(dataset="t.txt", ctx=128, chunks=2)
+    comp = {"kld": {**opts.__dict__}}
+    ppl_opts = perplexity.Options(dataset="t.txt", ctx=128, chunks=2)
+
+    def broken(self, *args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(kld.SharedPass, "feed", broken)
+    ctx = _ctx(text_dir, Bigram(), Bigram(), is_base=True, sha="b" * 64, companions=comp)
+    out = perplexity.run(ctx, ppl_opts)
+    plain = perplexity.run(_ctx(text_dir, Bigram(), Bigram(), is_base=True, sha="b" * 64),
+                           ppl_opts)
+    assert out["values"]["ppl"]["value"] == pytest.approx(plain["values"]["ppl"]["value"])
+    assert any("disk on fire" in n for n in ctx.notes)
+    assert not (text_dir / "cache" / "kld-base").exists() or not list(
+        (text_dir / "cache" / "kld-base").rglob("*.npz"))

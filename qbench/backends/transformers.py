@@ -276,26 +276,50 @@ class TransformersBackend:
 
     def prefix_last_logits(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]
                            ) -> Iterator[np.ndarray]:
-        """The logits after ``prefix + suffix`` for each suffix, the prefix's KV cache computed
-        once and cropped back to it after each suffix."""
+        """The logits after ``prefix + suffix`` for each suffix: the prefix's KV cache is
+        computed once, then copied for each batch of suffixes (right-padded, masked)."""
+        import copy
+
         if not suffixes:
             return
         n = len(prefix)
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device),
                              use_cache=True)
-            cache = out.past_key_values
-            for suffix in suffixes:
-                kwargs: dict[str, Any] = {
-                    "input_ids": torch.tensor([list(suffix)], device=self.device),
-                    "past_key_values": cache, "use_cache": True,
-                    "position_ids": torch.arange(n, n + len(suffix),
-                                                 device=self.device).unsqueeze(0)}
+            base = out.past_key_values
+            i = 0
+            while i < len(suffixes):
+                group = [suffixes[i]]
+                longest = len(suffixes[i])
+                i += 1
+                while (i < len(suffixes) and len(group) < self.max_seqs
+                       and (len(group) + 1) * max(longest, len(suffixes[i])) <= self.n_batch):
+                    longest = max(longest, len(suffixes[i]))
+                    group.append(suffixes[i])
+                    i += 1
+                cache = copy.deepcopy(base)
+                if len(group) > 1:
+                    cache.batch_repeat_interleave(len(group))
+                pad = self.pad_id if self.pad_id is not None else 0
+                ids = torch.tensor([list(s) + [pad] * (longest - len(s)) for s in group],
+                                   device=self.device)
+                mask = torch.tensor([[1] * (n + len(s)) + [0] * (longest - len(s))
+                                     for s in group], device=self.device)
+                positions = torch.arange(n, n + longest, device=self.device).expand(
+                    len(group), -1)
+                last = [len(s) - 1 for s in group]
+                wanted = sorted(set(last))
+                kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
+                                          "position_ids": positions, "past_key_values": cache,
+                                          "use_cache": True}
                 if self._keep_arg:
-                    kwargs["logits_to_keep"] = 1
-                logits = self.model(**kwargs).logits[0, -1]
-                yield np.ascontiguousarray(logits.float().cpu().numpy())
-                cache.crop(n)
+                    kwargs["logits_to_keep"] = torch.tensor(wanted, device=self.device)
+                logits = self.model(**kwargs).logits
+                if not self._keep_arg:
+                    logits = logits[:, wanted]
+                rows = logits.float().cpu().numpy()
+                for r, pos in enumerate(last):
+                    yield np.ascontiguousarray(rows[r, wanted.index(pos)])
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
         if not prompts:

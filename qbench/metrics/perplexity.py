@@ -76,10 +76,10 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             nll_parts.append(nll)
             per_chunk.append(math.exp(float(nll.mean())))
             t1 = time.perf_counter()
-            shared.feed(i, logprobs, targets)
+            _guarded(ctx, shared, lambda: shared.feed(i, logprobs, targets))
             shared_s += time.perf_counter() - t1
         t1 = time.perf_counter()
-        pairs = shared.finish()
+        pairs = _guarded(ctx, shared, shared.finish)
         shared_s += time.perf_counter() - t1
         if pairs is not None:
             ctx.notes.append(f"kld computed in this pass, for the kld cell: {pairs.name}")
@@ -108,6 +108,19 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             "kld_shared_pass_s": round(shared_s, 3) if shared is not None else None,
         },
     }
+
+
+def _guarded(ctx: CellContext, shared: Any, step: Any) -> Any:
+    """Run a step of the shared KLD work; a failure there never fails the perplexity cell
+    (the KLD cell then computes on its own and reports the problem itself)."""
+    if not shared.active:
+        return None
+    try:
+        return step()
+    except Exception as exc:  # noqa: BLE001 - any failure: leave KLD to its own cell
+        shared.active = False
+        ctx.notes.append(f"kld not computed in this pass ({type(exc).__name__}: {exc})")
+        return None
 
 
 def _shared_kld(ctx: CellContext, chunks: Any) -> Any:

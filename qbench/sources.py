@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,24 @@ def locate(ref: str, *, base_dir: Path) -> Resolved | None:
     return Resolved(path.resolve(), ref, "path")
 
 
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+def split_siblings(filename: str) -> list[str]:
+    """The other shards of a split GGUF named by its first shard (``…-00001-of-00004.gguf``);
+    empty for a single file. Naming any shard but the first is an error: llama.cpp loads a
+    split model from the first."""
+    m = _SPLIT.match(filename)
+    if m is None:
+        return []
+    k, n = int(m["k"]), int(m["n"])
+    if k != 1:
+        raise SourceError(f"{filename} is shard {k} of {n} of a split GGUF: name the first "
+                          f"shard ({m['stem']}-00001-of-{m['n']}.gguf); the others are fetched "
+                          "beside it")
+    return [f"{m['stem']}-{i:05d}-of-{m['n']}.gguf" for i in range(2, n + 1)]
+
+
 def resolve(ref: str, *, base_dir: Path, cache_dir: Path) -> Resolved:
     """Resolve to a local path, downloading hub files into ``cache_dir/hf``."""
     local = locate(ref, base_dir=base_dir)
@@ -90,9 +109,12 @@ def resolve(ref: str, *, base_dir: Path, cache_dir: Path) -> Resolved:
         raise SourceError(f"{ref!r} needs huggingface_hub (pip install huggingface_hub)") from None
     kwargs = {"repo_id": repo_id, "revision": revision or None,
               "cache_dir": str(cache_dir / "hf")}
+    siblings = split_siblings(filename) if filename else []
     try:
         if filename:
             path = Path(hub.hf_hub_download(filename=filename, **kwargs))
+            for shard in siblings:  # llama.cpp reads them from beside the first
+                hub.hf_hub_download(filename=shard, **kwargs)
         else:
             path = Path(hub.snapshot_download(**kwargs))
     except (HfHubHTTPError, OSError, ValueError) as exc:

@@ -214,3 +214,28 @@ def test_corrupt_memo_is_ignored(tmp_path):
     cache.mkdir()
     (cache / "sha256.json").write_text("{not json")
     assert sha256_file(path, cache) == hashlib.sha256(b"x").hexdigest()
+
+
+def test_split_gguf_fetches_every_shard(tmp_path, monkeypatch):
+    import huggingface_hub as hub
+
+    from qbench.sources import resolve, split_siblings
+
+    asked = []
+
+    def fake_download(filename, repo_id, revision, cache_dir):
+        asked.append(filename)
+        path = tmp_path / "snap" / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"GGUF")
+        return str(path)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    res = resolve("hf:Qwen/Qwen2.5-7B-Instruct-GGUF/q-fp16-00001-of-00003.gguf",
+                  base_dir=tmp_path, cache_dir=tmp_path / "c")
+    assert asked == ["q-fp16-00001-of-00003.gguf", "q-fp16-00002-of-00003.gguf",
+                     "q-fp16-00003-of-00003.gguf"]
+    assert res.path.name == "q-fp16-00001-of-00003.gguf"
+    assert split_siblings("model.gguf") == []
+    with pytest.raises(SourceError, match="name the first shard"):
+        split_siblings("q-fp16-00002-of-00003.gguf")

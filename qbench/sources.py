@@ -66,7 +66,9 @@ def _package_file(ref: str) -> Path:
 def locate(ref: str, *, base_dir: Path) -> Resolved | None:
     """Resolve without downloading: a Resolved for local refs, None for hub refs."""
     if ref.startswith("hf:"):
-        parse_hf(ref)
+        _, filename, _ = parse_hf(ref)
+        if filename:
+            split_siblings(filename)   # a later shard of a split GGUF: say so before any work
         return None
     if ref.startswith("package:"):
         return Resolved(_package_file(ref), ref, "package")

@@ -177,7 +177,17 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
     manifest: dict[str, Any] = {"run_id": run_id, "suite": suite.name,
                                 "suite_file": str(suite.path), "started": _now(),
                                 "cells_planned": len(cells), "cached": summary.cached,
-                                "cells": [], "env": env}
+                                "cells": [], "env": env, "finished": None}
+
+    def checkpoint() -> None:
+        """The run record on disk after every cell: a kill -9 leaves it, unfinished."""
+        try:
+            store.save_run(run_id, manifest)
+        except (OSError, StoreError) as exc:
+            console.print(f"[yellow]could not write the run record: {escape(str(exc))}")
+
+    if todo:
+        checkpoint()
     console.print(f"[bold]{suite.name}[/bold]: {len(cells)} cells, {summary.cached} already "
                   f"done, {len(todo)} to run (run {run_id})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -201,6 +211,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                     summary.failed_ids.append(cell.id)
                 manifest["cells"].append({"id": cell.id, "key": cell.key,
                                           "status": outcome.status, "wall_s": outcome.wall_s})
+                checkpoint()
                 progress.console.print(f"  {escape(cell.id)}: {headline(record)} "
                                        f"[dim]({outcome.wall_s:.1f} s)[/dim]")
                 progress.advance(task)

@@ -403,6 +403,10 @@ def test_resume_after_kill_9(write_suite, smollm2_ref, data_dir, isolated_env, t
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells.glob("*.json")}
     assert before
     assert all(json.loads(data)["status"] == "ok" for _, data in before.values())
+    # the run record survives the kill: unfinished, listing the cells done before it
+    runs = [json.loads(p.read_text()) for p in (results / "killed" / "runs").glob("*.json")]
+    assert len(runs) == 1 and runs[0]["finished"] is None
+    assert {c["key"] + ".json" for c in runs[0]["cells"]} <= set(before)
 
     # the lock died with its holder
     with exclusive_lock(results / "killed"):

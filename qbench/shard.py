@@ -29,7 +29,7 @@ from .plan import Cell
 # Relative cost of one cell of each metric on a 1B model at 16 bits, with the metric's default
 # options (a perplexity pass over 16 x 512 tokens = 1.0). Unknown metrics count as 1.0.
 METRIC_WEIGHT = {"footprint": 0.02, "sanity": 0.1, "perplexity": 1.0, "kld": 1.3,
-                 "mmlu": 5.0, "speed": 0.75}
+                 "mmlu": 5.0, "speed": 0.75, "lm_eval": 5.0}
 DEFAULT_PARAMS_B = 1.0   # a model whose size cannot be read from its id or source
 _SIZE_IN_NAME = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)([bm])(?![a-z])", re.IGNORECASE)
 _BITS = re.compile(r"(?:fp|bf|f|int|w|iq|q|nf)(\d+)", re.IGNORECASE)

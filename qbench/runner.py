@@ -92,22 +92,30 @@ def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
     return not rerun_failed
 
 
-def companions_for(cell: Cell, suite: Suite) -> dict[str, Any]:
+def companions_for(cell: Cell, suite: Suite, cells: list[Cell] | None = None
+                   ) -> dict[str, Any]:
     """Metrics a cell can serve in its own pass: the perplexity cell computes the KLD
-    comparison when the kld metric scores exactly its tokens (the KLD cell then only reads it).
-    Not part of the cell key: the perplexity values are the same either way."""
+    comparison when the kld metric scores exactly its tokens, and stores it under the key of
+    the KLD cell of the same model and variant, which then only reads it (so a result is never
+    read by a cell whose key differs: another library version, batch or GPU setting). Not part
+    of the perplexity cell's key: its values are the same either way."""
     kld = suite.metrics.get("kld")
     if cell.metric != "perplexity" or kld is None or not cell.variant.measures("kld"):
         return {}
     ppl = cell.options
     if (kld.dataset, kld.ctx, kld.chunks) != (ppl.dataset, ppl.ctx, ppl.chunks):
         return {}
-    return {"kld": dataclasses.asdict(kld)}
+    target = next((c for c in cells or () if c.metric == "kld" and c.model == cell.model
+                   and c.variant == cell.variant), None)
+    if target is None:
+        return {}
+    return {"kld": dataclasses.asdict(kld) | {"cell_key": target.key}}
 
 
-def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> dict[str, Any]:
+def job_for(cell: Cell, suite: Suite, ctx: PlanContext, cells: list[Cell] | None = None
+            ) -> dict[str, Any]:
     base = suite.base_variant(cell.model, cell.variant.backend)
-    return {"cell": cell.describe(), "companions": companions_for(cell, suite),
+    return {"cell": cell.describe(), "companions": companions_for(cell, suite, cells),
             "base_dir": str(ctx.base_dir),
             "base_variant": dataclasses.asdict(base) | {"is_base": True} if base else None,
             "data_dir": str(ctx.data_dir) if ctx.data_dir else None,
@@ -194,7 +202,9 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
-        items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key),
+        # the KLD cells the perplexity cells serve, even those --only / --shard left out
+        all_cells = expand(suite, ctx) if (only or select is not None) else cells
+        items = [WorkItem(c, job_for(c, suite, ctx, all_cells), store.log_path(c.key),
                           suite.defaults.timeout_s, suite.defaults.memory_limit_mb) for c in todo]
         if items:
             progress.update(task, description=(f"[cyan]{escape(items[0].cell.id)}[/cyan]"

@@ -96,7 +96,19 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     module = metric_module(metric)
     base_path, base_artifact = None, None
     companions = job.get("companions") or {}
-    if (module.INFO.needs_base or companions) and job.get("base_variant"):
+    if companions and not module.INFO.needs_base:
+        # only the shared KLD work wants the base: it must never fail this cell
+        if variant["is_base"]:
+            base_path, base_artifact = path, artifact
+        elif job.get("base_variant"):
+            try:
+                base_path, base_artifact = prepare_artifact(
+                    job, job["base_variant"], source.path, model_sha, cache_dir, threads)
+            except Exception as exc:  # noqa: BLE001 - the KLD cell reports it itself
+                print(f"shared KLD pass off: the base could not be prepared ({exc})",
+                      file=sys.stderr)
+                companions = {}
+    elif module.INFO.needs_base and job.get("base_variant"):
         if variant["is_base"]:
             base_path, base_artifact = path, artifact
         else:
@@ -126,7 +138,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                       base_artifact=base_artifact, _load=loader(variant, path),
                       _load_base=(loader(job["base_variant"], base_path)
                                   if base_path is not None else None),
-                      companions=companions)
+                      companions=companions, cell_key=cell["key"])
     t1 = time.perf_counter()
     try:
         out = module.run(ctx, _options(metric, cell["options"]))

@@ -44,13 +44,13 @@ class Bigram:
 
 
 def _ctx(tmp: Path, backend: Bigram, base: Bigram, *, is_base: bool, sha: str,
-         companions: dict | None = None) -> CellContext:
+         companions: dict | None = None, key: str = "") -> CellContext:
     text = tmp / "t.txt"
     return CellContext(cell_id="m/fake/x/m", model_id="m", artifact_path=tmp / f"{sha}.gguf",
                        artifact={"sha256": sha}, base_dir=tmp, data_dir=None,
                        cache_dir=tmp / "cache", is_base=is_base,
                        base_artifact={"sha256": "b" * 64}, _backend=backend,
-                       _load_base=lambda: base, companions=companions or {})
+                       _load_base=lambda: base, companions=companions or {}, cell_key=key)
 
 
 @pytest.fixture
@@ -73,15 +73,16 @@ def test_shared_pass_matches_the_kld_cell(text_dir: Path, tmp_path: Path) -> Non
     shared_dir = tmp_path / "shared"
     shared_dir.mkdir()
     (shared_dir / "t.txt").write_text((text_dir / "t.txt").read_text())
-    comp = {"kld": {**opts.__dict__}}
+    comp_base = {"kld": {**opts.__dict__, "cell_key": "kldbase"}}
+    comp_var = {"kld": {**opts.__dict__, "cell_key": "kldvar"}}
     b2, v2 = Bigram(), Bigram(noise=0.5)
     p_base = perplexity.run(_ctx(shared_dir, b2, b2, is_base=True, sha="b" * 64,
-                                 companions=comp), ppl_opts)
+                                 companions=comp_base), ppl_opts)
     p_var = perplexity.run(_ctx(shared_dir, v2, b2, is_base=False, sha="v" * 64,
-                                companions=comp), ppl_opts)
+                                companions=comp_var), ppl_opts)
     assert p_var["details"]["kld_shared_pass_s"] is not None
     passes = v2.passes
-    via = kld.run(_ctx(shared_dir, v2, b2, is_base=False, sha="v" * 64), opts)
+    via = kld.run(_ctx(shared_dir, v2, b2, is_base=False, sha="v" * 64, key="kldvar"), opts)
     assert v2.passes == passes        # no second forward pass
     assert "shared" in via["details"]["computed_in"]
     for name, v in alone["values"].items():
@@ -92,7 +93,13 @@ def test_shared_pass_matches_the_kld_cell(text_dir: Path, tmp_path: Path) -> Non
     assert p_var["values"]["ppl"]["value"] == pytest.approx(plain["values"]["ppl"]["value"],
                                                             rel=1e-6)
     # the base compared with itself, from its own pass
-    self_kld = kld.run(_ctx(shared_dir, b2, b2, is_base=True, sha="b" * 64), opts)
+    self_kld = kld.run(_ctx(shared_dir, b2, b2, is_base=True, sha="b" * 64, key="kldbase"),
+                       opts)
+    assert "shared" in self_kld["details"]["computed_in"]
+    # a KLD cell with another key (other library version, batch, GPU setting) never reads it
+    other = kld.run(_ctx(shared_dir, Bigram(noise=0.5), b2, is_base=False, sha="v" * 64,
+                         key="kldvar2"), opts)
+    assert other["details"]["computed_in"] == "this cell"
     assert self_kld["values"]["kld_mean"]["value"] == pytest.approx(0.0, abs=1e-6)
     assert self_kld["values"]["same_top_pct"]["value"] == 100.0
     assert p_base["values"]["ppl"]["value"] > 1
@@ -101,7 +108,7 @@ def test_shared_pass_matches_the_kld_cell(text_dir: Path, tmp_path: Path) -> Non
 def test_no_shared_pass_without_a_base_cache(text_dir: Path) -> None:
     """A variant's perplexity pass before the base cache exists leaves KLD to its own cell."""
     opts = kld.Options(dataset="t.txt", ctx=128, chunks=2)
-    comp = {"kld": {**opts.__dict__}}
+    comp = {"kld": {**opts.__dict__, "cell_key": "k"}}
     v = Bigram(noise=0.5)
     out = perplexity.run(_ctx(text_dir, v, Bigram(), is_base=False, sha="v" * 64,
                               companions=comp), perplexity.Options(dataset="t.txt", ctx=128,
@@ -113,7 +120,7 @@ def test_no_shared_pass_without_a_base_cache(text_dir: Path) -> None:
 def test_a_failing_shared_pass_leaves_perplexity_intact(text_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     opts = kld.Options(dataset="t.txt", ctx=128, chunks=2)
-    comp = {"kld": {**opts.__dict__}}
+    comp = {"kld": {**opts.__dict__, "cell_key": "k"}}
     ppl_opts = perplexity.Options(dataset="t.txt", ctx=128, chunks=2)
 
     def broken(self, *args):
@@ -128,3 +135,38 @@ def test_a_failing_shared_pass_leaves_perplexity_intact(text_dir: Path,
     assert any("disk on fire" in n for n in ctx.notes)
     assert not (text_dir / "cache" / "kld-base").exists() or not list(
         (text_dir / "cache" / "kld-base").rglob("*.npz"))
+
+
+def test_runner_names_the_kld_cell_a_perplexity_cell_serves(write_suite, tmp_path: Path) -> None:
+    from qbench.config import load_suite
+    from qbench.plan import PlanContext, expand
+    from qbench.runner import companions_for
+
+    path = write_suite("""
+[suite]
+name = "t"
+[[models]]
+id = "m"
+source = "model.gguf"
+[[variants]]
+backend = "llama.cpp"
+quant = ["F16", "Q8_0"]
+[metrics.perplexity]
+ctx = 128
+[metrics.kld]
+""")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    suite = load_suite(path)
+    cells = expand(suite, PlanContext(base_dir=tmp_path, data_dir=None,
+                                      cache_dir=tmp_path / "c"))
+    by_id = {c.id: c for c in cells}
+    comp = companions_for(by_id["m/llama.cpp/Q8_0/perplexity"], suite, cells)
+    assert comp["kld"]["cell_key"] == by_id["m/llama.cpp/Q8_0/kld"].key
+    assert companions_for(by_id["m/llama.cpp/Q8_0/kld"], suite, cells) == {}
+    # KLD on other tokens than perplexity: nothing to share
+    other = load_suite(write_suite(path.read_text().replace("[metrics.kld]",
+                                                            "[metrics.kld]\nctx = 256")))
+    cells2 = expand(other, PlanContext(base_dir=tmp_path, data_dir=None,
+                                       cache_dir=tmp_path / "c"))
+    ppl = next(c for c in cells2 if c.id == "m/llama.cpp/Q8_0/perplexity")
+    assert companions_for(ppl, other, cells2) == {}

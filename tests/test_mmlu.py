@@ -472,3 +472,26 @@ def test_cached_prefix_matches_full_prompts_on_transformers(tiny_hf_model: Path)
             np.testing.assert_allclose(c, f, atol=1e-4)
     finally:
         b.close()
+
+
+def test_prefix_reuse_failure_falls_back_to_full_prompts() -> None:
+    class Broken(PrefixBigram):
+        def prefix_last_logits(self, prefix, suffixes):
+            yield self.table[(list(prefix) + list(suffixes[0]))[-1]].copy()
+            raise RuntimeError("cannot drop a partial sequence")
+
+    backend = Broken()
+    qs = synthetic_questions({"anatomy": 3})
+    contexts = [build_context(q) for q in qs]
+    encoded = [mmlu.encode(backend, c) for c in contexts]
+    prefix = backend.tokenize(contexts[0][:20], add_special=True)[:-1]
+    assert all(e.context[:len(prefix)] == prefix for e in encoded)
+    stats: dict = {}
+    lls = mmlu.score_choices(backend, encoded, [prefix] * 3, stats)
+    np.testing.assert_allclose(lls, mmlu.score_choices(BigramBackend(), encoded), atol=1e-6)
+    assert stats.get("prefix_cached", 0) == 0
+    # a backend that says it cannot keep a prefix is not asked to
+    backend2 = PrefixBigram()
+    backend2.supports_prefix_cache = False
+    mmlu.score_choices(backend2, encoded, [prefix] * 3)
+    assert backend2.prefix_calls == []

@@ -210,8 +210,16 @@ class LlamaCppBackend:
                 self._decode([(int(t), n + b + k, 0, last and k == len(piece) - 1)
                               for k, t in enumerate(piece)])
             yield self._outputs(1)[0]
-            llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
+            if not llama_cpp.llama_memory_seq_rm(mem, 0, n, -1):
+                raise RuntimeError("this model's memory cannot drop a partial sequence "
+                                   "(recurrent state): no prefix reuse")
         self._pos = n
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        """Recurrent and hybrid models keep a state that cannot be rolled back to a prefix."""
+        return not (llama_cpp.llama_model_is_recurrent(self.model)
+                    or llama_cpp.llama_model_is_hybrid(self.model))
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
         if not prompts:

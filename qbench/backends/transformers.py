@@ -284,8 +284,9 @@ class TransformersBackend:
             return
         n = len(prefix)
         with torch.inference_mode():
+            kw: dict[str, Any] = {"logits_to_keep": 1} if self._keep_arg else {}
             out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device),
-                             use_cache=True)
+                             use_cache=True, **kw)   # only the KV cache is wanted
             base = out.past_key_values
             i = 0
             while i < len(suffixes):

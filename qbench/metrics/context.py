@@ -25,8 +25,10 @@ class CellContext:
     _load_base: Callable[[], Backend] | None = None
     _backend: Backend | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
-    # other metrics' options this cell may serve in the same pass (perplexity -> kld)
+    # other metrics this cell may serve in the same pass (perplexity -> kld): their options
+    # and the key of the cell that will read the result
     companions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cell_key: str = ""             # this cell's key (names what it shares with others)
 
     @property
     def backend(self) -> Backend:

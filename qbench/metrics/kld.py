@@ -6,8 +6,9 @@ Storage is bounded: per scored token, the base's most probable tokens up to ``co
 probability mass (at most ``max_tokens`` of them) as (id, log-prob) pairs, the log of the
 remaining ("tail") mass, and ``tail_samples`` token ids drawn from the tail in proportion to the
 base's probability (seeded per chunk). KLD = the exact sum over the stored tokens + the tail
-mass x the sampled mean of log p - log q over the tail draws: an unbiased Monte-Carlo estimate of
-the tail's share, where dropping the tail (a "rest" bucket alone) underestimates KLD by ~2 % on
+mass x the sampled mean of log p - log q over the tail draws: a Monte-Carlo estimate of the
+tail's share (unbiased before the clip below, which can only raise it, negligibly), where
+dropping the tail (a "rest" bucket alone) underestimates KLD by ~2 % on
 SmolLM2 (measured, benchmarks/fidelity.py). The tail's KL between the renormalised tails cannot
 be negative, so a draw that says otherwise is clipped to 0 (never below the exact lower bound).
 For SmolLM2-135M on the default suite (4,080 tokens) the cache is a few tens of MB, where
@@ -42,7 +43,8 @@ INFO = MetricInfo(
         "token as its most probable tokens up to `coverage` of the probability mass (capped at "
         "`max_tokens`) plus `tail_samples` draws from the remaining tail (proportional to the "
         "base probability, seeded); KLD is exact on the stored tokens and the tail's share is "
-        "estimated without bias from the draws (tail mass x mean log-ratio). Statistics as llama-perplexity: mean +/- standard "
+        "estimated from the draws (tail mass x mean log-ratio; a negative estimate of the "
+        "renormalised tails' KL is clipped to 0). Statistics as llama-perplexity: mean +/- standard "
         "error, percentiles, same-top-token % +/- sqrt(p(1-p)/(N-1)), RMS and percentiles of "
         "delta-p (change in the probability of the correct token), mean ln(PPL(Q)/PPL(base)) "
         "with its covariance-corrected error."),
@@ -261,9 +263,10 @@ def compare(base: dict[str, np.ndarray], backend: Any, chunks: Chunks
 
 # -- the shared pass: KLD from the perplexity cell's forward pass -----------------------------
 
-def pairs_path(base_cache: Path, variant_sha: str) -> Path:
-    """Where the per-token comparison of one variant with one base cache is kept."""
-    return base_cache.parent / "pairs" / f"{base_cache.stem}-{variant_sha[:32]}.npz"
+def pairs_path(base_cache: Path, kld_cell_key: str) -> Path:
+    """Where the per-token comparison for one KLD cell (its key: model, variant settings,
+    library version, options) against one base cache is kept."""
+    return base_cache.parent / "pairs" / f"{base_cache.stem}-{kld_cell_key}.npz"
 
 
 class SharedPass:
@@ -273,13 +276,14 @@ class SharedPass:
     The base variant's pass also builds the base cache. A variant whose base cache does not
     exist yet is left to its KLD cell."""
 
-    def __init__(self, ctx: CellContext, chunks: Chunks, options: Options) -> None:
+    def __init__(self, ctx: CellContext, chunks: Chunks, options: Options,
+                 kld_cell_key: str) -> None:
         if ctx.base_artifact is None:
             raise QbenchError("no base variant to compare with")
         self.opts = options
         self.cache = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"],
                                      chunks.text.sha256, options)
-        self.out = pairs_path(self.cache, ctx.artifact["sha256"])
+        self.out = pairs_path(self.cache, kld_cell_key)
         self.base: dict[str, np.ndarray] | None = None
         self.rows: list[dict[str, np.ndarray]] = []
         self.parts: list[dict[str, np.ndarray]] = []
@@ -375,15 +379,19 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
         raise QbenchError("no base variant to compare with")
     text = load_text(opts.dataset, ctx.data_dir, ctx.base_dir)
     path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], text.sha256, opts)
-    pairs = pairs_path(path, ctx.artifact["sha256"])
-    shared = path.exists() and pairs.exists()
+    pairs = pairs_path(path, ctx.cell_key) if ctx.cell_key else None
+    shared = pairs is not None and path.exists() and pairs.exists()
     if shared:  # the perplexity cell's pass already compared this variant: no model load
-        with np.load(path) as npz:
-            base = {k: npz[k] for k in ("counts", "rest")}
-        with np.load(pairs) as npz:
-            per_token = {k: npz[k] for k in npz.files}
-        built, n_chunks = False, None
-    else:
+        try:
+            with np.load(path) as npz:
+                base = {k: npz[k] for k in ("counts", "rest")}
+            with np.load(pairs) as npz:
+                per_token = {k: npz[k] for k in npz.files}
+            built, n_chunks = False, None
+        except (OSError, ValueError, KeyError) as exc:   # unreadable: compute it here
+            ctx.notes.append(f"kld: shared result unreadable ({exc}); computed in this cell")
+            shared = False
+    if not shared:
         chunks = make_chunks(ctx.backend, opts.dataset, opts.ctx, opts.chunks, ctx.data_dir,
                              ctx.base_dir)
         base, per_token, path, built = base_and_comparison(ctx, chunks, opts)

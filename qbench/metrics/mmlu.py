@@ -160,7 +160,8 @@ def _prefix_groups(encoded: Sequence[Encoded], prefixes: Sequence[list[int]] | N
 
 
 def score_choices(backend: Backend, encoded: Sequence[Encoded],
-                  prefixes: Sequence[list[int]] | None = None) -> np.ndarray:
+                  prefixes: Sequence[list[int]] | None = None,
+                  stats: dict[str, int] | None = None) -> np.ndarray:
     """Log-likelihood of each continuation after its context: shape (questions, choices).
 
     With ``prefixes`` (per question, the tokens of its shared few-shot prefix) and a backend
@@ -170,14 +171,22 @@ def score_choices(backend: Backend, encoded: Sequence[Encoded],
     lls = np.zeros((len(encoded), n_choices), dtype=np.float64)
     fast = [i for i, e in enumerate(encoded) if e.single_token]
     slow = [i for i, e in enumerate(encoded) if not e.single_token]
-    if prefixes is not None and hasattr(backend, "prefix_last_logits"):
+    if (prefixes is not None and hasattr(backend, "prefix_last_logits")
+            and getattr(backend, "supports_prefix_cache", True)):
         by_prefix, fast = _prefix_groups(encoded, prefixes, fast)
         for pre, group in by_prefix.items():
-            rows = backend.prefix_last_logits(list(pre), [encoded[i].context[len(pre):]
-                                                          for i in group])
-            for i, logits in zip(group, rows, strict=True):
-                lp = _row_logprobs(logits)
-                lls[i] = [lp[c[0]] for c in encoded[i].continuations]
+            try:
+                rows = backend.prefix_last_logits(list(pre), [encoded[i].context[len(pre):]
+                                                              for i in group])
+                scored = [[_row_logprobs(logits)[c[0]] for c in encoded[i].continuations]
+                          for i, logits in zip(group, rows, strict=True)]
+            except Exception:  # noqa: BLE001 - e.g. a cache that cannot be cut back to the
+                fast += group  # prefix (recurrent/hybrid layers): score these the usual way
+                continue
+            for i, row in zip(group, scored):
+                lls[i] = row
+            if stats is not None:
+                stats["prefix_cached"] = stats.get("prefix_cached", 0) + len(group)
     lengths = [len(e.context) for e in encoded]
     # longest first: the backend's context grows to the longest prompt once, early
     fast.sort(key=lambda i: (-lengths[i], i))
@@ -241,11 +250,10 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
                        ((s, few_shot_prefix(s, fewshot.get(s, ())[:options.shots]))
                         for s in {q.subject for q in questions})}
         prefixes = [per_subject[q.subject] for q in questions]
-    lls = score_choices(backend, encoded, prefixes)
+    stats: dict[str, int] = {}
+    lls = score_choices(backend, encoded, prefixes, stats)
     elapsed = time.perf_counter() - t0
-    cached = 0 if prefixes is None else sum(
-        1 for e, p in zip(encoded, prefixes) if e.single_token and len(e.context) > len(p)
-        and e.context[:len(p)] == p)
+    cached = stats.get("prefix_cached", 0)
 
     predicted = lls.argmax(axis=1)   # ties: the first letter, as np.argmax in lm-eval
     correct = [int(p == q.answer) for p, q in zip(predicted, questions)]

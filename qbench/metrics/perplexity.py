@@ -106,6 +106,8 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             "bos_replaced": bool(backend.add_bos), "per_chunk_ppl": per_chunk,
             "eval_seconds": round(elapsed, 3),
             "kld_shared_pass_s": round(shared_s, 3) if shared is not None else None,
+            "nll_path": ("full log-softmax (shared with the KLD comparison)"
+                         if shared is not None else "target log-likelihood only"),
         },
     }
 
@@ -126,9 +128,14 @@ def _guarded(ctx: CellContext, shared: Any, step: Any) -> Any:
 def _shared_kld(ctx: CellContext, chunks: Any) -> Any:
     """The KLD comparison to run in this pass, when the suite's kld metric scores these same
     tokens (the runner passes its options as a companion) and a base is known."""
-    opts = ctx.companions.get("kld")
-    if not opts or ctx.base_artifact is None:
+    opts = dict(ctx.companions.get("kld") or {})
+    key = opts.pop("cell_key", "")
+    if not opts or not key or ctx.base_artifact is None:
         return None
     from . import kld
-    shared = kld.SharedPass(ctx, chunks, kld.Options(**opts))
+    try:
+        shared = kld.SharedPass(ctx, chunks, kld.Options(**opts), key)
+    except Exception as exc:  # noqa: BLE001 - never fail the perplexity cell for it
+        ctx.notes.append(f"kld not computed in this pass ({type(exc).__name__}: {exc})")
+        return None
     return shared if shared.active else None

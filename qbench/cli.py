@@ -60,7 +60,7 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
                 locate_text(dataset, ctx.data_dir, ctx.base_dir)
             except DatasetError as exc:
                 raise ConfigError(exc.detail, file=file, key=f"metrics.{name}.dataset") from None
-    for i, variant in enumerate(suite.variants):
+    for variant in suite.variants:
         for attr in ("imatrix", "calibration"):
             text = getattr(variant, attr)
             if text:

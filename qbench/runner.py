@@ -92,7 +92,12 @@ def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
     return not rerun_failed
 
 
-def companions_for(cell: Cell, suite: Suite, cells: list[Cell] | None = None
+def kld_keys(cells: list[Cell]) -> dict[tuple[str, Any], str]:
+    """(model id, variant) -> the key of that variant's KLD cell."""
+    return {(c.model.id, c.variant): c.key for c in cells if c.metric == "kld"}
+
+
+def companions_for(cell: Cell, suite: Suite, kld_cells: dict[tuple[str, Any], str]
                    ) -> dict[str, Any]:
     """Metrics a cell can serve in its own pass: the perplexity cell computes the KLD
     comparison when the kld metric scores exactly its tokens, and stores it under the key of
@@ -105,17 +110,15 @@ def companions_for(cell: Cell, suite: Suite, cells: list[Cell] | None = None
     ppl = cell.options
     if (kld.dataset, kld.ctx, kld.chunks) != (ppl.dataset, ppl.ctx, ppl.chunks):
         return {}
-    target = next((c for c in cells or () if c.metric == "kld" and c.model == cell.model
-                   and c.variant == cell.variant), None)
-    if target is None:
-        return {}
-    return {"kld": dataclasses.asdict(kld) | {"cell_key": target.key}}
+    key = kld_cells.get((cell.model.id, cell.variant))
+    return {"kld": dataclasses.asdict(kld) | {"cell_key": key}} if key else {}
 
 
-def job_for(cell: Cell, suite: Suite, ctx: PlanContext, cells: list[Cell] | None = None
-            ) -> dict[str, Any]:
+def job_for(cell: Cell, suite: Suite, ctx: PlanContext,
+            kld_cells: dict[tuple[str, Any], str] | None = None) -> dict[str, Any]:
     base = suite.base_variant(cell.model, cell.variant.backend)
-    return {"cell": cell.describe(), "companions": companions_for(cell, suite, cells),
+    return {"cell": cell.describe(),
+            "companions": companions_for(cell, suite, kld_cells or {}),
             "base_dir": str(ctx.base_dir),
             "base_variant": dataclasses.asdict(base) | {"is_base": True} if base else None,
             "data_dir": str(ctx.data_dir) if ctx.data_dir else None,
@@ -203,8 +206,8 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
         # the KLD cells the perplexity cells serve, even those --only / --shard left out
-        all_cells = expand(suite, ctx) if (only or select is not None) else cells
-        items = [WorkItem(c, job_for(c, suite, ctx, all_cells), store.log_path(c.key),
+        keys = kld_keys(expand(suite, ctx) if (only or select is not None) else cells)
+        items = [WorkItem(c, job_for(c, suite, ctx, keys), store.log_path(c.key),
                           suite.defaults.timeout_s, suite.defaults.memory_limit_mb) for c in todo]
         if items:
             progress.update(task, description=(f"[cyan]{escape(items[0].cell.id)}[/cyan]"

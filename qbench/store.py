@@ -55,7 +55,7 @@ class Store:
     def _sweep_temporaries(self) -> None:
         """Remove the temporary files of an atomic write that a kill -9 interrupted: with the
         lock held, no writer of this folder is alive. Finished results are never touched."""
-        for folder in (self.cells_dir, self.runs_dir, self.dir):
+        for folder in (self.cells_dir, self.runs_dir):   # written only under this lock
             if folder.is_dir():
                 for tmp in folder.glob(".*.tmp"):
                     with contextlib.suppress(OSError):

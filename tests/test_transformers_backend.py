@@ -190,7 +190,9 @@ def test_calibration_comes_from_the_end_and_is_recorded(tmp_path: Path) -> None:
     (tmp_path / "calib.txt").write_text(text)
     variant = {"calibration": "calib.txt", "calibration_samples": 4, "calibration_seq_len": 100}
     job = {"base_dir": str(tmp_path), "data_dir": None}
-    seqs, prov = hf.calibration_set(variant, job, _WordTokenizer())
+    text, spec = hf.calibration_spec(variant, job)
+    seqs, facts = hf.calibration_tokens(text, spec, _WordTokenizer())
+    prov = spec | facts
     assert len(seqs) == 4 and all(len(s) == 100 for s in seqs)
     assert all(s[0] == 1 for s in seqs)          # BOS first: this tokenizer adds one
     assert prov["samples"] == 4 and prov["seq_len"] == 100 and prov["bos_first"]
@@ -198,7 +200,7 @@ def test_calibration_comes_from_the_end_and_is_recorded(tmp_path: Path) -> None:
     assert len(prov["text_sha256"]) == 64 and len(prov["tokens_sha256"]) == 64
     variant["calibration_samples"] = 100
     with pytest.raises(QbenchError, match="fewer than"):
-        hf.calibration_set(variant, job, _WordTokenizer())
+        hf.calibration_tokens(*hf.calibration_spec(variant, job), _WordTokenizer())
 
 
 def test_unsupported_is_a_skip() -> None:

@@ -274,6 +274,21 @@ class TransformersBackend:
                 n = max(len(c) - 1 - first, 0)
                 yield np.ascontiguousarray(rows[i, :n])
 
+    def _groups(self, seqs: Sequence[Sequence[int]]) -> Iterator[list[Sequence[int]]]:
+        """Consecutive sequences batched together: at most ``max_seqs`` of them and
+        (count x longest) <= ``n_batch`` tokens."""
+        i = 0
+        while i < len(seqs):
+            group = [seqs[i]]
+            longest = len(seqs[i])
+            i += 1
+            while (i < len(seqs) and len(group) < self.max_seqs
+                   and (len(group) + 1) * max(longest, len(seqs[i])) <= self.n_batch):
+                longest = max(longest, len(seqs[i]))
+                group.append(seqs[i])
+                i += 1
+            yield group
+
     def prefix_last_logits(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]
                            ) -> Iterator[np.ndarray]:
         """The logits after ``prefix + suffix`` for each suffix: the prefix's KV cache is
@@ -288,16 +303,8 @@ class TransformersBackend:
             out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device),
                              use_cache=True, **kw)   # only the KV cache is wanted
             base = out.past_key_values
-            i = 0
-            while i < len(suffixes):
-                group = [suffixes[i]]
-                longest = len(suffixes[i])
-                i += 1
-                while (i < len(suffixes) and len(group) < self.max_seqs
-                       and (len(group) + 1) * max(longest, len(suffixes[i])) <= self.n_batch):
-                    longest = max(longest, len(suffixes[i]))
-                    group.append(suffixes[i])
-                    i += 1
+            for group in self._groups(suffixes):
+                longest = max(len(s) for s in group)
                 cache = copy.deepcopy(base)
                 if len(group) > 1:
                     cache.batch_repeat_interleave(len(group))
@@ -325,16 +332,7 @@ class TransformersBackend:
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
         if not prompts:
             return
-        i = 0
-        while i < len(prompts):
-            group = [prompts[i]]
-            longest = len(prompts[i])
-            i += 1
-            while (i < len(prompts) and len(group) < self.max_seqs
-                   and (len(group) + 1) * max(longest, len(prompts[i])) <= self.n_batch):
-                longest = max(longest, len(prompts[i]))
-                group.append(prompts[i])
-                i += 1
+        for group in self._groups(prompts):
             ids, mask, positions, offsets = self._batch(group)
             last = [off + len(p) - 1 for off, p in zip(offsets, group)]
             wanted = sorted(set(last))

@@ -72,15 +72,10 @@ def _include_dir(options: Options, base_dir: Path) -> Path | None:
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
     """The task configs' content and lm-eval's version are part of the cell key."""
-    from importlib import metadata
-
+    from ..plan import library_version
     from ..sources import sha256_file
 
-    try:
-        version = metadata.version("lm-eval")
-    except metadata.PackageNotFoundError:
-        version = "not-installed"
-    out: dict[str, Any] = {"lm_eval": version}
+    out: dict[str, Any] = {"lm_eval": library_version("lm-eval")}
     folder = _include_dir(options, plan_ctx.base_dir)
     if folder is not None:
         out["include_sha256"] = sha256_file(folder, plan_ctx.cache_dir)
@@ -153,9 +148,9 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     values = parse_results(res, options.tasks)
     docs = sum((v.get("effective") or 0) for v in (res.get("n-samples") or {}).values())
     values["docs_per_s"] = value(docs / elapsed if elapsed > 0 else None, None, docs, "docs/s")
-    from importlib import metadata
+    from ..plan import library_version
     return {"values": values, "details": {
-        "lm_eval_version": metadata.version("lm-eval"), "tasks": list(options.tasks),
+        "lm_eval_version": library_version("lm-eval"), "tasks": list(options.tasks),
         "include_path": str(folder) if folder else None, "limit": options.limit or None,
         "num_fewshot": None if options.num_fewshot < 0 else options.num_fewshot,
         "versions": res.get("versions"), "n_samples": res.get("n-samples"),

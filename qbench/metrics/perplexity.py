@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,25 +65,18 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     nll_parts: list[np.ndarray] = []
     per_chunk: list[float] = []
     shared = _shared_kld(ctx, chunks)
-    shared_s = 0.0
+    timer = {"shared_s": 0.0}
     t0 = time.perf_counter()
-    if shared is None:
-        for nll in iter_nll(backend, chunks):
-            nll_parts.append(nll)
-            per_chunk.append(math.exp(float(nll.mean())))
-    else:  # the same NLLs from the full log-softmax, which the KLD comparison needs anyway
-        for i, logprobs, targets in iter_scored(backend, chunks):
-            nll = -logprobs[np.arange(len(targets)), targets].astype(np.float64)
-            nll_parts.append(nll)
-            per_chunk.append(math.exp(float(nll.mean())))
-            t1 = time.perf_counter()
-            _guarded(ctx, shared, lambda: shared.feed(i, logprobs, targets))
-            shared_s += time.perf_counter() - t1
+    for nll in _nlls(ctx, chunks, shared, timer):
+        nll_parts.append(nll)
+        per_chunk.append(math.exp(float(nll.mean())))
+    if shared is not None:
         t1 = time.perf_counter()
         pairs = _guarded(ctx, shared, shared.finish)
-        shared_s += time.perf_counter() - t1
+        timer["shared_s"] += time.perf_counter() - t1
         if pairs is not None:
             ctx.notes.append(f"kld computed in this pass, for the kld cell: {pairs.name}")
+    shared_s = timer["shared_s"]
     elapsed = time.perf_counter() - t0 - shared_s
     nll = np.concatenate(nll_parts)
     mean, se = mean_and_stderr(nll)
@@ -110,6 +104,20 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
                          if shared is not None else "target log-likelihood only"),
         },
     }
+
+
+def _nlls(ctx: CellContext, chunks: Any, shared: Any, timer: dict[str, float]
+          ) -> Iterator[np.ndarray]:
+    """Per chunk, the scored tokens' NLLs; with a shared KLD pass from the full log-softmax it
+    needs (its time kept apart in ``timer``), else without computing the log-softmax."""
+    if shared is None:
+        yield from iter_nll(ctx.backend, chunks)
+        return
+    for i, logprobs, targets in iter_scored(ctx.backend, chunks):
+        t1 = time.perf_counter()
+        _guarded(ctx, shared, lambda: shared.feed(i, logprobs, targets))
+        timer["shared_s"] += time.perf_counter() - t1
+        yield -logprobs[np.arange(len(targets)), targets].astype(np.float64)
 
 
 def _guarded(ctx: CellContext, shared: Any, step: Any) -> Any:

@@ -183,48 +183,44 @@ def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
     """The GGUF file of ``quant``, made from ``source`` via the float ``base_quant``."""
     import llama_cpp
 
-    from .convert import convert, converter_version, is_hf_folder
-
     lib = {"llama_cpp_python": llama_cpp.__version__}
     if base_quant not in FLOAT_TYPES:
         raise QbenchError(f"the base must be a float type ({', '.join(sorted(FLOAT_TYPES))}), "
                           f"got {base_quant}")
-    if is_hf_folder(source):  # a Hugging Face folder: llama.cpp's converter makes the base
+    base = _float_base(source, source_sha, base_quant, cache_dir, threads, lib)
+    if quant == base_quant:
+        return base
+    recipe = {"tool": "llama_model_quantize", "input_sha256": base.sha256,
+              "input_type": base_quant, "output_type": quant, "base_recipe": base.recipe,
+              "imatrix_sha256": imatrix_sha or None, **lib}
+    if imatrix_path is not None:
+        recipe["tool"] = "llama-quantize --imatrix"
+    return _cached(cache_dir, recipe,
+                   lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
+
+
+def _float_base(source: Path, source_sha: str, base_quant: str, cache_dir: Path, threads: int,
+                lib: dict[str, str]) -> Artifact:
+    """The float GGUF every variant is quantized from: a Hugging Face folder converted by
+    llama.cpp's converter, the source itself when it already is that type, else the source
+    requantized to it (recorded)."""
+    from .convert import convert, converter_version, is_hf_folder
+
+    if is_hf_folder(source):
         recipe = {"tool": "convert_hf_to_gguf", "converter": converter_version(),
                   "input_sha256": source_sha, "input_type": "hf-folder",
                   "output_type": base_quant, "requantized": False}
-        base = _cached(cache_dir, recipe, lambda out: convert(source, out, base_quant,
-                                                              cache_dir))
-        if quant == base_quant:
-            return base
-        return _cached(cache_dir, _variant_recipe(base, base_quant, quant, imatrix_sha, lib,
-                                                  imatrix_path),
-                       lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
+        return _cached(cache_dir, recipe,
+                       lambda out: convert(source, out, base_quant, cache_dir))
     source_type = dominant_type(source, cache_dir)
     base_recipe = {"tool": "llama_model_quantize", "input_sha256": source_sha,
                    "input_type": source_type, "output_type": base_quant,
                    "requantized": source_type not in FLOAT_TYPES,
                    **lib}
     if source_type == base_quant:
-        base = Artifact(source, source_sha, {"tool": "none (source used as is)",
+        return Artifact(source, source_sha, {"tool": "none (source used as is)",
                                              "input_sha256": source_sha,
                                              "output_type": base_quant})
-    else:
-        base = _cached(cache_dir, base_recipe,
-                       lambda out: _quantize(source, out, base_quant, threads, None))
-    if quant == base_quant:
-        return base
-    return _cached(cache_dir, _variant_recipe(base, base_quant, quant, imatrix_sha, lib,
-                                              imatrix_path),
-                   lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
-
-
-def _variant_recipe(base: Artifact, base_quant: str, quant: str, imatrix_sha: str,
-                    lib: dict[str, str], imatrix_path: Path | None) -> dict[str, Any]:
-    recipe = {"tool": "llama_model_quantize", "input_sha256": base.sha256,
-              "input_type": base_quant, "output_type": quant, "base_recipe": base.recipe,
-              "imatrix_sha256": imatrix_sha or None, **lib}
-    if imatrix_path is not None:
-        recipe["tool"] = "llama-quantize --imatrix"
-    return recipe
+    return _cached(cache_dir, base_recipe,
+                   lambda out: _quantize(source, out, base_quant, threads, None))
 

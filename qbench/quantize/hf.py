@@ -482,14 +482,6 @@ def calibration_tokens(text: Any, spec: dict[str, Any], tokenizer: Any
                             "text)", "bos_first": bos is not None, "tokens_sha256": digest}
 
 
-def calibration_set(variant: dict[str, Any], job: dict[str, Any], tokenizer: Any
-                    ) -> tuple[list[list[int]], dict[str, Any]]:
-    """The calibration sequences and their full provenance (spec + tokenized facts)."""
-    text, spec = calibration_spec(variant, job)
-    seqs, facts = calibration_tokens(text, spec, tokenizer)
-    return seqs, spec | facts
-
-
 def _bos_added(tokenizer: Any) -> int | None:
     """The BOS id when the tokenizer puts one first by itself, else None."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]

@@ -109,3 +109,22 @@ def collect() -> dict[str, Any]:
         "libraries": library_versions(),
         "qbench_git": git_sha(),
     }
+
+
+def hardware_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
+    """What of a stored environment decides speed and memory: CPU model, its flags and core
+    count, and each GPU's name, memory and driver. Two results are only comparable on speed
+    or memory when these agree (used in speed/memory cell keys and by the regression gate)."""
+    gpus_ = [{"name": g.get("name"), "memory_total_mb": round(g.get("memory_total_mb") or 0),
+              "driver": g.get("driver")}
+             for g in env.get("gpus") or [] if isinstance(g, dict)]
+    return {"cpu": env.get("cpu"), "cpu_flags": sorted(env.get("cpu_flags") or []),
+            "cpu_cores_logical": env.get("cpu_cores_logical"), "gpus": gpus_}
+
+
+def hardware_id(env: dict[str, Any]) -> str:
+    """A short stable digest of :func:`hardware_fingerprint`."""
+    import hashlib
+    import json
+    blob = json.dumps(hardware_fingerprint(env), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -145,3 +145,61 @@ def paired_from_records(base: dict[str, Any], other: dict[str, Any]) -> dict[str
                          "ids differ): compare runs with the same subset, seed and dataset")
     ids = sorted(b)
     return paired_accuracy([b[i] for i in ids], [o[i] for i in ids])
+
+
+# ------------------------------------------------------------------ paired continuous values
+
+# two-sided 95 % Student t quantiles (t_{0.975, df}) for small samples; the normal beyond 30
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (normal past 30):
+    a paired difference over 8 chunks has 7 degrees of freedom, not a normal's."""
+    if df < 1:
+        return math.inf
+    return _T975[df - 1] if df <= len(_T975) else Z95
+
+
+def paired_mean_diff(diffs: Sequence[float]) -> dict[str, Any]:
+    """Mean of paired differences (candidate - base, one per shared unit: chunk, question)
+    with its standard error and 95 % t interval. The noise of a paired difference is the
+    spread of the differences, never the two runs' own sampling errors."""
+    n = len(diffs)
+    if n == 0:
+        raise ValueError("no paired units to compare")
+    mean = math.fsum(diffs) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "se": math.inf, "ci_low": -math.inf,
+                "ci_high": math.inf, "df": 0}
+    var = math.fsum((d - mean) ** 2 for d in diffs) / (n - 1)
+    se = math.sqrt(var / n)
+    half = t975(n - 1) * se
+    return {"n": n, "mean": mean, "se": se, "ci_low": mean - half, "ci_high": mean + half,
+            "df": n - 1}
+
+
+def paired_ln_ppl_ratio(base_chunk_ppl: Sequence[float], other_chunk_ppl: Sequence[float]
+                        ) -> dict[str, Any]:
+    """ln(PPL_other / PPL_base) paired by chunk (both scored the same chunks; every chunk
+    scores the same number of tokens, so the mean of per-chunk ln-PPL differences is exactly
+    the ln of the PPL ratio) with its paired 95 % interval."""
+    if len(base_chunk_ppl) != len(other_chunk_ppl):
+        raise ValueError(f"per-chunk lists differ in length: {len(base_chunk_ppl)} vs "
+                         f"{len(other_chunk_ppl)} (not the same chunks?)")
+    diffs = [math.log(o) - math.log(b) for b, o in zip(base_chunk_ppl, other_chunk_ppl)]
+    return paired_mean_diff(diffs) | {"method": "per-chunk paired t"}
+
+
+def n_to_resolve(n: int, se: float, point: float, threshold: float, z: float = Z95
+                 ) -> int | None:
+    """The sample size (in the units of ``n``) at which a 95 % interval around ``point``
+    would no longer straddle ``threshold``, assuming the error shrinks as 1/sqrt(n). None when
+    the point sits on the threshold (no finite sample resolves it) or nothing is known."""
+    gap = abs(point - threshold)
+    if n <= 0 or not math.isfinite(se) or se <= 0 or gap == 0:
+        return None
+    need = n * (z * se / gap) ** 2
+    return max(n + 1, math.ceil(need))

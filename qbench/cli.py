@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from . import __version__
 from .errors import QbenchError
 
 EXIT_OK, EXIT_USER, EXIT_CELLS_FAILED, EXIT_BUG = 0, 1, 2, 3
+LOG_WIDTH = 1000   # console width when stderr is not a terminal: long lines stay whole
 
 
 def _suite_context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -131,20 +134,26 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing run"
     console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
                   f"{summary.cached} cached. Results: {escape(str(store.dir))}")
+    report = None
     if not args.no_report:
         pages = build_site(load_results([store.dir]), Path(args.report_dir),
                            budget_gb=suite.report.memory_budget_gb or None,
                            max_loss_pct=suite.report.max_loss_pct,
                            kv_ctx=suite.report.context_tokens)
-        console.print(f"report: {pages[1] if len(pages) > 1 else pages[0]}")
+        report = pages[1] if len(pages) > 1 else pages[0]
+        console.print(f"report: {report}")
+    code = EXIT_CELLS_FAILED if summary.any_failed else EXIT_OK
+    if args.summary_json or args.summary_md:
+        from . import run_summary
+        run_summary.write(run_summary.build(summary, store, report=report, exit_code=code),
+                          json_path=args.summary_json, md_path=args.summary_md)
     if summary.any_failed:
         failed = summary.failed_ids + summary.recorded_failures
         console.print(f"[red]{len(failed)} cell(s) failed[/red]"
                       + (f" ({len(summary.recorded_failures)} in earlier runs; --rerun-failed "
                          "retries them)" if summary.recorded_failures else "")
                       + ": " + escape(", ".join(failed[:10])))
-        return EXIT_CELLS_FAILED
-    return EXIT_OK
+    return code
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -175,17 +184,23 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
-    from .export import flat_rows, to_csv, to_jsonl
+    from .export import flat_rows, to_csv, to_jsonl, to_parquet
     from .store import load_results
 
+    to_file = bool(args.output and args.output != "-")
+    if args.format == "parquet" and not to_file:
+        raise QbenchError("Parquet is a binary format: give the file to write with -o FILE")
     rows = flat_rows(load_results([Path(p) for p in args.results]))
-    text = to_csv(rows) if args.format == "csv" else to_jsonl(rows)
-    if args.output and args.output != "-":
-        from .fsutil import atomic_write_text
-        atomic_write_text(Path(args.output), text)
+    if args.format == "parquet":
+        data = to_parquet(rows)
+    else:
+        data = (to_csv(rows) if args.format == "csv" else to_jsonl(rows)).encode("utf-8")
+    if to_file:
+        from .fsutil import atomic_write_bytes
+        atomic_write_bytes(Path(args.output), data)
         console.print(f"wrote {len(rows)} rows to {args.output}")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(data.decode("utf-8"))
     return EXIT_OK
 
 
@@ -250,6 +265,79 @@ def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def make_console() -> Console:
+    """Rich on stderr. When that is not a terminal (a CI log, a pipe, a file) nothing is wrapped
+    or folded: each cell id, status and error stays whole on one line, to read and to grep.
+    An explicit $COLUMNS still wins."""
+    if sys.stderr.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=True)
+    return Console(stderr=True, width=LOG_WIDTH, soft_wrap=True)
+
+
+DESCRIPTION = """\
+qbench measures what quantization costs an LLM. For every variant of a model (GGUF Q8_0 .. Q2_K,
+imatrix or not; AWQ, GPTQ, bitsandbytes) it measures perplexity, KL divergence against the base,
+MMLU accuracy, speed and memory, stores one result file per cell (model x variant x metric),
+and renders an HTML report that recommends a variant for your memory budget and tolerated loss.
+Runs resume where they stopped; a crashing or hanging cell is recorded, not fatal."""
+
+EPILOG = """\
+a first session:
+  qbench doctor                                  can this machine run the default suite?
+  qbench run suites/smoke.toml                   measure (results/smoke/, reports/index.html)
+  qbench export results/smoke --format parquet -o smoke.parquet
+  python -c 'import qbench; print(qbench.load("results/smoke"))'     # pandas DataFrame
+
+exit codes: 0 ok, 1 user error (bad suite, missing file or extra), 2 some cells failed
+(compare: a regression), 3 a bug in qbench (please report the traceback)."""
+
+# per subcommand: what it does for the user (--help's description) and one example (epilog)
+COMMAND_DOCS: dict[str, tuple[str, str]] = {
+    "validate": ("Check a suite file without loading any model: keys and values, model "
+                 "files and GGUF headers, datasets. Fast; run it before a long run.",
+                 "qbench validate suites/smoke.toml"),
+    "plan": ("List the cells (model/backend/quant/metric) a run would measure and which are "
+             "already stored, without running anything.",
+             "qbench plan suites/smoke.toml --only 'smollm2-135m/llama.cpp/*'"),
+    "run": ("Measure every cell of the suite not already stored, each in its own process, "
+            "storing each result the moment it is known (kill it at any time; run again to "
+            "resume), then write the HTML report. Exit 2 if any cell failed. "
+            "--summary-md \"$GITHUB_STEP_SUMMARY\" puts a table of the run on a CI job's page; "
+            "--summary-json FILE gives the same for scripts.",
+            "qbench run suites/smoke.toml --only '*/llama.cpp/Q8_0/*' --summary-md summary.md"),
+    "report": ("Render stored results as a self-contained HTML report (opens offline): every "
+               "variant's numbers, size-vs-quality plots, advice checks and a recommendation.",
+               "qbench report results/smoke --out reports --memory-budget-gb 0.2"),
+    "compare": ("Compare two result sets cell by cell (e.g. tonight's run against a "
+                "baseline); exit 2 on a regression beyond noise: the CI gate.",
+                "qbench compare results/baselines/smoke results/smoke --out diff.html"),
+    "merge": ("Merge result folders (e.g. the shards of a CI matrix run with --shard i/n) "
+              "into one results root.",
+              "qbench merge shard-1/ shard-2/ --out results"),
+    "export": ("Write stored results as a flat table, one row per metric value (failed cells: "
+               "one row with status and error). Parquet needs the pandas extra; in Python, "
+               "qbench.load() gives the same table as a DataFrame.",
+               "qbench export results/smoke --format parquet -o smoke.parquet"),
+    "cache": ("Show or clear qbench's cache: quantized artifacts, KLD base log-probs, "
+              "imatrix files, GGUF inspections, Hugging Face downloads.",
+              "qbench cache clear kld"),
+    "doctor": ("Check this machine for the default suite: backends installed, CPU flags "
+               "(AMX), GPUs, datasets.", "qbench doctor --data-dir ~/qbench-data"),
+    "ls": ("List the suites stored under a results root with their cell counts by status "
+           "and their last run.", "qbench ls --out results"),
+}
+
+
+def _document(sub: Any) -> None:
+    """Give every subcommand its description and example (kept in one table, above)."""
+    for name, sp in sub.choices.items():
+        if name in COMMAND_DOCS:
+            description, example = COMMAND_DOCS[name]
+            sp.description = textwrap.fill(description, 88)
+            sp.epilog = f"example:\n  {example}"
+            sp.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on bad usage; 2 means "cells failed" here, so usage errors exit 1."""
 
@@ -259,7 +347,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qbench", description=__doc__)
+    p = _Parser(prog="qbench", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"qbench {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -293,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rerun-failed", action="store_true", help="rerun failed/crashed cells")
     sp.add_argument("--report-dir", default="reports", help="where the HTML goes")
     sp.add_argument("--no-report", action="store_true")
+    sp.add_argument("--summary-json", metavar="FILE",
+                    help="write what this run did as JSON: counts, failures, and each cell run "
+                    "with its status, headline value and time")
+    sp.add_argument("--summary-md", metavar="FILE",
+                    help="append the same as a Markdown table (give \"$GITHUB_STEP_SUMMARY\" "
+                    "in GitHub Actions)")
 
     sp = sub.add_parser("report", help="render stored results as static HTML")
     sp.add_argument("results", nargs="+", help="results folders (a suite's or the root)")
@@ -301,26 +396,50 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recommend the best variant that fits (else the suite's [report])")
     sp.add_argument("--max-loss-pct", type=float, default=None,
                     help="tolerated quality loss vs base for the recommendation")
-    sp = sub.add_parser("compare", help="differences between two result sets; exit 2 on a "
-                        "regression beyond noise (the CI gate)")
+    sp = sub.add_parser(
+        "compare", help="differences between two result sets; exit 2 on a regression (the CI "
+        "gate)", description="Paired comparison of two result sets (same tokens, same "
+        "questions): a value regresses when its whole 95 %% interval is worse than a practical "
+        "tolerance - PPL by per-chunk paired t, KLD by per-chunk paired t, MMLU by exact "
+        "McNemar on the flipped questions, speed and memory only on the same hardware. A cell "
+        "ok in the baseline and failed, skipped or missing in the candidate is a regression "
+        "too. Exit 0: no regression, 2: regression, 1: unreadable input.")
     sp.add_argument("baseline", help="results folder or file (e.g. results/baselines/smoke)")
     sp.add_argument("candidate", help="results folder")
-    sp.add_argument("--threshold-pct", type=float, default=2.0,
-                    help="relative change that counts as a regression (default 2%%)")
-    sp.add_argument("--sigma", type=float, default=3.0,
-                    help="...and beyond this many combined standard errors (default 3)")
+    sp.add_argument("--suite", metavar="SUITE.toml", help="the suite as it is now: a baseline "
+                    "cell it no longer asks for may be absent (default: every cell ok in the "
+                    "baseline is expected)")
+    sp.add_argument("--only", action="append", metavar="GLOB",
+                    help="compare only cells whose id model/backend/quant/metric matches "
+                    "(repeatable, as qbench run --only)")
+    tol = sp.add_argument_group("tolerances (how much worse the whole interval must be)")
+    for flag, dest, default, what in (
+            ("--ppl-tol-pct", "tol_ppl_pct", 0.5, "PPL increase, %%"),
+            ("--kld-tol-pct", "tol_kld_pct", 10.0, "mean KLD increase, %% of the baseline's"),
+            ("--kld-tol-abs", "tol_kld_abs", 1e-5, "... and at least this many nats"),
+            ("--mmlu-tol-points", "tol_mmlu_points", 1.0, "MMLU net loss, points"),
+            ("--mmlu-alpha", "tol_mmlu_alpha", 0.05, "McNemar significance level"),
+            ("--speed-tol-pct", "tol_speed_pct", 10.0, "tokens/s drop, %%"),
+            ("--memory-tol-pct", "tol_memory_pct", 10.0, "peak memory rise, %%"),
+            ("--memory-tol-mb", "tol_memory_mb", 64.0, "... and at least this many MiB"),
+            ("--other-tol-pct", "tol_other_pct", 2.0, "any other gated value, %%")):
+        tol.add_argument(flag, dest=dest, type=float, default=None,
+                         help=f"{what} (default {default:g})")
     sp.add_argument("--out", default=None, help="also write an HTML diff page here")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the comparison as JSON")
     sp = sub.add_parser("merge", help="merge result folders (e.g. the shards of a CI matrix) "
                         "into one results root")
     sp.add_argument("sources", nargs="+", help="results folders: a results root, a suite "
                     "folder, or a folder holding several")
     sp.add_argument("--out", default="results", help="results root to merge into "
                     "(default ./results)")
-    sp = sub.add_parser("export", help="flat table of results (JSONL or CSV)")
-    sp.add_argument("results", nargs="+")
-    sp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    sp.add_argument("-o", "--output", help="file (default: stdout)")
+    sp = sub.add_parser("export", help="flat table of results (JSONL, CSV or Parquet)")
+    sp.add_argument("results", nargs="+", help="results folders (a suite's or the root) or "
+                    "cell files")
+    sp.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl",
+                    help="parquet: typed columns, read back by qbench.load (pip install "
+                    "'qbench-llm[pandas]')")
+    sp.add_argument("-o", "--output", help="file (default: stdout; required for parquet)")
     sp = sub.add_parser("cache", help="show or clear qbench's cache (artifacts, KLD bases...)")
     sp.add_argument("action", choices=("info", "clear"))
     sp.add_argument("kind", nargs="?", default="all",
@@ -330,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-dir")
     sp = sub.add_parser("ls", help="list stored suites and their cells")
     sp.add_argument("--out", default="results")
+    _document(sub)
     return p
 
 
@@ -342,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    console = Console(stderr=True)
+    console = make_console()
     try:
         return COMMANDS[args.command](args, console)
     except QbenchError as exc:

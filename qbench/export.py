@@ -1,5 +1,6 @@
 """Flat exports: one row per metric value per cell (suite, model, backend, quant, metric, value,
-stderr, n, status), as JSONL or CSV; failed cells appear with their status and no value."""
+stderr, n, status, the cell's key and id), as JSONL, CSV or Parquet; failed cells appear with
+their status and error and no value. ``qbench.load`` reads the same table as a DataFrame."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import json
 from typing import Any
 
 COLUMNS = ("suite", "model", "backend", "quant", "metric", "name", "value", "stderr", "n",
-           "unit", "status", "error", "key")
+           "unit", "status", "error", "key", "id")
 
 
 def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records -> rows of COLUMNS: one per value, or one (no value) for a cell without values."""
     rows = []
     for r in records:
         base = {"suite": r["suite"], "model": r["model"]["id"], "backend": r["variant"]["backend"],
                 "quant": r["variant"]["quant"], "metric": r["metric"], "status": r["status"],
-                "error": r.get("error"), "key": r["key"]}
+                "error": r.get("error"), "key": r["key"], "id": r.get("id")}
         values = r.get("values") or {}
         if not values:
             rows.append(base | {"name": None, "value": None, "stderr": None, "n": None,
@@ -39,3 +41,10 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in COLUMNS})
     return buf.getvalue()
+
+
+def to_parquet(rows: list[dict[str, Any]]) -> bytes:
+    """Parquet bytes of the typed table (pandas + pyarrow: the ``pandas`` extra)."""
+    from .frame import to_parquet_bytes
+
+    return to_parquet_bytes(rows)

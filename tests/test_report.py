@@ -196,8 +196,13 @@ def test_recommendation_with_budget_picks_lowest_loss_that_fits(demo_rows: list[
 
 
 def test_recommendation_without_budget_picks_smallest_within_loss(demo_rows) -> None:
+    # Q4_K_M: +2.84 %, upper end of its paired 95 % interval +3.01 %
     [rec] = recommend(demo_rows, budget_gb=None, max_loss_pct=3.0)
-    assert rec["choice"]["row"]["quant"] == "Q4_K_M"
+    assert rec["choice"]["row"]["quant"] == "Q6_K"          # Q4_K_M straddles 3 %
+    assert [c["row"]["quant"] for c in rec["borderline"]] == ["Q4_K_M"]
+    assert "Q4_K_M is borderline" in rec["borderline_text"][0]
+    [rec] = recommend(demo_rows, budget_gb=None, max_loss_pct=3.5)
+    assert rec["choice"]["row"]["quant"] == "Q4_K_M" and not rec["borderline"]
     [none] = recommend(demo_rows, budget_gb=0.05, max_loss_pct=0.1)
     assert none["choice"] is None and "No measured variant" in none["why"]
 

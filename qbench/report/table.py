@@ -16,10 +16,14 @@ from typing import Any
 FAILED = ("failed", "timeout", "crashed")
 MIB = 2 ** 20
 
-try:  # paired McNemar test + Newcombe CI (qbench/stats.py)
-    from ..stats import paired_from_records
+try:  # paired McNemar test + Newcombe CI, paired ln PPL ratio (qbench/stats.py)
+    from ..stats import Z95, paired_from_records, paired_ln_ppl_ratio
 except ImportError:  # pragma: no cover - stats.py is written concurrently
-    paired_from_records = None  # type: ignore[assignment]
+    paired_from_records = paired_ln_ppl_ratio = None  # type: ignore[assignment]
+    Z95 = 1.959963984540054
+
+# cells that load only the variant itself (never the base): their peak is the variant's own
+OWN_CELLS = ("speed", "mmlu", "sanity")
 
 
 def variant_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -170,8 +174,12 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     measured = [c for c in cells.values() if c.get("metric") != "footprint"]
     rss = [(c.get("memory") or {}).get("peak_rss_mb") for c in measured]
     vram = [(c.get("memory") or {}).get("peak_vram_mb") for c in measured]
+    # the maximum over every cell (a perplexity or KLD cell may also have loaded the base)
     row["peak_rss_mb"] = max((r for r in rss if r), default=None)
     row["peak_vram_mb"] = max((r for r in vram if r), default=None)
+    row["own_peak_cell"], row["own_peak_rss_mb"], row["own_peak_vram_mb"] = _own_peak(
+        cells, bool(variant.get("is_base")))
+    row["weights_mb"], row["weights_how"] = _weights_in_memory(row, cells)
     devices = {str((c.get("backend") or {}).get("device")) for c in measured
                if (c.get("backend") or {}).get("device")}
     row["device"] = ", ".join(sorted(devices)) or None
@@ -183,6 +191,40 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
                                else None)
     row["imatrix"] = variant.get("imatrix") or None
     return row
+
+
+def _own_peak(cells: dict[str, dict[str, Any]], is_base: bool
+              ) -> tuple[str | None, float | None, float | None]:
+    """(cell, peak RSS, peak VRAM) of the first ok cell that loaded only this variant: speed,
+    then MMLU, then sanity. A variant's perplexity and KLD cells may also load the base (to
+    build the base's log-probs), so their peak is not the variant's; for the base they are."""
+    order = OWN_CELLS + (("perplexity", "kld") if is_base else ())
+    for metric in order:
+        c = cells.get(metric)
+        mem = (c or {}).get("memory") or {}
+        if c and c.get("status") == "ok" and (mem.get("peak_rss_mb") or mem.get("peak_vram_mb")):
+            return metric, mem.get("peak_rss_mb") or None, mem.get("peak_vram_mb") or None
+    return None, None, None
+
+
+def _weights_in_memory(row: dict[str, Any], cells: dict[str, dict[str, Any]]
+                       ) -> tuple[float | None, str | None]:
+    """The weights' size once loaded: torch's measured footprint of a transformers variant,
+    else the footprint cell's load-time estimate (bitsandbytes quantizes a float file at load
+    time, so its file is not what sits in memory), else the file size."""
+    for metric in OWN_CELLS + ("perplexity", "kld"):
+        c = cells.get(metric)
+        if not c or c.get("status") != "ok":
+            continue
+        facts = (c.get("backend") or {}).get("weights_now") or {}
+        if facts.get("memory_footprint_bytes"):
+            return facts["memory_footprint_bytes"] / MIB, f"measured in memory ({metric} cell)"
+    loaded, _ = value_of(cells.get("footprint"), "loaded_weights_estimate_mb")
+    if loaded is not None:
+        return loaded, "estimated in memory (load-time quantization)"
+    if row.get("size_mb") is not None:
+        return row["size_mb"], "file size"
+    return None, None
 
 
 def _model_facts(rows: list[dict[str, Any]]) -> None:
@@ -204,10 +246,9 @@ def _model_facts(rows: list[dict[str, Any]]) -> None:
 def _add_deltas(rows: list[dict[str, Any]]) -> None:
     """Deltas against the row marked as the model's base (same suite and model).
 
-    dPPL %: from the KLD cell's ln(PPL_q/PPL_base) and its covariance-corrected error when there
-    is one (same tokens, correlated errors); otherwise from the two perplexity cells with their
-    errors combined as if independent (an overestimate of the noise). MMLU: the paired exact
-    McNemar test on the questions that flipped, when both cells stored per-question correctness.
+    ΔPPL %: see :func:`dppl_interval` (paired whenever the two variants scored the same
+    tokens). MMLU: the paired exact McNemar test on the questions that flipped, when both cells
+    stored per-question correctness.
     """
     # each backend's variants are compared with that backend's base (same engine, tokenizer)
     # (falling back to any base of the model when its backend has none)
@@ -220,45 +261,142 @@ def _add_deltas(rows: list[dict[str, Any]]) -> None:
         base = (bases.get((r["suite"], r["model"], r["backend"]))
                 or model_bases.get((r["suite"], r["model"])))
         r["base_label"] = base["label"] if base else None
-        r["dppl_pct"] = r["dppl_err"] = r["dppl_how"] = None
-        if r["is_base"]:
-            r["dppl_pct"], r["dppl_err"], r["dppl_how"] = 0.0, 0.0, "base"
-        elif r["ln_ppl_ratio"] is not None:
-            lr, le = r["ln_ppl_ratio"], r["ln_ppl_ratio_err"]
-            r["dppl_pct"] = 100.0 * math.expm1(lr)
-            r["dppl_err"] = 100.0 * math.exp(lr) * le if le is not None else None
-            r["dppl_how"] = "kld: ln(PPL_q/PPL_base), paired error"
-        elif base and base["ppl"] and r["ppl"]:
-            ratio = r["ppl"] / base["ppl"]
-            r["dppl_pct"] = 100.0 * (ratio - 1.0)
-            if r["ppl_err"] is not None and base["ppl_err"] is not None:
-                r["dppl_err"] = 100.0 * ratio * math.hypot(r["ppl_err"] / r["ppl"],
-                                                           base["ppl_err"] / base["ppl"])
-            r["dppl_how"] = "perplexity cells, errors combined as independent"
-        r["mmlu_paired"] = None
-        r["mmlu_note"] = None
-        if r["acc"] is None or r["is_base"]:
-            continue
-        if not base or base["acc"] is None:
-            r["mmlu_note"] = "no ok MMLU cell for the base"
-            continue
-        r["dacc_pts"] = 100.0 * (r["acc"] - base["acc"])
-        if paired_from_records is None:
-            r["mmlu_note"] = "paired test unavailable (qbench.stats missing)"
-            continue
-        try:
-            r["mmlu_paired"] = paired_from_records(base["cells"]["mmlu"]["details"],
-                                                   r["cells"]["mmlu"]["details"])
-        except (KeyError, TypeError, ValueError) as exc:
-            r["mmlu_note"] = f"no paired test: {exc}"
+        r.update(dppl_interval(r, base))
+        _add_mmlu_delta(r, base)
+
+
+DPPL_NONE = {"dppl_pct": None, "dppl_err": None, "dppl_how": None, "dppl_ci_low": None,
+             "dppl_ci_high": None, "dppl_paired": None, "dppl_n": None, "dppl_ln": None,
+             "dppl_ln_se": None}
+
+
+def dppl_interval(r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """ΔPPL % of ``r`` against ``base`` with its 95 % interval, paired whenever possible.
+
+    In order: (1) the KLD cell's token-paired ln(PPL_q/PPL_base) with its covariance-corrected
+    error (normal interval); (2) the two perplexity cells paired by chunk (same text, ctx and
+    chunks: t interval over the per-chunk ln PPL differences); (3) unpaired: the two runs' own
+    errors combined as independent (different texts, or no per-chunk values). The interval is
+    computed on ln(PPL ratio) and mapped to percent (exp), so it is not symmetric.
+    ``dppl_ln`` / ``dppl_ln_se`` keep the ln point and its error for sample-size arithmetic.
+    """
+    if r["is_base"]:
+        return DPPL_NONE | {"dppl_pct": 0.0, "dppl_err": 0.0, "dppl_how": "base",
+                            "dppl_ci_low": 0.0, "dppl_ci_high": 0.0, "dppl_paired": "base",
+                            "dppl_n": _scored_tokens(r), "dppl_ln": 0.0, "dppl_ln_se": 0.0}
+    if r["ln_ppl_ratio"] is not None and r["ln_ppl_ratio_err"] is not None:
+        return _from_ln(r["ln_ppl_ratio"], r["ln_ppl_ratio_err"], Z95,
+                        how="kld: ln(PPL_q/PPL_base), paired error",
+                        paired="token-paired (KLD pass)", n=_kld_tokens(r))
+    if not base or not base["ppl"] or not r["ppl"]:
+        return dict(DPPL_NONE)
+    chunked = _chunk_paired(r, base)
+    if chunked is not None:
+        return chunked
+    return _unpaired(r, base)
+
+
+def _from_ln(lr: float, se: float | None, z: float, *, how: str, paired: str,
+             n: int | None) -> dict[str, Any]:
+    """Percent fields from an ln(PPL ratio), its error and the interval's quantile ``z``."""
+    out = DPPL_NONE | {"dppl_pct": 100.0 * math.expm1(lr), "dppl_how": how,
+                       "dppl_paired": paired, "dppl_n": n, "dppl_ln": lr, "dppl_ln_se": se}
+    if se is not None and math.isfinite(se):
+        out["dppl_err"] = 100.0 * math.exp(lr) * se
+        out["dppl_ci_low"] = 100.0 * math.expm1(lr - z * se)
+        out["dppl_ci_high"] = 100.0 * math.expm1(lr + z * se)
+    return out
+
+
+def _chunk_paired(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None:
+    """Per-chunk paired t interval when both perplexity cells scored the same chunks of the
+    same text; None otherwise."""
+    mine, theirs = _ppl_details(r), _ppl_details(base)
+    a, b = theirs.get("per_chunk_ppl"), mine.get("per_chunk_ppl")
+    if paired_ln_ppl_ratio is None or not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    if not _same_text(mine, theirs):
+        return None
+    p = paired_ln_ppl_ratio(a, b)
+    half = p["ci_high"] - p["mean"]
+    z = half / p["se"] if p["se"] > 0 else Z95
+    return _from_ln(p["mean"], p["se"], z,
+                    how=f"perplexity cells paired by chunk (t interval, {p['n']} chunks)",
+                    paired=f"chunk-paired t, {p['n']} chunks", n=_scored_tokens(r))
+
+
+def _unpaired(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Both runs' own errors combined as independent: an overestimate of the noise on the
+    same text, the only estimate on different texts."""
+    lr = math.log(r["ppl"] / base["ppl"])
+    se = None
+    if r["ppl_err"] is not None and base["ppl_err"] is not None:
+        se = math.hypot(r["ppl_err"] / r["ppl"], base["ppl_err"] / base["ppl"])
+    same = _same_text(_ppl_details(r), _ppl_details(base))
+    how = ("perplexity cells, errors combined as independent" if same else
+           "perplexity cells on different texts/settings: unpaired, errors combined as "
+           "independent")
+    return _from_ln(lr, se, Z95, how=how, paired="unpaired", n=_scored_tokens(r))
+
+
+def _ppl_details(r: dict[str, Any]) -> dict[str, Any]:
+    c = r["cells"].get("perplexity")
+    return (c.get("details") or {}) if c and c.get("status") == "ok" else {}
+
+
+def _same_text(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two perplexity cells scored the same tokens (as far as their details say)."""
+    for k in ("dataset_sha256", "ctx", "chunks", "scored_tokens"):
+        if a.get(k) is not None and b.get(k) is not None and a[k] != b[k]:
+            return False
+    return True
+
+
+def _scored_tokens(r: dict[str, Any]) -> int | None:
+    d = _ppl_details(r)
+    if d.get("scored_tokens"):
+        return int(d["scored_tokens"])
+    c = r["cells"].get("perplexity")
+    n = (((c or {}).get("values") or {}).get("ppl") or {}).get("n") if c else None
+    return int(n) if n else None
+
+
+def _kld_tokens(r: dict[str, Any]) -> int | None:
+    c = r["cells"].get("kld") or {}
+    n = ((c.get("values") or {}).get("ln_ppl_ratio") or {}).get("n") or \
+        (c.get("details") or {}).get("scored_tokens")
+    return int(n) if n else _scored_tokens(r)
+
+
+def _add_mmlu_delta(r: dict[str, Any], base: dict[str, Any] | None) -> None:
+    """Paired exact McNemar test of r's MMLU answers against the base's."""
+    r["mmlu_paired"] = None
+    r["mmlu_note"] = None
+    if r["acc"] is None or r["is_base"]:
+        return
+    if not base or base["acc"] is None:
+        r["mmlu_note"] = "no ok MMLU cell for the base"
+        return
+    r["dacc_pts"] = 100.0 * (r["acc"] - base["acc"])
+    if paired_from_records is None:
+        r["mmlu_note"] = "paired test unavailable (qbench.stats missing)"
+        return
+    try:
+        r["mmlu_paired"] = paired_from_records(base["cells"]["mmlu"]["details"],
+                                               r["cells"]["mmlu"]["details"])
+    except (KeyError, TypeError, ValueError) as exc:
+        r["mmlu_note"] = f"no paired test: {exc}"
 
 
 def memory_of(row: dict[str, Any]) -> tuple[float | None, str | None]:
-    """The measured peak memory that limits this variant: VRAM when it used a GPU, else RSS."""
-    if row.get("peak_vram_mb"):
-        return row["peak_vram_mb"], "peak VRAM"
-    if row.get("peak_rss_mb"):
-        return row["peak_rss_mb"], "peak RSS"
+    """The measured peak memory that limits this variant: VRAM when it used a GPU, else RSS,
+    of its own cell (speed first: see :func:`_own_peak`), never the maximum over cells that
+    also loaded the base for KLD. None when no such cell is ok."""
+    cell = row.get("own_peak_cell")
+    if row.get("own_peak_vram_mb"):
+        return row["own_peak_vram_mb"], f"peak VRAM ({cell} cell)"
+    if row.get("own_peak_rss_mb"):
+        return row["own_peak_rss_mb"], f"peak RSS ({cell} cell)"
     return None, None
 
 

@@ -1,8 +1,13 @@
 """Expand a suite into cells (model x variant x metric), each with a stable content key.
 
-The key changes when anything that could change the number changes: the model file's sha256,
-the variant's parameters, the metric's options and version, the dataset's content, and the
-version of the backend library. A finished cell with the same key is never recomputed.
+The key changes when anything that could change the number changes: the content of every file
+a cell reads (the model; a pre-quantized variant file; all shards of a split GGUF; a model
+folder's config, tokenizer and weights; the imatrix and calibration texts; the dataset), the
+variant's parameters (and, for metrics compared with the base, the base's), the metric's options
+and version, the backend library's version, and how cells run: threads and device. Speed cells
+also carry the machine's hardware fingerprint; accuracy cells are shared across machines. A
+finished cell with the same key is never recomputed. Hashing is memoised per file by
+:func:`qbench.sources.sha256_file` and done once per input per plan, never per cell.
 """
 
 from __future__ import annotations
@@ -11,17 +16,28 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, envinfo
 from .backends import BACKENDS
-from .config import ModelSpec, Suite, VariantSpec
+from .config import Defaults, ModelSpec, Suite, VariantSpec
+from .datasets import locate_text
 from .errors import QbenchError
 from .metrics import METRIC_NAMES, metric_module
 from .sources import locate, sha256_file
+
+# metrics whose numbers are properties of the machine as much as of the model: their keys carry
+# the hardware fingerprint, so another machine measures them anew. Accuracy metrics (footprint,
+# sanity, perplexity, kld, mmlu, lm_eval) do not: their numbers are shared across machines.
+HARDWARE_BOUND: frozenset[str] = frozenset({"speed"})
+
+# device nodes of GPU drivers: 'auto' may pick a GPU here even when NVML is not installed
+_GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,45 @@ class PlanContext:
     base_dir: Path
     data_dir: Path | None
     cache_dir: Path
+    env: dict[str, Any] | None = None   # envinfo.collect() of this machine when None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How this machine runs the suite's cells: part of every key (hardware: speed only)."""
+
+    threads: int        # what the backends use: the suite's threads, 0 -> physical cores
+    device: str         # cpu | cuda | auto-gpu ('auto' where a GPU could be picked)
+    hardware_id: str    # envinfo.hardware_id: CPU model, flags and cores, GPUs and driver
+
+    def key_part(self, metric: str) -> dict[str, Any]:
+        part: dict[str, Any] = {"threads": self.threads, "device": self.device}
+        if metric in HARDWARE_BOUND:
+            part["hardware"] = self.hardware_id
+        return part
+
+
+def gpu_visible(env: dict[str, Any]) -> bool:
+    """Could device = 'auto' pick a GPU on this machine? NVML's list, else a GPU driver's device
+    node, and any Mac (llama.cpp offloads to Metal by default)."""
+    return (bool(env.get("gpus")) or sys.platform == "darwin"
+            or any(os.path.exists(node) for node in _GPU_NODES))
+
+
+def resolved_device(setting: str, env: dict[str, Any]) -> str:
+    """The device as far as it decides numbers: 'auto' is 'cpu' on a machine without a GPU (the
+    same cells as device = 'cpu'), 'auto-gpu' elsewhere (never shared with a CPU machine)."""
+    if setting != "auto":
+        return setting
+    return "auto-gpu" if gpu_visible(env) else "cpu"
+
+
+def run_settings(defaults: Defaults, env: dict[str, Any]) -> RunSettings:
+    """Threads as the backends resolve them (0: physical cores), device, hardware id."""
+    cores = env.get("cpu_cores_physical") or env.get("cpu_cores_logical") or 1
+    return RunSettings(threads=defaults.threads or int(cores),
+                       device=resolved_device(defaults.device, env),
+                       hardware_id=envinfo.hardware_id(env))
 
 
 @dataclass(frozen=True)
@@ -43,6 +98,9 @@ class Cell:
     is_base: bool
     model_sha256: str
     key: str
+    # content of the variant's other input files (part of the key), and how it runs
+    inputs: dict[str, Any] = field(default_factory=dict, compare=False)
+    run: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def id(self) -> str:
@@ -56,9 +114,11 @@ class Cell:
         return {
             "id": self.id, "key": self.key, "suite": self.suite, "metric": self.metric,
             "model": dataclasses.asdict(self.model) | {"sha256": self.model_sha256},
-            "variant": dataclasses.asdict(self.variant) | {"is_base": self.is_base},
+            "variant": dataclasses.asdict(self.variant) | {"is_base": self.is_base,
+                                                           "inputs": self.inputs},
             "options": dataclasses.asdict(self.options),
             "metric_version": metric_module(self.metric).INFO.version,
+            "run": self.run,
         }
 
 
@@ -69,17 +129,39 @@ def library_version(distribution: str) -> str:
         return "not-installed"
 
 
-def model_identity(model: ModelSpec, ctx: PlanContext) -> str:
-    """sha256 of the model's local file, or the hub reference when not downloaded yet."""
-    local = locate(model.source, base_dir=ctx.base_dir)
+def input_identity(ref: str, ctx: PlanContext) -> str:
+    """Content sha256 of a local model input (a file, every shard of a split GGUF, a model
+    folder's files), or the hub reference -- with its @revision when pinned -- when it is not
+    downloaded yet."""
+    local = locate(ref, base_dir=ctx.base_dir)
     if local is None:
-        return f"ref:{model.source}"
+        return f"ref:{ref}"
     return sha256_file(local.path, ctx.cache_dir)
 
 
-def _base_label(suite: Suite, model: ModelSpec, variant: VariantSpec) -> str | None:
-    base = suite.base_variant(model, variant.backend)
-    return base.label if base else None
+def model_identity(model: ModelSpec, ctx: PlanContext) -> str:
+    """sha256 of the model's local file(s), or the hub reference when not downloaded yet."""
+    return input_identity(model.source, ctx)
+
+
+def text_identity(name: str, ctx: PlanContext) -> str:
+    """sha256 of a text file or named dataset's local file; its hub origin when it has none."""
+    origin = locate_text(name, ctx.data_dir, ctx.base_dir)
+    return origin if origin.startswith("hf:") else sha256_file(Path(origin), ctx.cache_dir)
+
+
+def variant_inputs(variant: VariantSpec, ctx: PlanContext) -> dict[str, Any]:
+    """Content of the files a variant is made from besides the model: a pre-quantized source,
+    the imatrix's calibration text (with the imatrix recipe), AWQ/GPTQ calibration text."""
+    inputs: dict[str, Any] = {}
+    if variant.source:
+        inputs["source_sha256"] = input_identity(variant.source, ctx)
+    elif variant.imatrix and variant.backend == "llama.cpp":
+        from .quantize.imatrix import IMATRIX_RECIPE
+        inputs["imatrix"] = {"text": text_identity(variant.imatrix, ctx), **IMATRIX_RECIPE}
+    if variant.calibrated:
+        inputs["calibration_text"] = text_identity(variant.calibration or "wikitext-2", ctx)
+    return inputs
 
 
 def _key(parts: dict[str, Any]) -> str:
@@ -92,10 +174,30 @@ def _in_run_order(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(name, metrics[name]) for name in METRIC_NAMES if name in metrics]
 
 
+def _base_part(suite: Suite, model: ModelSpec, variant: VariantSpec, needs_base: bool,
+               inputs: Any) -> Any:
+    """What of the base goes into a key: for a metric compared with it, everything that makes
+    its numbers (parameters and input files); else its label."""
+    base = suite.base_variant(model, variant.backend)
+    if base is None:
+        return None
+    if not needs_base:
+        return base.label
+    return {"params": base.params(), "inputs": inputs(base)}
+
+
 def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> list[Cell]:
     """All cells of ``suite`` in run order: per model, its base variant first."""
     cells: list[Cell] = []
     extras_memo: dict[str, dict[str, Any]] = {}
+    inputs_memo: dict[VariantSpec, dict[str, Any]] = {}
+
+    def inputs(v: VariantSpec) -> dict[str, Any]:
+        if v not in inputs_memo:  # a variant shared by models is hashed once
+            inputs_memo[v] = variant_inputs(v, ctx)
+        return inputs_memo[v]
+
+    settings = run_settings(suite.defaults, ctx.env if ctx.env is not None else envinfo.collect())
     for model in suite.models:
         sha = model_identity(model, ctx)
         bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
@@ -109,16 +211,17 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
                 if metric not in extras_memo:
                     key_extras = getattr(module, "key_extras", None)
                     extras_memo[metric] = key_extras(options, ctx) if key_extras else {}
+                run = settings.key_part(metric)
                 key = _key({
                     "model": {"id": model.id, "sha256": sha},
-                    "variant": variant.params(),
-                    "base": _base_label(suite, model, variant),
+                    "variant": variant.params(), "inputs": inputs(variant),
+                    "base": _base_part(suite, model, variant, module.INFO.needs_base, inputs),
                     "metric": metric, "metric_version": module.INFO.version,
                     "options": dataclasses.asdict(options), "extras": extras_memo[metric],
-                    "library": {lib: library_version(lib)},
+                    "library": {lib: library_version(lib)}, "run": run,
                 })
                 cells.append(Cell(suite.name, model, variant, metric, options,
-                                  variant in bases, sha, key))
+                                  variant in bases, sha, key, inputs(variant), run))
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in only)]
         if not cells:

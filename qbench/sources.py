@@ -1,11 +1,14 @@
 """Resolve a model reference to a local file: a path, a file inside an installed Python package,
 or a Hugging Face hub file (downloaded into qbench's cache with huggingface_hub).
 
-Hashes are cached by (path, size, mtime) so a 40 GB file is hashed once, not every run.
+Content hashes (:func:`sha256_file`) cover every file a model is read from -- all shards of a
+split GGUF, a model folder's config, tokenizer and weights -- and are memoised per file by
+(path, size, mtime, inode, ctime), so a 40 GB file is hashed once, not every run.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.util
 import json
@@ -77,7 +80,8 @@ def locate(ref: str, *, base_dir: Path) -> Resolved | None:
         path = base_dir / path
     if not path.exists():
         raise SourceError(f"model file not found: {path}")
-    return Resolved(path.resolve(), ref, "path")
+    # absolute, links kept: llama.cpp finds a split GGUF's shards by the first shard's name
+    return Resolved(Path(os.path.abspath(path)), ref, "path")
 
 
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -134,43 +138,105 @@ def resolve(ref: str, *, base_dir: Path, cache_dir: Path) -> Resolved:
     return Resolved(path, ref, "hf", revision=revision or commit)
 
 
-def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
-    """sha256 of a file (or of a directory's files, sorted), memoised in cache_dir."""
-    path = path.resolve()
-    st = path.stat()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if path.is_dir():
-        # a folder's own mtime does not change when a file in it is rewritten in place
-        stamp = "\n".join(f"{f.relative_to(path)}|{s.st_size}|{s.st_mtime_ns}"
-                          for f, s in ((f, f.stat()) for f in files))
-        memo_key = f"{path}|dir|{hashlib.sha256(stamp.encode()).hexdigest()}"
-    else:
-        memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    memo_file = cache_dir / "sha256.json" if cache_dir else None
-    memo: dict[str, str] = {}
-    if memo_file and memo_file.exists():
+# files of a model folder that never change a number: documentation, licences, pictures
+_NOT_MODEL_FILES = ("*.md", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "*.png", "*.jpg",
+                    "*.jpeg", "*.gif", "*.svg", "*.webp", "*.pdf")
+
+
+class _Memo:
+    """cache_dir/sha256.json: a file's stamp -> its sha256, read once and written once per call."""
+
+    def __init__(self, cache_dir: Path | None) -> None:
+        self.file = cache_dir / "sha256.json" if cache_dir else None
+        self.data: dict[str, str] = {}
+        self.dirty = False
+        if self.file and self.file.exists():
+            try:
+                loaded = json.loads(self.file.read_text())
+                self.data = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self.data = {}
+
+    def digest(self, path: Path) -> str:
+        """sha256 of one file's bytes, from the memo when its stamp is unchanged."""
+        st = path.stat()
+        # size + mtime + inode + ctime: a file replaced (new inode) or rewritten in place
+        # (the ctime moves even when cp -p / rsync -t restore the mtime) is hashed again
+        stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+        if stamp in self.data:
+            return self.data[stamp]
+        with path.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        self.data[stamp] = digest
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not (self.file and self.dirty):
+            return
         try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-        if memo_key in memo:
-            return memo[memo_key]
-    h = hashlib.sha256()
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    digest = h.hexdigest()
-    if memo_file:
-        memo[memo_key] = digest
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo_file, json.dumps(memo, indent=0))
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.file, json.dumps(self.data, indent=0))
         except OSError:
             pass  # a memo is an optimisation; never fail a run on it
-    return digest
+
+
+def content_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` whose content can change a result, sorted. A Hugging Face model
+    folder (config.json at its top): its top-level files (config, tokenizer, weights, remote
+    code) without documentation, licences and pictures -- transformers and llama.cpp's
+    converter read nothing else. Any other folder: every file under it. Hidden files and
+    folders (.git, .cache/huggingface) never count."""
+    model_folder = (folder / "config.json").is_file()
+    found = folder.iterdir() if model_folder else folder.rglob("*")
+    files = [f for f in found if f.is_file()
+             and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+    if model_folder:
+        files = [f for f in files
+                 if not any(fnmatch.fnmatch(f.name, pat) for pat in _NOT_MODEL_FILES)]
+    return sorted(files)
+
+
+def split_shards(path: Path) -> list[Path]:
+    """Every shard of the split GGUF whose first shard is ``path`` (itself first); [] for any
+    other file. A missing shard is an error: llama.cpp would fail to load the model."""
+    m = _SPLIT.match(path.name)
+    if m is None or int(m["k"]) != 1:
+        return []
+    shards = [path] + [path.with_name(name) for name in split_siblings(path.name)]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise SourceError(f"{path} is the first shard of a split GGUF, but {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not beside it in {path.parent}")
+    return shards
+
+
+def _combined(root: Path, files: list[Path], memo: _Memo) -> str:
+    """One digest over the files' names (relative to ``root``) and their sha256s."""
+    lines = "".join(f"{f.relative_to(root)}\t{memo.digest(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
+    """The content identity of a model input, each file's sha256 memoised in ``cache_dir`` by
+    its (path, size, mtime, inode, ctime), so a 40 GB file is hashed once, not every run.
+
+    A plain file: the sha256 of its bytes. The first shard of a split GGUF: a digest over every
+    shard (a changed later shard changes it). A folder: a digest over the names and contents of
+    its :func:`content_files`."""
+    # absolute, not resolved: a hub snapshot's files are links to blobs named by hash, and the
+    # shard names live on the links
+    path = Path(os.path.abspath(path))
+    memo = _Memo(cache_dir)
+    try:
+        if path.is_dir():
+            return _combined(path, content_files(path), memo)
+        shards = split_shards(path)
+        if shards:
+            return _combined(path.parent, shards, memo)
+        return memo.digest(path)
+    finally:
+        memo.save()
 
 
 def check_gguf(path: Path) -> None:

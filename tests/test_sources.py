@@ -239,3 +239,31 @@ def test_split_gguf_fetches_every_shard(tmp_path, monkeypatch):
     assert split_siblings("model.gguf") == []
     with pytest.raises(SourceError, match="name the first shard"):
         split_siblings("q-fp16-00002-of-00003.gguf")
+
+
+def test_memo_notices_a_replacement_keeping_size_and_mtime(tmp_path):
+    """cp -p and rsync -t restore the mtime: a same-size file put in place must be hashed anew."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"A" * 100)
+    cache = tmp_path / "cache"
+    first = sha256_file(path, cache)
+    st = path.stat()
+    new = tmp_path / "incoming.gguf"
+    new.write_bytes(b"B" * 100)
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert sha256_file(path, cache) == hashlib.sha256(b"B" * 100).hexdigest() != first
+
+
+def test_hub_snapshot_split_gguf_is_hashed_by_its_link_names(tmp_path):
+    """Hub snapshots link shard names to blobs named by hash: every shard still counts."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for i in (1, 2):
+        (blobs / f"blob{i}").write_bytes(f"shard {i}".encode())
+        (snap / f"m-0000{i}-of-00002.gguf").symlink_to(blobs / f"blob{i}")
+    first = sha256_file(snap / "m-00001-of-00002.gguf")
+    (blobs / "blob2").write_bytes(b"shard 2, changed")
+    assert sha256_file(snap / "m-00001-of-00002.gguf") != first

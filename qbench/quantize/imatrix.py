@@ -20,6 +20,9 @@ from ..fsutil import atomic_write_text, file_lock
 from .gguf import build_variant, find_tool
 
 IMATRIX_CHUNKS = 100  # llama-imatrix --chunks: 100 x 512 tokens, the common published setting
+IMATRIX_CTX = 512
+# how the imatrix is computed from its text: part of the artifact key and of the cell key
+IMATRIX_RECIPE: dict[str, int] = {"chunks": IMATRIX_CHUNKS, "ctx": IMATRIX_CTX}
 
 
 def build_imatrix(job: dict[str, Any], model_file: Path, model_sha: str, cache_dir: Path,
@@ -30,8 +33,7 @@ def build_imatrix(job: dict[str, Any], model_file: Path, model_sha: str, cache_d
     text = load_text(variant["imatrix"], data_dir, Path(job["base_dir"]))
     base = build_variant(model_file, model_sha, model["base"], model["base"],
                          cache_dir=cache_dir, threads=threads)
-    recipe = {"base_sha256": base.sha256, "calibration_sha256": text.sha256,
-              "chunks": IMATRIX_CHUNKS, "ctx": 512}
+    recipe = {"base_sha256": base.sha256, "calibration_sha256": text.sha256, **IMATRIX_RECIPE}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
     folder = cache_dir / "imatrix" / digest
     out = folder / "imatrix.dat"
@@ -43,7 +45,8 @@ def build_imatrix(job: dict[str, Any], model_file: Path, model_sha: str, cache_d
         atomic_write_text(calib, text.text)
         tmp = folder / f".imatrix.{os.getpid()}.tmp"
         cmd = [find_tool("llama-imatrix"), "-m", str(base.path), "-f", str(calib), "-o",
-               str(tmp), "--chunks", str(IMATRIX_CHUNKS), "-c", "512", "-t", str(threads or 1)]
+               str(tmp), "--chunks", str(IMATRIX_CHUNKS), "-c", str(IMATRIX_CTX),
+               "-t", str(threads or 1)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not tmp.exists():
             raise QbenchError(f"llama-imatrix failed (exit {proc.returncode}): "

@@ -117,3 +117,32 @@ def test_unknown_command_is_a_user_error_not_a_cell_failure(capsys):
         main(["frobnicate"])
     assert info.value.code == 1
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_says_what_qbench_does(capsys):
+    text = _help([], capsys)
+    description = text.split("\n\n")[1]
+    assert description.startswith("qbench measures what quantization costs an LLM")
+    assert "parse, call, map errors" not in text          # not the module's docstring
+    assert "qbench run suites/smoke.toml" in text and "exit codes: 0 ok" in text
+
+
+@pytest.mark.parametrize("command", sorted(
+    name for name in build_parser()._subparsers._group_actions[0].choices))
+def test_each_command_help_has_a_description_and_an_example_that_parses(command, capsys):
+    import shlex
+
+    text = _help([command], capsys)
+    body, _, example = text.partition("\nexample:\n")
+    assert len(body.split("\n\n")[1]) > 40, "a sentence on what the command does"
+    line = example.strip().splitlines()[0]
+    argv = shlex.split(line)
+    assert argv[:2] == ["qbench", command]
+    build_parser().parse_args(argv[1:])          # the example is a valid command line

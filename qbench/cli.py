@@ -329,12 +329,13 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
 
 
 def _document(sub: Any) -> None:
-    """Give every subcommand its description and example (kept in one table, above)."""
+    """Give every subcommand its description and example (kept in one table, above); a
+    description set where the subcommand is defined wins."""
     for name, sp in sub.choices.items():
         if name in COMMAND_DOCS:
             description, example = COMMAND_DOCS[name]
-            sp.description = textwrap.fill(description, 88)
-            sp.epilog = f"example:\n  {example}"
+            sp.description = textwrap.fill(sp.description or description, 88)
+            sp.epilog = sp.epilog or f"example:\n  {example}"
             sp.formatter_class = argparse.RawDescriptionHelpFormatter
 
 

@@ -64,12 +64,16 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
                          ctx.data_dir, ctx.base_dir)
     nll_parts: list[np.ndarray] = []
     per_chunk: list[float] = []
+    chunk_nll: list[float] = []   # per chunk: summed NLL and token count (paired comparisons)
+    chunk_tokens: list[int] = []
     shared = _shared_kld(ctx, chunks)
     timer = {"shared_s": 0.0}
     t0 = time.perf_counter()
     for nll in _nlls(ctx, chunks, shared, timer):
         nll_parts.append(nll)
         per_chunk.append(math.exp(float(nll.mean())))
+        chunk_nll.append(float(nll.sum()))
+        chunk_tokens.append(len(nll))
     if shared is not None:
         t1 = time.perf_counter()
         pairs = _guarded(ctx, shared, shared.finish)
@@ -98,6 +102,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             "chunks": len(chunks.chunks), "tokens_in_text": chunks.tokens_total,
             "scored_tokens": len(nll), "scored_bytes": scored_bytes,
             "bos_replaced": bool(backend.add_bos), "per_chunk_ppl": per_chunk,
+            "per_chunk_nll_sum": chunk_nll, "per_chunk_tokens": chunk_tokens,
             "eval_seconds": round(elapsed, 3),
             "kld_shared_pass_s": round(shared_s, 3) if shared is not None else None,
             "nll_path": ("full log-softmax (shared with the KLD comparison)"

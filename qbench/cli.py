@@ -309,8 +309,15 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
                "variant's numbers, size-vs-quality plots, advice checks and a recommendation.",
                "qbench report results/smoke --out reports --memory-budget-gb 0.2"),
     "compare": ("Compare two result sets cell by cell (e.g. tonight's run against a "
-                "baseline); exit 2 on a regression beyond noise: the CI gate.",
-                "qbench compare results/baselines/smoke results/smoke --out diff.html"),
+                "baseline), paired: both scored the same tokens and questions. A value "
+                "regresses when its whole 95 % interval is worse than a practical tolerance: "
+                "PPL by a per-chunk paired t, KLD by a per-chunk paired t, MMLU by exact "
+                "McNemar on the flipped questions; speed and memory only on the same hardware. "
+                "A cell ok in the baseline and failed, skipped or missing in the candidate is "
+                "a regression too (--suite: unless the suite no longer asks for it). Exit 0: "
+                "no regression, 2: regression, 1: unreadable input.",
+                "qbench compare results/baselines/smoke results/smoke --suite "
+                "suites/smoke.toml --out diff.html"),
     "merge": ("Merge result folders (e.g. the shards of a CI matrix run with --shard i/n) "
               "into one results root.",
               "qbench merge shard-1/ shard-2/ --out results"),
@@ -397,14 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recommend the best variant that fits (else the suite's [report])")
     sp.add_argument("--max-loss-pct", type=float, default=None,
                     help="tolerated quality loss vs base for the recommendation")
-    sp = sub.add_parser(
-        "compare", help="differences between two result sets; exit 2 on a regression (the CI "
-        "gate)", description="Paired comparison of two result sets (same tokens, same "
-        "questions): a value regresses when its whole 95 %% interval is worse than a practical "
-        "tolerance - PPL by per-chunk paired t, KLD by per-chunk paired t, MMLU by exact "
-        "McNemar on the flipped questions, speed and memory only on the same hardware. A cell "
-        "ok in the baseline and failed, skipped or missing in the candidate is a regression "
-        "too. Exit 0: no regression, 2: regression, 1: unreadable input.")
+    sp = sub.add_parser("compare", help="differences between two result sets; exit 2 on a "
+                        "regression (the CI gate)")
     sp.add_argument("baseline", help="results folder or file (e.g. results/baselines/smoke)")
     sp.add_argument("candidate", help="results folder")
     sp.add_argument("--suite", metavar="SUITE.toml", help="the suite as it is now: a baseline "
@@ -414,18 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare only cells whose id model/backend/quant/metric matches "
                     "(repeatable, as qbench run --only)")
     tol = sp.add_argument_group("tolerances (how much worse the whole interval must be)")
-    for flag, dest, default, what in (
-            ("--ppl-tol-pct", "tol_ppl_pct", 0.5, "PPL increase, %%"),
-            ("--kld-tol-pct", "tol_kld_pct", 10.0, "mean KLD increase, %% of the baseline's"),
-            ("--kld-tol-abs", "tol_kld_abs", 1e-5, "... and at least this many nats"),
-            ("--mmlu-tol-points", "tol_mmlu_points", 1.0, "MMLU net loss, points"),
-            ("--mmlu-alpha", "tol_mmlu_alpha", 0.05, "McNemar significance level"),
-            ("--speed-tol-pct", "tol_speed_pct", 10.0, "tokens/s drop, %%"),
-            ("--memory-tol-pct", "tol_memory_pct", 10.0, "peak memory rise, %%"),
-            ("--memory-tol-mb", "tol_memory_mb", 64.0, "... and at least this many MiB"),
-            ("--other-tol-pct", "tol_other_pct", 2.0, "any other gated value, %%")):
+    from .compare import Tolerances
+    defaults = Tolerances()
+    for flag, dest, what in (
+            ("--ppl-tol-pct", "tol_ppl_pct", "PPL increase, %%"),
+            ("--kld-tol-pct", "tol_kld_pct", "mean KLD increase, %% of the baseline's"),
+            ("--kld-tol-abs", "tol_kld_abs", "... and at least this many nats"),
+            ("--mmlu-tol-points", "tol_mmlu_points", "MMLU net loss, points"),
+            ("--mmlu-alpha", "tol_mmlu_alpha", "McNemar significance level"),
+            ("--speed-tol-pct", "tol_speed_pct", "tokens/s drop, %%"),
+            ("--memory-tol-pct", "tol_memory_pct", "peak memory rise, %%"),
+            ("--memory-tol-mb", "tol_memory_mb", "... and at least this many MiB"),
+            ("--other-tol-pct", "tol_other_pct", "any other gated value, %%")):
         tol.add_argument(flag, dest=dest, type=float, default=None,
-                         help=f"{what} (default {default:g})")
+                         help=f"{what} (default {getattr(defaults, dest[4:]):g})")
     sp.add_argument("--out", default=None, help="also write an HTML diff page here")
     sp.add_argument("--json", action="store_true", help="print the comparison as JSON")
     sp = sub.add_parser("merge", help="merge result folders (e.g. the shards of a CI matrix) "

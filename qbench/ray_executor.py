@@ -11,6 +11,16 @@ local run; the cell's log travels back with its outcome (a cluster node's disk i
 A task that dies itself (its worker process or node is lost, Ray's memory monitor kills it, it
 is cancelled) becomes a ``crashed`` or ``failed`` outcome with Ray's reason: no cell is lost.
 
+Stopping early (Ctrl-C, or the consumer closes the generator) cancels the remaining tasks and
+waits until they have ended, so no cell process outlives the run. Ray's ``cancel(force=False)``
+arrives in the task as a simulated SIGINT (``_thread.interrupt_main``) at any bytecode of the
+task, including the instant between the cell's spawn and the executor's wait: there the
+KeyboardInterrupt used to escape with the cell, in its own session, still running (and the Ray
+worker lived on, so the cell's parent-death signal never fired). :class:`_CancelGuard` takes
+the interrupt instead: it kills the cell's process group, lets the executor see the death,
+then raises. Tasks that have not ended ``CANCEL_GRACE_S`` after the cancel are force-cancelled
+(their Ray worker is killed; the cell dies with it by its parent-death signal).
+
 Resources per cell:
 
 - GPUs: none when the suite's device is ``cpu`` or the variant has ``n_gpu_layers = 0``;
@@ -34,10 +44,13 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from types import FrameType, TracebackType
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
 INSTALL_HINT = "--executor ray needs 'pip install qbench-llm[ray]'"
 LOG_LIMIT = 4 * 2**20                  # bytes of a cell's log sent back (head and tail kept)
 ENV_PREFIXES = ("QBENCH_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
+CANCEL_GRACE_S = 60.0                  # cancelled tasks that still run after this are killed
 _OUTCOME_FIELDS = {f.name for f in dataclasses.fields(Outcome)}
 
 
@@ -157,6 +171,66 @@ def _task_fault(cell_id: str, spec: str | None) -> None:
         time.sleep(10**6)
 
 
+def _kill_process_groups(pids: set[int]) -> None:
+    """SIGKILL the process group of each pid (a cell leads its own session), else the pid."""
+    for pid in pids:
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class _CancelGuard:
+    """Turns Ray's cancel (a simulated SIGINT in the task's main thread) into "kill the cell's
+    process tree, then raise KeyboardInterrupt", wherever in the task it lands.
+
+    Without it, an interrupt landing after the cell was spawned but before the executor's
+    wait-and-kill block escaped and left the cell running for good. With it: if cell processes
+    (children spawned inside the guard) exist, their groups are killed and the executor's wait
+    returns; KeyboardInterrupt is raised when the guarded block ends. If none exists yet, the
+    interrupt is raised at once (nothing can leak: the spawn has not happened). Outside the main
+    thread (no signal handlers there) the guard does nothing."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._previous: Any = None
+        self._installed = False
+        self._before: set[int] = set()
+
+    def _children(self) -> set[int]:
+        import psutil
+        try:
+            return {p.pid for p in psutil.Process().children(recursive=False)}
+        except psutil.Error:
+            return set()
+
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        first = not self.cancelled
+        self.cancelled = True
+        cells = self._children() - self._before
+        _kill_process_groups(cells)
+        if first and not cells:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _CancelGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._before = self._children()
+            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            self._installed = True
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+        if self.cancelled and exc_type is None:
+            raise KeyboardInterrupt
+
+
 def run_cell_task(job: dict[str, Any], timeout_s: float, memory_limit_mb: int,
                   env: dict[str, str]) -> dict[str, Any]:
     """The body of each Ray task (runs in a Ray worker process): one cell in a child process.
@@ -173,8 +247,9 @@ def run_cell_task(job: dict[str, Any], timeout_s: float, memory_limit_mb: int,
     try:
         with tempfile.TemporaryDirectory(prefix="qbench-ray-") as tmp:
             log_path = Path(tmp) / "cell.log"
-            outcome = run_in_child(job, log_path=log_path, timeout_s=timeout_s,
-                                   memory_limit_mb=memory_limit_mb)
+            with _CancelGuard():   # a cancel kills the cell's tree, wherever it lands
+                outcome = run_in_child(job, log_path=log_path, timeout_s=timeout_s,
+                                       memory_limit_mb=memory_limit_mb)
             log_text = _read_log(log_path)
     finally:
         for k, v in saved.items():
@@ -273,13 +348,30 @@ class RayExecutor:
                     item = by_ref.pop(ref)
                     yield item, self._collect(ref, item)
         finally:
-            for ref in pending:   # interrupted: Ctrl-C in the task kills the cell's process tree
-                try:
-                    ray.cancel(ref, force=False)
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    pass
+            if pending:           # stopped early: no cell may outlive the run
+                self._cancel(pending)
             if started_here:
                 ray.shutdown()
+
+    def _cancel(self, refs: list[Any], grace_s: float = CANCEL_GRACE_S) -> None:
+        """Cancel ``refs`` and wait until they have ended: gently first (the task kills its
+        cell's process tree and cleans up), then by killing the Ray workers of the tasks still
+        running after ``grace_s`` (their cells die by their parent-death signal)."""
+        ray = self.ray
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=False, recursive=True)
+            except Exception:  # noqa: BLE001 - already finished or unknown: nothing to stop
+                pass
+        try:
+            _, stuck = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+        except Exception:  # noqa: BLE001 - Ray going down: escalate for all
+            stuck = refs
+        for ref in stuck:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
 
     def _collect(self, ref: Any, item: WorkItem) -> Outcome:
         ray = self.ray

@@ -9,7 +9,9 @@ back as a stored record (crashed / failed with the reason), none lost. Needs the
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -214,32 +216,155 @@ def _cell_processes(marker: str) -> list:
     for p in psutil.process_iter(["cmdline"]):
         try:
             if "qbench.worker" in " ".join(p.info["cmdline"] or []) and \
-                    marker in p.environ().get("QBENCH_FAULT", ""):
+                    marker in p.environ().get("QBENCH_FAULT", "") and \
+                    p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except psutil.Error:
             pass
     return found
 
 
+# Bounds that only matter when something is broken: a loaded machine may take long to start
+# Ray workers and cells, and the tests wait on the event itself, never on a fixed delay.
+PATIENCE_S = 300
+
+
+def _wait_for_cell(marker: str) -> list:
+    """Poll (no event to wait on) until a marked cell process runs; [] after PATIENCE_S."""
+    import time
+    deadline = time.monotonic() + PATIENCE_S
+    while not (procs := _cell_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return procs
+
+
+def _wait_all_gone(marker: str) -> list:
+    """Wait for every marked cell process to exit (psutil.wait_procs); what is left after
+    PATIENCE_S (new ones included) is returned."""
+    import time
+
+    import psutil
+    deadline = time.monotonic() + PATIENCE_S
+    while (procs := _cell_processes(marker)) and time.monotonic() < deadline:
+        psutil.wait_procs(procs, timeout=max(0.1, deadline - time.monotonic()))
+    return _cell_processes(marker)
+
+
 @needs_ray
 def test_stopping_early_cancels_the_rest(tmp_path, faults, ray_cluster):
-    import time
     marker = f"marker-{tmp_path.name}"          # identifies this test's cell processes
     faults(cell=f"*/F16/footprint=error;{marker}=error;*=hang")
     from qbench.ray_executor import RayExecutor
     suite, ctx, store = make_suite(tmp_path)
     cells = expand(suite, ctx)
-    items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 120, 0) for c in cells]
+    items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 3600, 0) for c in cells]
     gen = RayExecutor().run(items)
-    item, outcome = next(gen)          # the first cell fails at once; the next one hangs
-    assert item.cell.id.endswith("/F16/footprint") and outcome.status == "failed"
-    deadline = time.monotonic() + 30
-    while not _cell_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _cell_processes(marker), "a hanging cell should be running"
-    gen.close()                        # the consumer stops (e.g. Ctrl-C): the rest is cancelled
-    deadline = time.monotonic() + 30
-    while _cell_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _cell_processes(marker) == [], "cancelled cells must not leave processes behind"
+    try:
+        item, outcome = next(gen)      # the first cell fails at once; the next ones hang
+        assert item.cell.id.endswith("/F16/footprint") and outcome.status == "failed"
+        assert _wait_for_cell(marker), "a hanging cell should be running"
+    finally:
+        gen.close()                    # the consumer stops (e.g. Ctrl-C): the rest is cancelled
+    left = _wait_all_gone(marker)
+    for p in left:
+        p.kill()
+    assert left == [], "cancelled cells must not leave processes behind"
     assert ray_cluster.is_initialized()
+
+
+# --- the cancel's interrupt, wherever it lands in the task (no Ray needed) -----------------
+
+
+def _interrupt_main() -> None:
+    """What Ray's cancel(force=False) does in the task's worker process."""
+    import _thread
+    _thread.interrupt_main()
+
+
+def _hang_job() -> dict:
+    return {"cell": {"id": "m/llama.cpp/F16/speed", "key": "k"}}
+
+
+def test_cancel_between_spawn_and_wait_kills_the_cell(monkeypatch, tmp_path):
+    """The leak behind a flaky test_stopping_early_cancels_the_rest: an interrupt landing after
+    the cell was spawned but before run_in_child's wait-and-kill block escaped and left the cell
+    (own session; the Ray worker lives on) running for good. Here it lands exactly there."""
+    import psutil
+
+    import qbench.executor as ex
+    from qbench.ray_executor import run_cell_task
+    monkeypatch.delenv("QBENCH_FAULT", raising=False)
+    spawned: list[int] = []
+    real_init = ex._Sampler.__init__
+
+    def interrupted_init(self, pid: int, *args, **kwargs) -> None:
+        spawned.append(pid)
+        _interrupt_main()              # delivered at the next bytecode: still in the window
+        real_init(self, pid, *args, **kwargs)
+
+    monkeypatch.setattr(ex._Sampler, "__init__", interrupted_init)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell_task(_hang_job(), 3600, 0, {"QBENCH_FAULT": "*=hang"})
+    assert len(spawned) == 1
+    try:
+        proc = psutil.Process(spawned[0])
+    except psutil.NoSuchProcess:
+        proc = None                    # killed and reaped: the fix
+    if proc is not None:
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+        proc.kill()
+        assert not alive, "the cancelled cell is still running"
+    assert "QBENCH_FAULT" not in os.environ            # the task restored the environment
+
+
+def test_cancel_while_waiting_kills_the_cell_tree(monkeypatch, tmp_path):
+    """The common case: the interrupt lands while the task waits on a running cell that has a
+    grandchild of its own; the whole tree goes, then the task ends with KeyboardInterrupt."""
+    import psutil
+
+    import qbench.executor as ex
+    from qbench.ray_executor import run_cell_task
+    monkeypatch.delenv("QBENCH_FAULT", raising=False)
+    marker = f"marker-{tmp_path.name}"
+    seen: list = []
+
+    def interrupt_when_running() -> None:
+        procs = _wait_for_cell(marker)
+        while procs and not any(p.children() for p in procs if p.is_running()):
+            psutil.wait_procs(procs, timeout=0.2)        # until the grandchild is there
+        seen.extend(procs)
+        seen.extend(c for p in procs for c in p.children(recursive=True))
+        _interrupt_main()
+
+    waker = threading.Thread(target=interrupt_when_running, daemon=True)
+    waker.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_cell_task(_hang_job(), 3600, 0, {"QBENCH_FAULT": f"*=hang-tree;{marker}=error"})
+    waker.join()
+    assert len(seen) >= 2, "the cell and its grandchild should have been seen running"
+    gone, alive = psutil.wait_procs(seen, timeout=PATIENCE_S)
+    for p in alive:
+        p.kill()
+    assert alive == [], "the cell's process tree outlived the cancel"
+    assert ex._Sampler.__init__ is not None and "QBENCH_FAULT" not in os.environ
+
+
+def test_guard_is_inert_outside_the_main_thread():
+    """Signal handlers exist only in the main thread: elsewhere the guard changes nothing."""
+    import signal
+
+    from qbench.ray_executor import _CancelGuard
+    before = signal.getsignal(signal.SIGINT)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with _CancelGuard() as guard:
+                assert not guard._installed
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert errors == [] and signal.getsignal(signal.SIGINT) is before

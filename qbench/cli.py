@@ -428,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("--memory-tol-mb", "tol_memory_mb", "... and at least this many MiB"),
             ("--other-tol-pct", "tol_other_pct", "any other gated value, %%")):
         tol.add_argument(flag, dest=dest, type=float, default=None,
+                         metavar=flag.rsplit("-", 1)[-1].upper(),
                          help=f"{what} (default {getattr(defaults, dest[4:]):g})")
     sp.add_argument("--out", default=None, help="also write an HTML diff page here")
     sp.add_argument("--json", action="store_true", help="print the comparison as JSON")

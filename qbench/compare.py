@@ -14,6 +14,7 @@ value         test                                                       default
 ============  =========================================================  ==================
 ppl           per-chunk paired t on ln(PPL_cand / PPL_base)              +0.5 % PPL
 kld_mean      per-chunk paired t on the mean KLD (``per_chunk_kld``)     +10 % relative
+same_top_pct  per-chunk paired t (``per_chunk_same_top``)                 -1 point
 mmlu acc      exact McNemar on the flipped questions, p < 0.05           net loss > 1 point
 speed         Welch t on ln(tokens/s) from the repetitions' sd           -10 %
 memory        no spread measured: the tolerance alone                    +10 % and +64 MiB
@@ -343,6 +344,22 @@ def _kld(cell: str, b: dict[str, Any], c: dict[str, Any], tol: Tolerances) -> Ch
                    tol=floor, hib=False, test=f"paired t on per-chunk mean KLD ({p['n']} chunks)")
 
 
+def _same_top(cell: str, b: dict[str, Any], c: dict[str, Any], tol: Tolerances) -> Change:
+    """"Same top token" %, paired on the per-chunk fractions when both records have them."""
+    bv, cv = (_num((r["values"].get("same_top_pct") or {}).get("value")) for r in (b, c))
+    pb = (b.get("details") or {}).get("per_chunk_same_top")
+    pc = (c.get("details") or {}).get("per_chunk_same_top")
+    if not pb or not pc or len(pb) != len(pc):
+        change, ci = _unpaired(b["values"]["same_top_pct"], c["values"]["same_top_pct"], 1.0)
+        return _change(cell, "kld", "same_top_pct", bv, cv, change=change, ci=ci,
+                       unit="points", tol=tol.same_top_points, test=UNPAIRED, hib=True)
+    p = stats.paired_mean_diff([100.0 * (y - x) for x, y in zip(pb, pc)])
+    ci = (p["ci_low"], p["ci_high"]) if p["n"] > 1 else None
+    return _change(cell, "kld", "same_top_pct", bv, cv, change=p["mean"], ci=ci,
+                   unit="points", tol=tol.same_top_points, hib=True,
+                   test=f"paired t on per-chunk same-top fraction ({p['n']} chunks)")
+
+
 def _floor_pct(base_kld: float | None, tol: Tolerances) -> float:
     """The KLD tolerance in %: the relative one, raised to the absolute floor at tiny KLD."""
     if not base_kld or base_kld <= 0:
@@ -523,6 +540,8 @@ def _one_value(label: str, metric: str, name: str, b: dict[str, Any], c: dict[st
         return _ppl(label, b, c, tol)
     if metric == "kld" and name == "kld_mean":
         return _kld(label, b, c, tol)
+    if metric == "kld" and name == "same_top_pct":
+        return _same_top(label, b, c, tol)
     if metric == "mmlu" and name == "acc":
         return _mmlu(label, b, c, tol)
     if metric == "speed":

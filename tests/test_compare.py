@@ -163,6 +163,20 @@ def test_kld_paired_rise(base: list[dict]) -> None:
     assert not _change(compare_records(base, small), "Q4_K_M", "kld_mean").regression
 
 
+def test_same_top_paired_on_chunks(base: list[dict]) -> None:
+    rng = random.Random(13)
+    chunks = [0.9 + rng.uniform(-0.03, 0.03) for _ in range(8)]
+    r = _rec(base, "Q4_K_M", "kld")
+    r["details"]["per_chunk_same_top"] = chunks
+    cand = copy.deepcopy(base)
+    rc = _rec(cand, "Q4_K_M", "kld")
+    rc["details"]["per_chunk_same_top"] = [x - 0.03 + rng.uniform(-0.002, 0.002) for x in chunks]
+    rc["values"]["same_top_pct"]["value"] -= 3.0
+    ch = _change(compare_records(base, cand), "Q4_K_M", "same_top_pct")
+    assert ch.regression and ch.unit == "points" and "per-chunk" in ch.test
+    assert ch.change == pytest.approx(-3.0, abs=0.1)
+
+
 def test_kld_without_chunks_uses_the_stored_errors(base: list[dict]) -> None:
     cand = copy.deepcopy(base)
     kld = _rec(base, "Q4_K_M", "kld")["values"]["kld_mean"]

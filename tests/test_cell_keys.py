@@ -445,3 +445,34 @@ def test_replaced_variant_file_is_remeasured_kld_included(write_suite, smollm2_r
                                                       Store(tmp_path / "results-1", "stale"))}
     assert status == {f"smol/llama.cpp/F16/{m}": "ok" for m in ("footprint", "perplexity", "kld")
                       } | {f"{vid}/{m}": "todo" for m in ("footprint", "perplexity", "kld")}
+
+
+def _tiny_gguf(path: Path, tensors: dict[str, tuple[int, ...]], arch: str) -> None:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    for name, shape in tensors.items():
+        writer.add_tensor(name, np.ones(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_split_gguf_is_inspected_across_its_shards(tmp_path):
+    pytest.importorskip("gguf")
+    from qbench.quantize.gguf import inspect_gguf
+
+    first, second = tmp_path / "m-00001-of-00002.gguf", tmp_path / "m-00002-of-00002.gguf"
+    _tiny_gguf(first, {"a.weight": (4, 8)}, "llama")
+    _tiny_gguf(second, {"b.weight": (4, 16), "c.weight": (8,)}, "gpt2")
+    summary = inspect_gguf(first, tmp_path / "cache")
+    assert (summary["n_tensors"], summary["n_params"], summary["shards"]) == (3, 32 + 64 + 8, 2)
+    assert summary["types"] == {"F32": {"tensors": 3, "params": 104, "bytes": 416}}
+    assert summary["file_bytes"] == first.stat().st_size + second.stat().st_size
+    assert summary["architecture"] == "llama"
+    with second.open("r+b") as fh:   # the second shard cut short: named in the error
+        fh.truncate(second.stat().st_size - 64)
+    with pytest.raises(SourceError, match="m-00002-of-00002.gguf is (corrupt or )?truncated"):
+        inspect_gguf(first)

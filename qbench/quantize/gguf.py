@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import QbenchError, SourceError
 from ..fsutil import atomic_write_text, file_lock
-from ..sources import check_gguf, sha256_file
+from ..sources import check_gguf, sha256_file, split_shards
 from .gguf_types import FLOAT_TYPES, FTYPES
 
 
@@ -39,9 +39,12 @@ class Artifact:
 
 
 def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
-    """:func:`tensor_summary`, memoised by the file's sha256 (gguf's reader takes seconds on a
-    large vocabulary); raises SourceError naming the file if it is corrupt or truncated."""
-    check_gguf(path)
+    """:func:`tensor_summary` over every shard of the model (one file, or each shard of a split
+    GGUF named by its first), memoised by the content sha256 (gguf's reader takes seconds on a
+    large vocabulary); raises SourceError naming the file if one is corrupt or truncated."""
+    shards = split_shards(path) or [path]
+    for shard in shards:
+        check_gguf(shard)
     memo = None
     if cache_dir is not None:
         memo = cache_dir / "inspect" / f"{sha256_file(path, cache_dir)}.json"
@@ -50,6 +53,16 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
                 return json.loads(memo.read_text())
             except ValueError:
                 pass
+    parts = [_shard_summary(shard) for shard in shards]
+    summary = parts[0] if len(parts) == 1 else _merge_shards(parts)
+    summary |= {"shards": len(shards), "file_bytes": sum(s.stat().st_size for s in shards)}
+    if memo is not None:
+        atomic_write_text(memo, json.dumps(summary))
+    return summary
+
+
+def _shard_summary(path: Path) -> dict[str, Any]:
+    """One file's tensor summary, checked against the file's length."""
     try:
         summary = tensor_summary(path)
     except (ValueError, IndexError, OSError, struct.error, KeyError) as exc:
@@ -58,9 +71,24 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     if summary["data_end"] > path.stat().st_size:
         raise SourceError(f"{path} is truncated: tensor data ends at byte "
                           f"{summary['data_end']}, the file has {path.stat().st_size}")
-    if memo is not None:
-        atomic_write_text(memo, json.dumps(summary))
     return summary
+
+
+def _merge_shards(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for a split GGUF: tensors of all shards; metadata from the first."""
+    hist: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for name, entry in part["types"].items():
+            total = hist.setdefault(name, {"tensors": 0, "params": 0, "bytes": 0})
+            for k in total:
+                total[k] += entry[k]
+    n_params = sum(p["n_params"] for p in parts)
+    n_bytes = sum(p["tensor_bytes"] for p in parts)
+    return parts[0] | {
+        "n_tensors": sum(p["n_tensors"] for p in parts), "n_params": n_params,
+        "tensor_bytes": n_bytes, "bpw": 8.0 * n_bytes / n_params if n_params else None,
+        "types": dict(sorted(hist.items(), key=lambda kv: -kv[1]["params"])),
+        "data_end": parts[0]["data_end"]}
 
 
 def tensor_summary(path: Path) -> dict[str, Any]:

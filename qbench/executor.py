@@ -47,23 +47,65 @@ class Outcome:
     stderr_tail: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
-    peak_vram_mb: float | None = None
+    peak_vram_mb: float | None = None   # None: not measured (no NVML) or not attributable
     wall_s: float = 0.0
+    vram_note: str | None = None     # why peak_vram_mb is None on a machine with NVML
+
+
+VRAM_NOT_ATTRIBUTABLE = (
+    "VRAM not attributable: NVML reports GPU processes, but under PIDs this process cannot see "
+    "(a container's PID namespace) and none of them is this cell's process tree; run with the "
+    "host's PID namespace (docker --pid=host) to measure per-process VRAM")
+VRAM_NOT_REPORTED = ("VRAM not reported: NVML lists this cell's processes without their memory "
+                     "use (usedGpuMemory unavailable, e.g. under MIG or in some containers)")
 
 
 class _Sampler(threading.Thread):
-    """Samples RSS (psutil) and NVML per-process GPU memory of a process tree."""
+    """Samples RSS (psutil) and NVML per-process GPU memory of a process tree.
+
+    NVML is opened in the thread, not in the constructor: the executor builds the sampler
+    between spawning a cell and waiting on it, and nothing slow belongs in that window."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.interval = interval
         self.peak_rss = 0
-        self.peak_vram: int | None = None
+        self._peak_ours: int | None = None   # max over samples that found the tree's processes
+        self._seen: set[str] = set()         # sample kinds seen (see _NvmlProbe.sample)
         self._halt = threading.Event()
-        self._nvml = _NvmlProbe()
+        self._nvml: _NvmlProbe | None = None
+
+    @property
+    def peak_vram(self) -> int | None:
+        """Peak bytes on GPUs of the tree; 0 when NVML saw GPU processes that were all
+        someone else's, or none at all; None without NVML or when nothing was attributable."""
+        if self._peak_ours is not None:
+            return self._peak_ours
+        if self._seen and self._seen <= {"idle", "others"}:
+            return 0
+        return None
+
+    @property
+    def vram_note(self) -> str | None:
+        """Why there is no VRAM figure though NVML works (None when measured or no NVML)."""
+        if self.peak_vram is not None:
+            return None
+        if "no-size" in self._seen:
+            return VRAM_NOT_REPORTED
+        if "unknown" in self._seen:
+            return VRAM_NOT_ATTRIBUTABLE
+        return None
 
     def run(self) -> None:
+        self._nvml = _NvmlProbe()
+        try:
+            self._sample_until_stopped()
+        finally:
+            self._nvml.close()
+
+    def _sample_until_stopped(self) -> None:
+        assert self._nvml is not None
         try:
             root = psutil.Process(self.pid)
         except psutil.Error:
@@ -79,9 +121,12 @@ class _Sampler(threading.Thread):
                     except psutil.Error:
                         pass
                 self.peak_rss = max(self.peak_rss, rss)
-                vram = self._nvml.used_by(pids)
-                if vram is not None:
-                    self.peak_vram = max(self.peak_vram or 0, vram)
+                sample = self._nvml.sample(pids)
+                if sample is not None:
+                    vram, kind = sample
+                    self._seen.add(kind)
+                    if kind == "ours" and vram is not None:
+                        self._peak_ours = max(self._peak_ours or 0, vram)
             except psutil.Error:
                 break
             self._halt.wait(self.interval)
@@ -89,7 +134,6 @@ class _Sampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=2)
-        self._nvml.close()
 
 
 class _NvmlProbe:
@@ -106,18 +150,45 @@ class _NvmlProbe:
         except Exception:  # no pynvml, no driver, no GPU
             self.handles = []
 
-    def used_by(self, pids: set[int]) -> int | None:
+    def _processes(self) -> dict[tuple[int, int], int | None]:
+        """(device, pid) -> bytes (None: not reported) of every GPU process NVML lists; a
+        process in both the compute and graphics lists is counted once."""
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for i, h in enumerate(self.handles):
+            for query in (self.nv.nvmlDeviceGetComputeRunningProcesses,
+                          self.nv.nvmlDeviceGetGraphicsRunningProcesses):
+                try:
+                    procs = query(h)
+                except Exception:  # noqa: BLE001 - a query a device does not support
+                    continue
+                for p in procs:
+                    sizes.setdefault((i, p.pid), []).extend(
+                        [p.usedGpuMemory] if p.usedGpuMemory is not None else [])
+        return {k: max(v) if v else None for k, v in sizes.items()}
+
+    def sample(self, pids: set[int]) -> tuple[int | None, str] | None:
+        """(bytes used by ``pids``, kind of sample), or None without NVML. Kinds: "ours" (the
+        tree's processes found and measured), "no-size" (found, but NVML gives no sizes),
+        "idle" (no GPU process at all), "others" (GPU processes, all visible here and none
+        ours: the tree uses no GPU), "unknown" (GPU processes under PIDs not visible here and
+        none ours: NVML's PIDs are another PID namespace's, so nothing can be attributed)."""
         if not self.handles:
             return None
-        total = 0
-        for h in self.handles:
-            try:
-                procs = (self.nv.nvmlDeviceGetComputeRunningProcesses(h)
-                         + self.nv.nvmlDeviceGetGraphicsRunningProcesses(h))
-            except Exception:
-                continue
-            total += sum(p.usedGpuMemory or 0 for p in procs if p.pid in pids)
-        return total
+        procs = self._processes()
+        if not procs:
+            return 0, "idle"
+        mine = [v for (_, pid), v in procs.items() if pid in pids]
+        if mine:
+            sizes = [v for v in mine if v is not None]
+            return (sum(sizes), "ours") if sizes else (None, "no-size")
+        if any(not psutil.pid_exists(pid) for _, pid in procs):
+            return None, "unknown"
+        return 0, "others"
+
+    def used_by(self, pids: set[int]) -> int | None:
+        """Bytes of GPU memory used by ``pids`` (None: no NVML, or not attributable)."""
+        sample = self.sample(pids)
+        return None if sample is None else sample[0]
 
     def close(self) -> None:
         if self.handles:
@@ -200,7 +271,8 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
                 result = {}
     out = Outcome(status="failed", stderr_tail=tail or None, wall_s=wall, result=result,
                   peak_rss_mb=max(sampler.peak_rss / 2**20, result.get("peak_rss_self_mb", 0)),
-                  peak_vram_mb=None if sampler.peak_vram is None else sampler.peak_vram / 2**20)
+                  peak_vram_mb=None if sampler.peak_vram is None else sampler.peak_vram / 2**20,
+                  vram_note=sampler.vram_note)
     if timed_out:
         out.status = "timeout"
         out.error = f"timed out after {timeout_s:g} s; its process tree was killed"

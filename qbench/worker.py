@@ -149,6 +149,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _torch_max_allocated_mb() -> float | None:
+    """Peak memory torch allocated on all CUDA devices in this cell (MiB), failed cells too
+    (an OOM's peak is evidence). None when torch was never imported or never touched CUDA:
+    importing torch just to ask would cost a GGUF cell seconds."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        cuda = torch.cuda
+        if not cuda.is_available() or not cuda.is_initialized():
+            return None
+        return sum(cuda.max_memory_allocated(i) for i in range(cuda.device_count())) / 2**20
+    except Exception:  # noqa: BLE001 - a broken CUDA runtime must not cost the result
+        return None
+
+
 def _die_with_parent(parent: int) -> None:
     """End this cell (and its own children) if `qbench run` dies: no orphan keeps computing.
 
@@ -206,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": tb}
         print(tb, file=sys.stderr)
     result["peak_rss_self_mb"] = _peak_rss_mb()
+    if (torch_peak := _torch_max_allocated_mb()) is not None:
+        result["torch_max_allocated_mb"] = round(torch_peak, 1)
     atomic_write_text(result_path, json.dumps(result, default=str))
     return 0
 

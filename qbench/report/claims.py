@@ -430,11 +430,6 @@ def headline(evidence: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return lines
 
 
-def _summary(evidence: list[dict[str, Any]]) -> dict[str, str]:
-    """metric -> the headline verdict (``SPLIT`` when methods disagree)."""
-    return {line["key"]: line["verdict"] for line in headline(evidence)}
-
-
 # ----------------------------------------------------------------------- published evidence
 
 @lru_cache(maxsize=1)

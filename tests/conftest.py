@@ -1,12 +1,24 @@
-"""Shared fixtures: suite files in tmp dirs, the shared data dir, the bundled SmolLM2 model."""
+"""Shared fixtures (suite files in tmp dirs, the shared data dir, the bundled SmolLM2 model)
+and the skip policy.
+
+Skip policy: a skipped test is a test that did not run, so a green run with skips can hide a
+broken install. Every skip is listed with its reason (``-rfEs`` in pyproject's addopts) and,
+at the end, those that a full setup would run are listed again with how to enable them. Under
+CI (``CI`` set to true/1, as GitHub Actions and ``.ci/run`` do) the session fails unless every
+skip is in ``EXPECTED_SKIPS``: a test and the reason it may skip there, with why.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
+import shutil
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +90,112 @@ def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
     return d
+
+
+# --- skip policy ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpectedSkip:
+    """A skip CI accepts: the test (node id glob, or a marker it carries), the cause (a piece
+    of the skip reason: another cause is not accepted) and why CI cannot run it."""
+
+    reason: str
+    why: str
+    nodeid: str = "*"
+    marker: str | None = None
+    when: Callable[[], bool] = lambda: True
+
+    def matches(self, nodeid: str, reason: str, markers: set[str]) -> bool:
+        return (fnmatch.fnmatchcase(nodeid, self.nodeid)
+                and (self.marker is None or self.marker in markers)
+                and self.reason in reason and self.when())
+
+
+EXPECTED_SKIPS: tuple[ExpectedSkip, ...] = (
+    ExpectedSkip(marker="gpu", reason="needs a CUDA GPU", why="no CUDA GPU on CI (the nightly "
+                 "GPU workflow runs these)"),
+    ExpectedSkip(nodeid="tests/test_workflows.py::test_actionlint_clean",
+                 reason="actionlint is not installed",
+                 why="actionlint runs in ci.yml's lint-workflows job (a container action)"),
+    ExpectedSkip(nodeid="tests/test_faults.py::*", reason="cannot mount a tmpfs here",
+                 why="mounting a tmpfs needs root; GitHub's runner user is not root (.ci/run, "
+                     "as root, runs it)", when=lambda: os.geteuid() != 0),
+)
+
+ENABLE_HINT = ("run `bash scripts/bootstrap.sh --test-tools` (installs what the tests use: "
+               "chromium, shellcheck) and set QBENCH_DATA_DIR")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _gpu_present() -> bool:
+    """A CUDA GPU this process could use (the device node and the driver's tool are there)."""
+    return Path("/dev/nvidia0").exists() and shutil.which("nvidia-smi") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked gpu skip, saying why, on machines without one."""
+    if _gpu_present():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (no /dev/nvidia0 or nvidia-smi here)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+class SkipPolicy:
+    """Collects every skip (test or whole module), lists them, and fails CI on unexpected
+    ones: see the module docstring."""
+
+    def __init__(self) -> None:
+        self.skips: list[tuple[str, str, set[str]]] = []   # node id, reason, markers
+
+    @staticmethod
+    def _reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+        longrepr = report.longrepr
+        reason = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+        return reason.removeprefix("Skipped: ")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
+                                  ) -> Generator[None, Any, None]:
+        outcome = yield
+        report: pytest.TestReport = outcome.get_result()
+        if report.skipped and not hasattr(report, "wasxfail"):
+            self.skips.append((item.nodeid, self._reason(report),
+                               {m.name for m in item.iter_markers()}))
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.skipped:       # a module that skips itself (importorskip at module level)
+            self.skips.append((report.nodeid, self._reason(report), set()))
+
+    def unexpected(self) -> list[tuple[str, str]]:
+        """(node id, reason) of every skip EXPECTED_SKIPS does not accept."""
+        return [(nodeid, reason) for nodeid, reason, markers in self.skips
+                if not any(e.matches(nodeid, reason, markers) for e in EXPECTED_SKIPS)]
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Under CI an unexpected skip fails the session (exit 1) as a failed test would."""
+        if in_ci() and exitstatus == pytest.ExitCode.OK and self.unexpected():
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        skipped = self.unexpected()
+        if not skipped:
+            return
+        tr = terminalreporter
+        if in_ci():
+            tr.section("skips not in EXPECTED_SKIPS (tests/conftest.py): CI fails", sep="=",
+                       red=True, bold=True)
+        else:
+            tr.section("tests skipped that a full setup runs", sep="=", yellow=True, bold=True)
+        for nodeid, reason in skipped:
+            tr.write_line(f"{nodeid}: {reason}")
+        tr.write_line(f"to run them: {ENABLE_HINT}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SkipPolicy(), "qbench-skip-policy")

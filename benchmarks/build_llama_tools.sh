@@ -3,18 +3,22 @@
 # llama-quantize) from the llama.cpp vendored in the llama-cpp-python sdist qbench uses, with
 # the same CMake flags (qbench.buildflags), so tool and library run the very same kernels.
 #
-#   benchmarks/build_llama_tools.sh            # prints the bin folder on its last line
+#   benchmarks/build_llama_tools.sh            # all four; prints the bin folder on its last line
+#   benchmarks/build_llama_tools.sh llama-perplexity llama-quantize   # only these targets
 #   export QBENCH_LLAMA_CPP_BIN="$(benchmarks/build_llama_tools.sh | tail -1)"
 #
 # Output: ${QBENCH_LLAMA_TOOLS:-~/.cache/qbench/llama-tools}/<hash of version + flags>/bin.
-# Idempotent: a second run only prints the folder. About 5-10 min on 2 cores.
+# Idempotent: a run whose targets are all there only prints the folder; targets missing are
+# built and added to the folder (tools built earlier are kept). About 5-10 min on 2 cores.
+# Any llama.cpp CMake target that produces bin/<name> may be named (llama-cli, ...).
 # Env: LLAMA_CPP_VERSION (default 0.3.36), QBENCH_CMAKE_ARGS (default: python -m qbench.buildflags),
 #      JOBS (default: nproc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LLAMA_CPP_VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
 VPY="${PYTHON:-.venv/bin/python}"
-TOOLS=(llama-perplexity llama-bench llama-imatrix llama-quantize)
+if [ "$#" -gt 0 ]; then TOOLS=("$@"); else
+  TOOLS=(llama-perplexity llama-bench llama-imatrix llama-quantize); fi
 
 CMAKE_ARGS="${QBENCH_CMAKE_ARGS:-$($VPY -m qbench.buildflags)}"
 # the same hash recipe as scripts/bootstrap.sh uses for the wheel
@@ -22,12 +26,20 @@ HASH="$(printf '%s %s' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-
 ROOT="${QBENCH_LLAMA_TOOLS:-$HOME/.cache/qbench/llama-tools}/$HASH"
 BIN="$ROOT/bin"
 
-have_all() {
-  for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || return 1; done
+missing() {
+  for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || echo "$t"; done
 }
 
-if ! have_all; then
-  echo "building llama.cpp tools from llama-cpp-python $LLAMA_CPP_VERSION into $ROOT" >&2
+NEED=($(missing))
+if [ "${#NEED[@]}" -gt 0 ]; then
+  # one build at a time per folder (another shell may be building the same tools)
+  mkdir -p "$ROOT"
+  exec 9>"$ROOT/.lock"
+  flock 9
+  NEED=($(missing))
+fi
+if [ "${#NEED[@]}" -gt 0 ]; then
+  echo "building ${NEED[*]} from llama-cpp-python $LLAMA_CPP_VERSION into $ROOT" >&2
   echo "CMAKE_ARGS=$CMAKE_ARGS" >&2
   mkdir -p "$ROOT"
   WORK="$(mktemp -d "$ROOT/.build.XXXXXX")"
@@ -42,12 +54,14 @@ if ! have_all; then
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF $CMAKE_ARGS >"$WORK/configure.log" 2>&1 \
     || { tail -40 "$WORK/configure.log" >&2; exit 1; }
-  cmake --build "$WORK/build" -j"${JOBS:-$(nproc)}" --target "${TOOLS[@]}" >"$WORK/build.log" 2>&1 \
+  cmake --build "$WORK/build" -j"${JOBS:-$(nproc)}" --target "${NEED[@]}" >"$WORK/build.log" 2>&1 \
     || { tail -60 "$WORK/build.log" >&2; exit 1; }
-  mkdir -p "$BIN.tmp"
-  for t in "${TOOLS[@]}"; do cp "$WORK/build/bin/$t" "$BIN.tmp/"; done
-  printf 'llama-cpp-python %s\nCMAKE_ARGS=%s\n' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" > "$BIN.tmp/BUILD_INFO"
-  rm -rf "$BIN"
-  mv "$BIN.tmp" "$BIN"
+  # each tool lands atomically (copy, then rename), next to those built before
+  mkdir -p "$BIN"
+  for t in "${NEED[@]}"; do
+    cp "$WORK/build/bin/$t" "$BIN/.$t.tmp"
+    mv "$BIN/.$t.tmp" "$BIN/$t"
+  done
+  printf 'llama-cpp-python %s\nCMAKE_ARGS=%s\n' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" > "$BIN/BUILD_INFO"
 fi
 echo "$BIN"

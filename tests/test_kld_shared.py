@@ -87,6 +87,12 @@ def test_shared_pass_matches_the_kld_cell(text_dir: Path, tmp_path: Path) -> Non
     assert "shared" in via["details"]["computed_in"]
     for name, v in alone["values"].items():
         assert via["values"][name]["value"] == pytest.approx(v["value"], rel=1e-9, abs=1e-12), name
+    # per chunk (the regression gate's paired units): one per chunk, the same either way
+    per_chunk = alone["details"]["per_chunk_kld"]
+    assert len(per_chunk) == alone["details"]["chunks"] == 6
+    assert via["details"]["per_chunk_kld"] == pytest.approx(per_chunk, rel=1e-9)
+    assert np.mean(per_chunk) == pytest.approx(alone["values"]["kld_mean"]["value"], rel=1e-9)
+    assert len(via["details"]["per_chunk_same_top"]) == 6
     # the perplexity values do not depend on the shared work
     plain = perplexity.run(_ctx(text_dir, Bigram(noise=0.5), base, is_base=False, sha="v" * 64),
                            ppl_opts)

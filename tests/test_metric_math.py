@@ -75,7 +75,8 @@ def test_tail_draws_make_kld_unbiased_when_the_cap_truncates() -> None:
              + p_rest * np.log(p_rest / q_rest))
     assert lower.mean() < 0.8 * exact.mean()
     assert kld.mean() == pytest.approx(exact.mean(), rel=0.02)
-    assert np.all(kld >= lower - 1e-9)
+    # unbiased per token, so a token may fall under the partition bound, never under 0
+    assert np.all(kld >= 0.0)
     # a distribution compared with itself: exactly zero, tail included
     assert np.allclose(_compare_rows(rows, base, targets)["kld"], 0.0, atol=1e-6)
     # seeded: the same draws every time

@@ -27,7 +27,7 @@ from . import __version__, envinfo
 from .backends import BACKENDS
 from .config import Defaults, ModelSpec, Suite, VariantSpec
 from .datasets import locate_text
-from .errors import QbenchError
+from .errors import ConfigError, DatasetError, QbenchError, SourceError
 from .metrics import METRIC_NAMES, metric_module
 from .sources import locate, sha256_file
 
@@ -131,8 +131,8 @@ def library_version(distribution: str) -> str:
 
 def input_identity(ref: str, ctx: PlanContext) -> str:
     """Content sha256 of a local model input (a file, every shard of a split GGUF, a model
-    folder's files), or the hub reference -- with its @revision when pinned -- when it is not
-    downloaded yet."""
+    folder's files); for a hub reference, the reference itself with its @revision (planning
+    never downloads: pin a revision, or an unpinned ref's cells follow the branch by name)."""
     local = locate(ref, base_dir=ctx.base_dir)
     if local is None:
         return f"ref:{ref}"
@@ -140,7 +140,7 @@ def input_identity(ref: str, ctx: PlanContext) -> str:
 
 
 def model_identity(model: ModelSpec, ctx: PlanContext) -> str:
-    """sha256 of the model's local file(s), or the hub reference when not downloaded yet."""
+    """sha256 of the model's local file(s), or its hub reference (see input_identity)."""
     return input_identity(model.source, ctx)
 
 
@@ -150,17 +150,27 @@ def text_identity(name: str, ctx: PlanContext) -> str:
     return origin if origin.startswith("hf:") else sha256_file(Path(origin), ctx.cache_dir)
 
 
-def variant_inputs(variant: VariantSpec, ctx: PlanContext) -> dict[str, Any]:
+def variant_inputs(variant: VariantSpec, ctx: PlanContext, file: str = "") -> dict[str, Any]:
     """Content of the files a variant is made from besides the model: a pre-quantized source,
-    the imatrix's calibration text (with the imatrix recipe), AWQ/GPTQ calibration text."""
+    the imatrix's calibration text (with the imatrix recipe), AWQ/GPTQ calibration text. A
+    missing file is a ConfigError naming the variant's key in ``file``."""
+    def identity(attr: str, find: Any, ref: str) -> str:
+        try:
+            return find(ref, ctx)
+        except (SourceError, DatasetError) as exc:
+            raise ConfigError(exc.detail, file=file or None,
+                              key=f"variants ({variant.label}).{attr}") from None
+
     inputs: dict[str, Any] = {}
     if variant.source:
-        inputs["source_sha256"] = input_identity(variant.source, ctx)
+        inputs["source_sha256"] = identity("source", input_identity, variant.source)
     elif variant.imatrix and variant.backend == "llama.cpp":
         from .quantize.imatrix import IMATRIX_RECIPE
-        inputs["imatrix"] = {"text": text_identity(variant.imatrix, ctx), **IMATRIX_RECIPE}
+        inputs["imatrix"] = {"text": identity("imatrix", text_identity, variant.imatrix),
+                             **IMATRIX_RECIPE}
     if variant.calibrated:
-        inputs["calibration_text"] = text_identity(variant.calibration or "wikitext-2", ctx)
+        inputs["calibration_text"] = identity("calibration", text_identity,
+                                              variant.calibration or "wikitext-2")
     return inputs
 
 
@@ -194,7 +204,7 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
 
     def inputs(v: VariantSpec) -> dict[str, Any]:
         if v not in inputs_memo:  # a variant shared by models is hashed once
-            inputs_memo[v] = variant_inputs(v, ctx)
+            inputs_memo[v] = variant_inputs(v, ctx, str(suite.path))
         return inputs_memo[v]
 
     settings = run_settings(suite.defaults, ctx.env if ctx.env is not None else envinfo.collect())

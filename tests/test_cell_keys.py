@@ -476,3 +476,18 @@ def test_split_gguf_is_inspected_across_its_shards(tmp_path):
         fh.truncate(second.stat().st_size - 64)
     with pytest.raises(SourceError, match="m-00002-of-00002.gguf is (corrupt or )?truncated"):
         inspect_gguf(first)
+
+
+def test_missing_variant_input_names_the_suite_key(suite_dir):
+    from qbench.errors import ConfigError
+
+    (suite_dir / "pre.gguf").unlink()
+    with pytest.raises(ConfigError) as info:
+        keys(suite_dir)
+    assert info.value.key == "variants (llama.cpp/Q4_K_M@pre.gguf).source"
+    assert "model file not found" in str(info.value)
+    (suite_dir / "pre.gguf").write_bytes(b"back")
+    (suite_dir / "awq.txt").unlink()
+    with pytest.raises(ConfigError) as info:
+        keys(suite_dir)
+    assert info.value.key == "variants (transformers/awq-w4g64).calibration"

@@ -29,7 +29,7 @@ from .config import Defaults, ModelSpec, Suite, VariantSpec
 from .datasets import locate_text
 from .errors import ConfigError, DatasetError, QbenchError, SourceError
 from .metrics import METRIC_NAMES, metric_module
-from .sources import locate, sha256_file
+from .sources import locate, parse_hf, sha256_file
 
 # metrics whose numbers are properties of the machine as much as of the model: their keys carry
 # the hardware fingerprint, so another machine measures them anew. Accuracy metrics (footprint,
@@ -144,6 +144,20 @@ def model_identity(model: ModelSpec, ctx: PlanContext) -> str:
     return input_identity(model.source, ctx)
 
 
+def converter_identity(model: ModelSpec, ctx: PlanContext) -> str | None:
+    """For a model given as a Hugging Face folder (local, or a whole hub repository): the
+    converter that makes its GGUF base (its version changes every llama.cpp variant's file)."""
+    if model.source.startswith("hf:"):
+        folder = not parse_hf(model.source)[1]
+    else:
+        local = locate(model.source, base_dir=ctx.base_dir)
+        folder = local is not None and local.path.is_dir()
+    if not folder:
+        return None
+    from .quantize.convert import converter_version
+    return converter_version()
+
+
 def text_identity(name: str, ctx: PlanContext) -> str:
     """sha256 of a text file or named dataset's local file; its hub origin when it has none."""
     origin = locate_text(name, ctx.data_dir, ctx.base_dir)
@@ -210,6 +224,7 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
     settings = run_settings(suite.defaults, ctx.env if ctx.env is not None else envinfo.collect())
     for model in suite.models:
         sha = model_identity(model, ctx)
+        converter = converter_identity(model, ctx)
         bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
         variants = sorted(suite.variants_for(model), key=lambda v: v not in bases)
         for variant in variants:
@@ -223,7 +238,9 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
                     extras_memo[metric] = key_extras(options, ctx) if key_extras else {}
                 run = settings.key_part(metric)
                 key = _key({
-                    "model": {"id": model.id, "sha256": sha},
+                    "model": {"id": model.id, "sha256": sha} | (
+                        {"converter": converter}
+                        if converter and variant.backend == "llama.cpp" else {}),
                     "variant": variant.params(), "inputs": inputs(variant),
                     "base": _base_part(suite, model, variant, module.INFO.needs_base, inputs),
                     "metric": metric, "metric_version": module.INFO.version,

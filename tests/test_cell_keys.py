@@ -491,3 +491,13 @@ def test_missing_variant_input_names_the_suite_key(suite_dir):
     with pytest.raises(ConfigError) as info:
         keys(suite_dir)
     assert info.value.key == "variants (transformers/awq-w4g64).calibration"
+
+
+def test_converter_is_in_the_keys_of_gguf_variants_of_a_model_folder(suite_dir, monkeypatch):
+    d = _hf_folder(suite_dir)
+    edit_suite(suite_dir, 'source = "m.gguf"', f'source = "{d.name}"')
+    before = keys(suite_dir)
+    script = suite_dir / "convert_hf_to_gguf.py"   # another converter makes other GGUF files
+    script.write_text("# a llama.cpp checkout's converter\n")
+    monkeypatch.setenv("QBENCH_CONVERT_HF_TO_GGUF", str(script))
+    assert changed(before, keys(suite_dir)) == {c for c in before if "/llama.cpp/" in c}

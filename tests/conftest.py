@@ -123,8 +123,8 @@ EXPECTED_SKIPS: tuple[ExpectedSkip, ...] = (
                      "as root, runs it)", when=lambda: os.geteuid() != 0),
 )
 
-ENABLE_HINT = ("run `bash scripts/bootstrap.sh --test-tools` (installs what the tests use: "
-               "chromium, shellcheck) and set QBENCH_DATA_DIR")
+ENABLE_HINT = ("`bash scripts/bootstrap.sh --test-tools` (installs what the tests use: "
+               "chromium, shellcheck), QBENCH_DATA_DIR set to the shared data folder")
 
 
 def in_ci() -> bool:
@@ -192,8 +192,12 @@ class SkipPolicy:
                        red=True, bold=True)
         else:
             tr.section("tests skipped that a full setup runs", sep="=", yellow=True, bold=True)
+        groups: dict[tuple[str, str], list[str]] = {}   # (file, reason) -> node ids
         for nodeid, reason in skipped:
-            tr.write_line(f"{nodeid}: {reason}")
+            groups.setdefault((nodeid.split("::")[0], reason), []).append(nodeid)
+        for (_, reason), ids in groups.items():
+            what = ids[0] if len(ids) == 1 else f"{ids[0]} and {len(ids) - 1} more"
+            tr.write_line(f"{what}: {reason}")
         tr.write_line(f"to run them: {ENABLE_HINT}")
 
 

@@ -3,7 +3,9 @@ offline, fresh profile. No console messages at all, every plot div holds an SVG 
 trace (plotly ran), a hostile model name shows as text and never as an element, and a screenshot
 is kept as a test artifact (``$QBENCH_TEST_ARTIFACTS``, else ``tests/artifacts/``).
 
-Skipped with the reason when no chromium binary is installed (``apt-get install -y chromium``).
+Skipped with the reason when no chromium binary is installed: ``bash scripts/bootstrap.sh
+--test-tools`` installs it (``apt-get install -y chromium``); under CI the skip fails the run
+(tests/conftest.py, EXPECTED_SKIPS).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def _chromium() -> str | None:
 
 CHROMIUM = _chromium()
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary (/usr/bin/chromium): on Debian/Ubuntu "
-                             "`apt-get install -y chromium` to run the browser test")
+    CHROMIUM is None, reason="no chromium binary (chromium, chromium-browser or google-chrome): "
+                             "`bash scripts/bootstrap.sh --test-tools` installs it (Debian/Ubuntu: "
+                             "`apt-get install -y chromium`)")
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", "--enable-logging=stderr", "--v=0",

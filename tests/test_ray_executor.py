@@ -368,3 +368,25 @@ def test_guard_is_inert_outside_the_main_thread():
     t.start()
     t.join()
     assert errors == [] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_cancel_waits_then_force_cancels_what_still_runs():
+    """Stopping early: a gentle cancel for all, a bounded wait for them to end, then a force
+    cancel (kills the Ray worker; the cell dies by its parent-death signal) for the rest."""
+    from qbench.ray_executor import CANCEL_GRACE_S, RayExecutor
+    calls: list[tuple] = []
+
+    class FakeRay:
+        def cancel(self, ref, force=False, recursive=True):
+            calls.append(("cancel", ref, force))
+
+        def wait(self, refs, num_returns, timeout):
+            calls.append(("wait", tuple(refs), num_returns, timeout))
+            return ["a"], ["b", "c"]          # b and c did not end in time
+
+    executor = object.__new__(RayExecutor)
+    executor.ray = FakeRay()
+    executor._cancel(["a", "b", "c"])
+    assert calls == [("cancel", "a", False), ("cancel", "b", False), ("cancel", "c", False),
+                     ("wait", ("a", "b", "c"), 3, CANCEL_GRACE_S),
+                     ("cancel", "b", True), ("cancel", "c", True)]

@@ -334,10 +334,11 @@ def _kld(cell: str, b: dict[str, Any], c: dict[str, Any], tol: Tolerances) -> Ch
                        tol=floor, test=UNPAIRED, hib=False, note=note)
     p = stats.paired_mean_diff([y - x for x, y in zip(pb, pc)])
     ref = math.fsum(pb) / len(pb)
-    if ref <= 0:   # a base against itself: nothing to be relative to; identical passes
-        return _change(cell, "kld", "kld_mean", bv, cv, change=0.0 if p["mean"] == 0 else
-                       math.copysign(math.inf, p["mean"]),
-                       ci=None, unit="%", tol=floor, hib=False, test="per-chunk, base KLD 0")
+    if ref <= 0:   # a base against itself (KLD 0): only the absolute floor, in nats
+        ci = (p["ci_low"], p["ci_high"]) if p["n"] > 1 else None
+        return _change(cell, "kld", "kld_mean", bv, cv, change=p["mean"], ci=ci, unit="nats",
+                       tol=tol.kld_abs, hib=False,
+                       test=f"paired t on per-chunk mean KLD ({p['n']} chunks), baseline 0")
     k = 100.0 / ref
     ci = (p["ci_low"] * k, p["ci_high"] * k) if p["n"] > 1 else None
     return _change(cell, "kld", "kld_mean", bv, cv, change=p["mean"] * k, ci=ci, unit="%",

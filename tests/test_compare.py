@@ -447,3 +447,17 @@ def test_hostile_names_are_escaped_in_the_html(base: list[dict], tmp_path: Path)
     _set(cand, "Q4_K_M", "speed", "tg_tokens_per_s", value=10.0)
     page = render_html(compare_records(recs, cand))
     assert "<img" not in page and "&lt;img src=x" in page
+
+
+def test_base_kld_of_zero_uses_the_absolute_floor(base: list[dict]) -> None:
+    """A base compared with itself has KLD 0: a change is judged in nats, not in %."""
+    _with_kld_chunks(base, "Q8_0", [0.0] * 8)
+    same = compare_records(base, copy.deepcopy(base))
+    assert _change(same, "Q8_0", "kld_mean").verdict == "no change"
+    tiny = copy.deepcopy(base)
+    _with_kld_chunks(tiny, "Q8_0", [1e-7 * (1 + i % 2) for i in range(8)])
+    ch = _change(compare_records(base, tiny), "Q8_0", "kld_mean")
+    assert ch.unit == "nats" and not ch.regression
+    broken = copy.deepcopy(base)
+    _with_kld_chunks(broken, "Q8_0", [0.01 * (1 + i % 2) for i in range(8)])
+    assert _change(compare_records(base, broken), "Q8_0", "kld_mean").regression

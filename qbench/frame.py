@@ -9,6 +9,7 @@ module is only imported on demand (``qbench.load``), never by ``qbench run``.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
@@ -111,8 +112,6 @@ def load(paths: PathArg) -> pd.DataFrame:
 
 def to_parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     """The flat table as a Parquet file's bytes (written atomically by the caller)."""
-    import io
-
     require_pandas("Parquet export")
     require_pyarrow("Parquet export")
     buf = io.BytesIO()

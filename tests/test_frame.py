@@ -147,7 +147,8 @@ def test_details_of_an_unknown_metric_is_an_error(results):
 
 
 def test_plain_import_and_run_path_never_import_pandas():
-    code = ("import sys, qbench, qbench.cli, qbench.runner, qbench.run_summary, qbench.export;"
+    code = ("import sys, qbench, qbench.cli, qbench.runner, qbench.run_summary, qbench.export,"
+            " qbench.report.build, qbench.worker;"
             "qbench.cli.build_parser();"
             "assert 'pandas' not in sys.modules and 'pyarrow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

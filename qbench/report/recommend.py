@@ -230,7 +230,7 @@ def _why(choice: dict[str, Any] | None, cands: list[dict[str, Any]], budget_mb: 
     r = choice["row"]
     need = (f"needs about {choice['need_mb'] / 1024:.2f} GiB at {kv_ctx} tokens of context"
             if choice["need_mb"] is not None else "memory not measured")
-    loss = "is the base itself" if r["is_base"] else f"loses {choice['interval']} PPL"
+    loss = "is the base itself" if r["is_base"] else f"measures {choice['interval']}"
     if budget_mb:
         rule = (f"the lowest loss among the variants that fit {budget_mb / 1024:g} GiB and "
                 f"lose at most {tol:g} % at the upper end of their 95 % interval")

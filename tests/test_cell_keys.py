@@ -129,13 +129,19 @@ def test_same_size_same_mtime_replacement_is_noticed(suite_dir):
     assert changed(before, keys(suite_dir)) == {cid for cid in before if "@pre.gguf/" in cid}
 
 
-def test_hub_variant_source_is_keyed_by_its_reference(suite_dir):
+def test_hub_variant_source_is_keyed_by_its_reference_and_revision(suite_dir):
+    """Planning never downloads: a hub source is its reference; pinning a revision is new."""
     edit_suite(suite_dir, 'source = "pre.gguf"', 'source = "hf:org/repo/pre.gguf"')
-    before = keys(suite_dir)
-    edit_suite(suite_dir, 'source = "hf:org/repo/pre.gguf"', 'source = "hf:org/repo/pre.gguf@abc1"')
-    after = keys(suite_dir)
-    assert changed({k.replace("@abc1", ""): v for k, v in after.items()}, before) == {
-        cid for cid in before if "@pre.gguf/" in cid}
+    ctx = PlanContext(base_dir=suite_dir, data_dir=None, cache_dir=suite_dir / "cache", env=ENV)
+    cells = expand(load_suite(suite_dir / "suite.toml"), ctx)
+    hub = [c for c in cells if c.variant.source]
+    assert {c.inputs["source_sha256"] for c in hub} == {"ref:hf:org/repo/pre.gguf"}
+    before = {c.metric: c.key for c in hub}
+    edit_suite(suite_dir, "pre.gguf", "pre.gguf@abc1")
+    after = {c.metric: c.key for c in expand(load_suite(suite_dir / "suite.toml"), ctx)
+             if c.variant.source}
+    assert before.keys() == after.keys()
+    assert all(before[m] != after[m] for m in before)
 
 
 def _write_split(folder: Path, stem: str, n: int) -> list[Path]:

@@ -129,6 +129,22 @@ def library_version(distribution: str) -> str:
         return "not-installed"
 
 
+# libraries besides the backend's own whose version changes a transformers variant's numbers,
+# by kind of quant (torch computes every one of them)
+_HF_LIBRARIES = {"float": ("torch",), "bnb": ("torch", "bitsandbytes"),
+                 "awq": ("torch", "llmcompressor", "compressed-tensors"),
+                 "gptq": ("torch", "llmcompressor", "compressed-tensors")}
+
+
+def libraries(variant: VariantSpec) -> dict[str, str]:
+    """Versions of the libraries that compute this variant's numbers (part of every key)."""
+    names = [BACKENDS[variant.backend].distribution]
+    if variant.backend == "transformers":
+        from .quantize.hf_types import kind
+        names += _HF_LIBRARIES[kind(variant.quant)]
+    return {name: library_version(name) for name in names}
+
+
 def input_identity(ref: str, ctx: PlanContext) -> str:
     """Content sha256 of a local model input (a file, every shard of a split GGUF, a model
     folder's files); for a hub reference, the reference itself with its @revision (planning
@@ -228,7 +244,7 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
         bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
         variants = sorted(suite.variants_for(model), key=lambda v: v not in bases)
         for variant in variants:
-            lib = BACKENDS[variant.backend].distribution
+            libs = libraries(variant)
             for metric, options in _in_run_order(suite.metrics):
                 if not variant.measures(metric):
                     continue
@@ -245,7 +261,7 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
                     "base": _base_part(suite, model, variant, module.INFO.needs_base, inputs),
                     "metric": metric, "metric_version": module.INFO.version,
                     "options": dataclasses.asdict(options), "extras": extras_memo[metric],
-                    "library": {lib: library_version(lib)}, "run": run,
+                    "library": libs, "run": run,
                 })
                 cells.append(Cell(suite.name, model, variant, metric, options,
                                   variant in bases, sha, key, inputs(variant), run))

@@ -507,3 +507,13 @@ def test_converter_is_in_the_keys_of_gguf_variants_of_a_model_folder(suite_dir, 
     script.write_text("# a llama.cpp checkout's converter\n")
     monkeypatch.setenv("QBENCH_CONVERT_HF_TO_GGUF", str(script))
     assert changed(before, keys(suite_dir)) == {c for c in before if "/llama.cpp/" in c}
+
+
+def test_torch_and_quantization_libraries_are_in_transformers_keys(suite_dir, monkeypatch):
+    before = keys(suite_dir)
+    real = plan_mod.library_version
+    for lib, hit in (("torch", "/transformers/"), ("llmcompressor", "/awq-w4g64/"),
+                     ("llama-cpp-python", "/llama.cpp/")):
+        monkeypatch.setattr(plan_mod, "library_version",
+                            lambda d, lib=lib: "9.9.9" if d == lib else real(d))
+        assert changed(before, keys(suite_dir)) == {c for c in before if hit in c}, lib

@@ -129,8 +129,23 @@ def _mmlu_rows(details: dict[str, Any], values: dict[str, Any]) -> list[dict[str
 
 
 def _perplexity_rows(details: dict[str, Any], values: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"chunk": i, "ppl": float(p), "mean_nll": math.log(p) if p > 0 else math.nan}
-            for i, p in enumerate(details.get("per_chunk_ppl") or [])]
+    """Per chunk: PPL, and the NLL sum and token count where the record has them (newer
+    records; the exact inputs of a paired ln PPL ratio), else mean NLL = ln PPL."""
+    ppls = details.get("per_chunk_ppl") or []
+    sums = details.get("per_chunk_nll_sum") or [None] * len(ppls)
+    tokens = details.get("per_chunk_tokens") or [None] * len(ppls)
+    rows = []
+    for i, (p, s, n) in enumerate(zip(ppls, sums, tokens)):
+        mean = s / n if s is not None and n else (math.log(p) if p > 0 else math.nan)
+        rows.append({"chunk": i, "ppl": float(p), "mean_nll": mean, "nll_sum": s, "tokens": n})
+    return rows
+
+
+def _kld_rows(details: dict[str, Any], values: dict[str, Any]) -> list[dict[str, Any]]:
+    kld = details.get("per_chunk_kld") or []
+    same = details.get("per_chunk_same_top") or [None] * len(kld)
+    return [{"chunk": i, "kld_mean": k, "same_top_frac": t}
+            for i, (k, t) in enumerate(zip(kld, same))]
 
 
 def _speed_rows(details: dict[str, Any], values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -143,7 +158,8 @@ def _speed_rows(details: dict[str, Any], values: dict[str, Any]) -> list[dict[st
 DETAILS: dict[str, tuple[Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]],
                          tuple[str, ...]]] = {
     "mmlu": (_mmlu_rows, ("question_id", "correct", "predicted")),
-    "perplexity": (_perplexity_rows, ("chunk", "ppl", "mean_nll")),
+    "perplexity": (_perplexity_rows, ("chunk", "ppl", "mean_nll", "nll_sum", "tokens")),
+    "kld": (_kld_rows, ("chunk", "kld_mean", "same_top_frac")),
     "speed": (_speed_rows, ("name", "repetition", "tokens_per_s", "tokens")),
 }
 
@@ -152,7 +168,8 @@ def load_details(paths: PathArg, metric: str = "mmlu") -> pd.DataFrame:
     """Per-item data of every ok cell of ``metric``, one row per item, for paired analyses.
 
     mmlu: one row per question (``question_id``, ``correct``, ``predicted`` letter);
-    perplexity: one row per chunk (``chunk``, ``ppl``, ``mean_nll`` = ln of the chunk's PPL);
+    perplexity: one row per chunk (``chunk``, ``ppl``, ``mean_nll``, ``nll_sum``, ``tokens``);
+    kld: one row per chunk (``chunk``, ``kld_mean``, ``same_top_frac``: 0..1);
     speed: one row per timed repetition (``name``, ``repetition``, ``tokens_per_s``).
     Each row also names its cell (suite, model, backend, quant, metric, key, id).
     """
@@ -178,7 +195,10 @@ def load_details(paths: PathArg, metric: str = "mmlu") -> pd.DataFrame:
         df = df.astype({"question_id": "int64", "correct": "bool"})
         df["predicted"] = pd.Categorical(df["predicted"], categories=list("ABCD"))
     elif metric == "perplexity":
-        df = df.astype({"chunk": "int64", "ppl": "float64", "mean_nll": "float64"})
+        df = df.astype({"chunk": "int64", "ppl": "float64", "mean_nll": "float64",
+                        "nll_sum": "float64", "tokens": "Int64"})
+    elif metric == "kld":
+        df = df.astype({"chunk": "int64", "kld_mean": "float64", "same_top_frac": "float64"})
     else:
         df["name"] = df["name"].astype("string").astype("category")
         df = df.astype({"repetition": "int64", "tokens_per_s": "float64", "tokens": "Int64"})

@@ -40,7 +40,14 @@ def results(tmp_path: Path) -> Path:
         store.save(make_record("m", "llama.cpp", quant, "perplexity", is_base=quant == "f16",
                                values={"ppl": _v(sum(ppls) / 2, 0.3, 256),
                                        "bits_per_byte": _v(1.1, None, 256, unit="bits/byte")},
-                               details={"per_chunk_ppl": ppls}))
+                               details={"per_chunk_ppl": ppls}
+                               | ({"per_chunk_nll_sum": [math.log(x) * 100 for x in ppls],
+                                   "per_chunk_tokens": [100, 100]} if quant == "f16" else {})))
+        if quant != "f16":
+            store.save(make_record("m", "llama.cpp", quant, "kld",
+                                   values={"kld_mean": _v(0.05, 0.001, 200)},
+                                   details={"per_chunk_kld": [0.04, 0.06],
+                                            "per_chunk_same_top": [0.9, 0.8]}))
         acc = sum(correct) / len(correct)
         store.save(make_record("m", "llama.cpp", quant, "mmlu",
                                values={"acc": _v(acc, 0.2, len(correct))},
@@ -61,7 +68,7 @@ def test_load_is_the_export_table_with_types(results, capsys):
     assert list(df.columns) == list(COLUMNS)
     assert main(["export", str(results)]) == 0
     exported = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(df) == len(exported) == 2 * 4 + 2   # 4 values per variant + 2 failed cells
+    assert len(df) == len(exported) == 2 * 4 + 1 + 2   # 4 values per variant, KLD, 2 failed
     assert df["value"].dtype == "float64" and df["stderr"].dtype == "float64"
     assert str(df["n"].dtype) == "Int64"
     for col in ("suite", "model", "backend", "quant", "metric", "name", "status"):
@@ -88,12 +95,12 @@ def test_the_readme_pivot_works(results):
 def test_parquet_export_round_trips_through_load(results, tmp_path, capsys):
     out = tmp_path / "out" / "demo.parquet"
     assert main(["export", str(results), "--format", "parquet", "-o", str(out)]) == 0
-    assert "wrote 10 rows" in capsys.readouterr().err
+    assert "wrote 11 rows" in capsys.readouterr().err
     assert out.read_bytes()[:4] == b"PAR1"
     pd.testing.assert_frame_equal(qbench.load(out), qbench.load(results))
     # a Parquet file and a results folder load together, with the same types
     both = qbench.load([out, results])
-    assert len(both) == 20 and isinstance(both["quant"].dtype, pd.CategoricalDtype)
+    assert len(both) == 22 and isinstance(both["quant"].dtype, pd.CategoricalDtype)
     assert set(both["quant"].cat.categories) == {"f16", "Q4_K_M", "Q2_K", "bnb-nf4"}
 
 
@@ -133,6 +140,16 @@ def test_perplexity_details_give_per_chunk_nll(results):
     q4 = d[d["quant"] == "Q4_K_M"].sort_values("chunk")
     assert list(q4["ppl"]) == [11.0, 13.5]
     assert list(q4["mean_nll"]) == pytest.approx([math.log(11.0), math.log(13.5)])
+    assert q4["nll_sum"].isna().all() and q4["tokens"].isna().all()   # an older record
+    f16 = d[d["quant"] == "f16"].sort_values("chunk")               # sums and token counts
+    assert list(f16["tokens"]) == [100, 100] and str(f16["tokens"].dtype) == "Int64"
+    assert list(f16["mean_nll"]) == pytest.approx([math.log(10.0), math.log(12.0)])
+
+
+def test_kld_details_give_per_chunk_kld(results):
+    d = qbench.load_details(results, metric="kld")
+    assert list(d["kld_mean"]) == [0.04, 0.06] and list(d["same_top_frac"]) == [0.9, 0.8]
+    assert set(d["quant"]) == {"Q4_K_M"}
 
 
 def test_speed_details_give_each_repetition(results):
@@ -142,8 +159,8 @@ def test_speed_details_give_each_repetition(results):
 
 
 def test_details_of_an_unknown_metric_is_an_error(results):
-    with pytest.raises(QbenchError, match="no per-item details for metric 'kld'"):
-        qbench.load_details(results, metric="kld")
+    with pytest.raises(QbenchError, match="no per-item details for metric 'sanity'"):
+        qbench.load_details(results, metric="sanity")
 
 
 def test_plain_import_and_run_path_never_import_pandas():

@@ -51,6 +51,7 @@ class CellRecord(TypedDict):
     memory: Memory
     timings: dict[str, Any]
     env: dict[str, Any]
+    run: NotRequired[dict[str, Any]]   # threads and device the cell ran with (in its key)
 
 
 # version n -> function turning a version-n record into version n+1

@@ -37,7 +37,9 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     from ..quantize.gguf import inspect_gguf
 
     summary = inspect_gguf(ctx.artifact_path, ctx.cache_dir)
-    size = ctx.artifact_path.stat().st_size
+    # a split GGUF is all of its shards: the reader sums them (the first shard alone is a
+    # fraction of what a user downloads and loads)
+    size = summary.get("file_bytes") or ctx.artifact_path.stat().st_size
     n_params = summary["n_params"]
     return {
         "values": {

@@ -297,7 +297,10 @@ def exact_kld(base: Path, ggufs: list[Path], a: argparse.Namespace) -> dict[Path
     finally:
         for m in models:
             m.close()
-    return {p: {"kld_mean": float(np.concatenate(v["exact"]).mean()),
+    per_token = {p: np.concatenate(v["exact"]) for p, v in sums.items()}
+    return {p: {"kld_mean": float(per_token[p].mean()),
+                "kld_p99": float(np.percentile(per_token[p], 99)),
+                "kld_max": float(per_token[p].max()),
                 "kld_llama_formula": float(np.concatenate(v["llama_formula"]).mean()),
                 "same_top_pct": 100 * float(np.concatenate(v["same"]).mean()),
                 "tokens": int(sum(len(x) for x in v["exact"]))} for p, v in sums.items()}
@@ -450,6 +453,7 @@ def check_variant(gguf: Path, a: argparse.Namespace, parts: set[str], bin_dir: P
             ("  llama-perplexity vs exact", ll_kld, exact["kld_mean"],
              "-" if ll_kld is None else f"{rel(ll_kld, exact['kld_mean']):+.3f} %", "(info)"),
             ("  same top % (exact pass)", exact["same_top_pct"], None, "", "(info)"),
+            ("  99% / max KLD, exact", exact["kld_p99"], exact["kld_max"], "", "(info)"),
         ]
         result["exact"] = exact | {"qbench_rel_diff_pct": d}
     result["checks"] = checks
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.verbose:
         quiet_llama_cpp()
-    a.gguf, a.text = [g.resolve() for g in a.gguf], a.text.resolve()
+    a.gguf, a.text = [g.absolute() for g in a.gguf], a.text.resolve()  # names as given
     a.base_gguf = a.base_gguf.resolve() if a.base_gguf else None
     parts = {x.strip() for x in a.parts.split(",") if x.strip()}
     if a.base_gguf is None:

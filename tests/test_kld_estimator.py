@@ -185,3 +185,37 @@ def test_per_chunk_kld_and_same_top_in_scoring_order() -> None:
     assert chunk_kld[1] == pytest.approx(float(per_token["kld"][n:2 * n].mean()))
     assert chunk_same[0] == pytest.approx(float(per_token["same"][:n].mean()))
     assert chunk_same[0] > chunk_same[1]
+
+
+def _fidelity_module():  # benchmarks/ is not a package: load the script by path
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fidelity.py"
+    spec = importlib.util.spec_from_file_location("qbench_fidelity_bench", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_fidelity_exits_non_zero_when_a_target_is_missed(ok: bool, tmp_path, monkeypatch) -> None:
+    fid = _fidelity_module()
+    text = tmp_path / "any.txt"
+    text.write_text("held-out text")
+    monkeypatch.setattr(fid, "exact_kld", lambda base, ggufs, a: {g: {} for g in ggufs})
+
+    def one(gguf, *args):
+        checks = {"kld_exact": True, "kld": ok}
+        return {"gguf": str(gguf), "checks": checks}, [], checks
+
+    monkeypatch.setattr(fid, "check_variant", one)
+    argv = ["--gguf", str(tmp_path / "Q8_0.gguf"), str(tmp_path / "Q4_K_M.gguf"),
+            "--base-gguf", str(tmp_path / "F16.gguf"), "--text", str(text), "--parts", "exact"]
+    assert fid.main(argv) == (0 if ok else 1)
+
+
+def test_fidelity_kld_tolerance_is_looser_only_at_low_kld() -> None:
+    fid = _fidelity_module()
+    assert fid.kld_tolerance_pct(0.0008) > fid.kld_tolerance_pct(0.06)
+    assert fid.kld_tolerance_pct(0.06) == fid.TARGETS["kld_rel_pct"]

@@ -238,3 +238,12 @@ def test_page_shows_interval_and_borderline() -> None:
     assert "+1.80]" in page and "token-paired (KLD pass), 2,040 tok" in page
     assert 'class="warn borderline"' in page and "Q6_K is borderline" in page
     assert "Take m / llama.cpp / Q8_0." in page
+
+
+def test_variants_table_shows_own_peak_and_the_max() -> None:
+    recs = (_gguf("F16", size_mb=260.0, speed_peak=400.0, is_base=True)
+            + _gguf("Q4_K_M", size_mb=90.0, point_pct=0.2, high_pct=0.5, speed_peak=200.0,
+                    kld_peak=700.0))
+    page = render_suite("s", recs)
+    variants = page.split('id="variants"', 1)[1].split("</table>", 1)[0]
+    assert "<td>200<br>" in variants and "speed" in variants and "max 700" in variants

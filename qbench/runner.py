@@ -145,7 +145,8 @@ def make_record(cell: Cell, outcome: Outcome, run_id: str, started: str,
                                     else round(outcome.peak_vram_mb, 1)),
                    "torch_max_allocated_mb": (res.get("torch_max_allocated_mb") or
                                               res.get("backend", {}).get(
-                                                  "torch_max_allocated_mb"))},
+                                                  "torch_max_allocated_mb")),
+                   "vram_note": outcome.vram_note},
         "timings": {"started": started, "wall_s": round(outcome.wall_s, 3),
                     **res.get("timings", {})},
         "env": env,

@@ -27,6 +27,7 @@ class Memory(TypedDict, total=False):
     peak_rss_mb: float            # max resident set of the cell's process tree (sampled + rusage)
     peak_vram_mb: float | None    # NVML per-process, sampled; None without a GPU
     torch_max_allocated_mb: float | None
+    vram_note: str | None         # why peak_vram_mb is None where NVML works (container PIDs)
 
 
 class CellRecord(TypedDict):

@@ -268,6 +268,12 @@ def test_torch_max_allocated_reaches_the_record(monkeypatch, tmp_path, write_sui
                          "run-1", "2026-01-01T00:00:00+00:00", {})
     assert record["memory"]["torch_max_allocated_mb"] == 768.0
     assert record["memory"]["peak_vram_mb"] == 900.0
+    assert record["memory"]["vram_note"] is None
+    hidden = make_record(cell, Outcome(status="ok", result=result, peak_vram_mb=None,
+                                       vram_note=VRAM_NOT_ATTRIBUTABLE),
+                         "run-1", "2026-01-01T00:00:00+00:00", {})
+    assert hidden["memory"]["peak_vram_mb"] is None
+    assert hidden["memory"]["vram_note"] == VRAM_NOT_ATTRIBUTABLE    # said, not a silent 0
 
 
 @pytest.mark.parametrize("torch", [None, fake_torch([1], initialized=False)],

@@ -235,7 +235,7 @@ def test_actionlint_clean():
 def test_run_scripts_pass_shellcheck(path, tmp_path):
     exe = shutil.which("shellcheck")
     if exe is None:
-        pytest.skip("shellcheck is not installed")
+        pytest.skip("shellcheck is not installed (bash scripts/bootstrap.sh --test-tools installs it)")
     wf = load(path)
     for job_name, job in wf["jobs"].items():
         for i, step in enumerate(steps(job)):

@@ -114,6 +114,12 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                 print(f"shared KLD pass off: the base could not be prepared ({exc})",
                       file=sys.stderr)
                 companions = {}
+    if base_artifact is not None:  # how the base runs is part of its cached distributions
+        bv = job["base_variant"]
+        base_artifact = dict(base_artifact) | {"runtime": {
+            "device": (job.get("cell", {}).get("run") or {}).get("device", job.get("device")),
+            "batch": bv.get("batch"), "ubatch": bv.get("ubatch"),
+            "n_gpu_layers": bv.get("n_gpu_layers")}}
     timings["prepare_s"] = round(time.perf_counter() - t0, 3)
 
     def loader(v: dict[str, Any], p: Path) -> Any:

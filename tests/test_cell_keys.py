@@ -517,3 +517,17 @@ def test_torch_and_quantization_libraries_are_in_transformers_keys(suite_dir, mo
         monkeypatch.setattr(plan_mod, "library_version",
                             lambda d, lib=lib: "9.9.9" if d == lib else real(d))
         assert changed(before, keys(suite_dir)) == {c for c in before if hit in c}, lib
+
+
+def test_kld_base_cache_is_keyed_by_how_the_base_ran(tmp_path):
+    """A base cache made on a GPU (other logits: batch-shape dependent kernels) or with other
+    batch sizes is never read by a CPU run."""
+    from qbench.metrics.kld import Options, base_cache_path
+    opts = Options().resolved(None)
+    cpu = {"device": "cpu", "batch": 512, "ubatch": 512, "n_gpu_layers": 0}
+    paths = {str(base_cache_path(tmp_path, "sha-b", "sha-t", opts, rt))
+             for rt in (cpu, cpu | {"device": "cuda"}, cpu | {"ubatch": 128},
+                        cpu | {"n_gpu_layers": 99})}
+    assert len(paths) == 4
+    assert base_cache_path(tmp_path, "sha-b", "sha-t", opts, dict(cpu)) == \
+        base_cache_path(tmp_path, "sha-b", "sha-t", opts, cpu)

@@ -128,13 +128,18 @@ def _top_mass(logprobs: np.ndarray, coverage: float, cap: int
             counts.astype(np.int32), rest.astype(np.float32))
 
 
-def base_cache_path(cache_dir: Path, base_sha: str, text_sha: str, options: Options) -> Path:
-    """The base cache of (base file, text, ctx, requested chunks, storage settings): the
-    requested count fixes the chunks as surely as the actual one, and needs no tokenizer."""
+def base_cache_path(cache_dir: Path, base_sha: str, text_sha: str, options: Options,
+                    runtime: dict[str, Any] | None = None) -> Path:
+    """The base cache of (base file, text, ctx, requested chunks, storage settings, and how the
+    base ran: device, batch sizes, offloaded layers - CUDA logits change with the batch shape,
+    so a cache built on a GPU must not stand in for a CPU run): the requested count fixes the
+    chunks as surely as the actual one, and needs no tokenizer."""
     ident = {"base_sha256": base_sha, "text_sha256": text_sha, "ctx": options.ctx,
              "chunks": options.chunks, "coverage": options.coverage,
              "max_tokens": options.max_tokens, "tail_samples": options.tail_samples,
              "version": INFO.version}
+    if runtime:
+        ident["runtime"] = runtime
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
     return cache_dir / "kld-base" / f"{digest}.npz"
 
@@ -292,7 +297,7 @@ def base_and_comparison(ctx: CellContext, chunks: Chunks, options: Options
     if ctx.base_artifact is None:
         raise QbenchError("no base variant to compare with")
     path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], chunks.text.sha256,
-                           options)
+                           options, ctx.base_artifact.get("runtime"))
     built = False
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
@@ -339,7 +344,8 @@ class SharedPass:
         if ctx.base_artifact is None:
             raise QbenchError("no base variant to compare with")
         self.cache = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"],
-                                     chunks.text.sha256, options)
+                                     chunks.text.sha256, options,
+                                     ctx.base_artifact.get("runtime"))
         self.out = pairs_path(self.cache, kld_cell_key)
         self.acc: _Pass | None = None
         if self.out.exists():
@@ -445,7 +451,8 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     if ctx.base_artifact is None:
         raise QbenchError("no base variant to compare with")
     text = load_text(opts.dataset, ctx.data_dir, ctx.base_dir)
-    path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], text.sha256, opts)
+    path = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"], text.sha256, opts,
+                           ctx.base_artifact.get("runtime"))
     pairs = pairs_path(path, ctx.cell_key) if ctx.cell_key else None
     shared = pairs is not None and path.exists() and pairs.exists()
     if shared:  # the perplexity cell's pass already compared this variant: no model load

@@ -77,13 +77,13 @@ install_test_tools() {
 
 # the Python packages, skipped when they were installed from these very files before (the
 # marker is written only after every step succeeded)
-DEPS="$(cat pyproject.toml requirements/hf.txt | sha256sum | cut -c1-16) hf=${QBENCH_NO_HF:-0}"
+DEPS="$(cat pyproject.toml requirements/hf.txt scripts/bootstrap.sh | sha256sum | cut -c1-16) hf=${QBENCH_NO_HF:-0}"
 if [ "$(cat .venv/.qbench-deps 2>/dev/null)" != "$DEPS" ] || ! $VPY -c "import qbench" 2>/dev/null
 then
   rm -f .venv/.qbench-deps
   pip_q install -q --upgrade pip
   # qbench itself and its pure-Python dependencies (never torch: a GGUF-only install)
-  pip_q install -q -e ".[test,gpu,ray]"
+  pip_q install -q -e ".[test,gpu,ray,pandas]"
   # the transformers backend (AWQ/GPTQ via llm-compressor, bitsandbytes): torch pinned to the
   # local CPU build first, so nothing pulls a multi-GB CUDA wheel. QBENCH_NO_HF=1 skips it
   # (transformers cells are then recorded as skipped, with the reason).

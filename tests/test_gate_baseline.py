@@ -121,12 +121,13 @@ def realistic_spread(records: list[dict[str, Any]], target: float) -> float:
 
 
 def _centred_draws(n: int, mean: float, spread: float, seed: int) -> list[float]:
-    """``n`` normal draws of sd ``spread``, shifted so that their mean is exactly ``mean``
-    (each chunk its own factor; the cell as a whole moves by exactly the stated amount)."""
+    """``n`` normal draws standardised to exactly this ``mean`` and sample sd ``spread``: each
+    chunk its own factor, the cell as a whole moving by exactly the stated amount with exactly
+    the stated spread (so the outcome depends on the data's spread, not on a lucky seed)."""
     rng = random.Random(seed)
-    draws = [rng.gauss(0.0, spread) for _ in range(n)]
-    shift = mean - statistics.fmean(draws)
-    return [x + shift for x in draws]
+    draws = [rng.gauss(0.0, 1.0) for _ in range(n)]
+    m, sd = statistics.fmean(draws), statistics.stdev(draws)
+    return [mean + spread * (x - m) / sd for x in draws]
 
 
 def perturb_ppl(rec: dict[str, Any], factor: float, spread: float, seed: int) -> None:

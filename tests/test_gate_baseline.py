@@ -11,7 +11,9 @@ results/baselines/README.md says when numbers move on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import random
@@ -65,9 +67,6 @@ def _write(root: Path, records: list[dict[str, Any]]) -> Path:
 def _gate(tmp_path: Path, candidate: list[dict[str, Any]], *extra: str,
           baseline: Path = BASELINE) -> tuple[int, dict[str, Any]]:
     """``qbench compare BASELINE CANDIDATE --suite smoke.toml --json``: (exit code, result)."""
-    import contextlib
-    import io
-
     cand = _write(tmp_path / "candidate", candidate)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -325,8 +324,6 @@ def test_fresh_slice_passes_the_gate(tmp_path: Path, data_dir: Path, smollm2_ref
     assert main(["run", str(SUITE), "--out", str(out), "--no-report", *only]) == 0
     fresh = load_results([out / "smoke"])
     assert {cell_id(r) for r in fresh} == set(SLICE)
-    import contextlib
-    import io
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["compare", str(BASELINE), str(out / "smoke"), "--suite", str(SUITE),

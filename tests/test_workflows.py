@@ -141,6 +141,7 @@ def test_nightly_gates_on_regressions(nightly):
     [step] = [s for s in steps(gate) if "qbench compare" in s.get("run", "")]
     script = step["run"]
     assert 'qbench compare "$baseline" "merged/${SUITE_NAME}"' in script
+    assert '--suite "$SUITE"' in script       # dropped cells are not reported as missing
     assert 'baseline="results/baselines/${SUITE_NAME}"' in script
     assert 'exit "$rc"' in script                          # exit 2 (regression) fails the job
     assert not step.get("continue-on-error")

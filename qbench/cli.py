@@ -483,7 +483,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qbench: error: cannot write{where}: {exc.strerror} (disk full or file size "
                   "limit); results already stored are intact", file=sys.stderr)
             return EXIT_USER
-        raise
+        return _bug(exc)
+    except Exception as exc:  # noqa: BLE001 - anything else is qbench's fault: say so
+        return _bug(exc)
+
+
+def _bug(exc: BaseException) -> int:
+    """An unexpected exception: the traceback for a bug report, and exit 3 so scripts and CI
+    can tell a qbench bug from a user error (1) or failed cells (2)."""
+    import traceback
+    traceback.print_exception(exc, file=sys.stderr)
+    print(f"qbench: internal error ({type(exc).__name__}): this is a bug in qbench; please "
+          "report it with the traceback above", file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

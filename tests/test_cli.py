@@ -146,3 +146,16 @@ def test_each_command_help_has_a_description_and_an_example_that_parses(command,
     argv = shlex.split(line)
     assert argv[:2] == ["qbench", command]
     build_parser().parse_args(argv[1:])          # the example is a valid command line
+
+
+def test_an_unexpected_exception_is_exit_3_with_its_traceback(monkeypatch, capsys):
+    """A bug in qbench must not look like a user error (1) or failed cells (2)."""
+    from qbench import cli
+
+    def boom(args, console):
+        raise RuntimeError("injected bug")
+    monkeypatch.setitem(cli.COMMANDS, "ls", boom)
+    assert cli.main(["ls"]) == cli.EXIT_BUG == 3
+    err = capsys.readouterr().err
+    assert "RuntimeError: injected bug" in err and "Traceback" in err
+    assert "bug in qbench" in err

@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load", "load_details"]
 
 if TYPE_CHECKING:
-    from .frame import load, load_details
+    from qbench.results.frame import load, load_details
 
 
 def __getattr__(name: str) -> Any:
     """Lazy attributes: the pandas-backed API loads only when someone asks for it."""
     if name in ("load", "load_details"):
-        from . import frame
+        from qbench.results import frame
 
         return getattr(frame, name)
     raise AttributeError(f"module 'qbench' has no attribute {name!r}")

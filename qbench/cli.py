@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from .errors import QbenchError
+from qbench import __version__
+from qbench.errors import QbenchError
 
 EXIT_OK, EXIT_USER, EXIT_CELLS_FAILED, EXIT_BUG = 0, 1, 2, 3
 LOG_WIDTH = 1000   # console width when stderr is not a terminal: long lines stay whole
@@ -24,11 +24,11 @@ LOG_WIDTH = 1000   # console width when stderr is not a terminal: long lines sta
 
 def _suite_context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Load the suite and work out where data, cache and results live; check data exists."""
-    from .config import load_suite
-    from .datasets import data_dir_from
-    from .plan import PlanContext
-    from .runner import default_cache_dir
-    from .store import Store
+    from qbench.suite.config import load_suite
+    from qbench.inputs.datasets import data_dir_from
+    from qbench.suite.plan import PlanContext
+    from qbench.run.runner import default_cache_dir
+    from qbench.results.store import Store
 
     suite = load_suite(args.suite)
     ctx = PlanContext(base_dir=suite.path.resolve().parent,
@@ -42,11 +42,11 @@ def _suite_context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def _check_inputs(suite: Any, ctx: Any) -> None:
     """Everything checkable without loading a model: model files, GGUF headers, datasets."""
-    from .config import ConfigError
-    from .datasets import locate_text
-    from .errors import DatasetError, SourceError
-    from .quantize.gguf import inspect_gguf
-    from .sources import locate
+    from qbench.suite.config import ConfigError
+    from qbench.inputs.datasets import locate_text
+    from qbench.errors import DatasetError, SourceError
+    from qbench.quantize.gguf import inspect_gguf
+    from qbench.inputs.sources import locate
 
     file = str(suite.path)
     for i, model in enumerate(suite.models):
@@ -75,7 +75,7 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from .plan import expand
+    from qbench.suite.plan import expand
 
     suite, ctx, _ = _suite_context(args)
     _check_inputs(suite, ctx)
@@ -87,10 +87,10 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    from .plan import expand
-    from .runner import cell_rows
+    from qbench.suite.plan import expand
+    from qbench.run.runner import cell_rows
 
-    from .shard import shard_selector
+    from qbench.suite.shard import shard_selector
 
     select = shard_selector(args.shard)
     suite, ctx, store = _suite_context(args)
@@ -114,16 +114,16 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from .report.build import build_site
-    from .runner import run_suite
-    from .store import load_results
+    from qbench.report.build import build_site
+    from qbench.run.runner import run_suite
+    from qbench.results.store import load_results
 
-    from .shard import shard_selector
+    from qbench.suite.shard import shard_selector
 
     select = shard_selector(args.shard)            # a bad --shard fails before anything runs
     executor = None
     if args.executor == "ray":
-        from .ray_executor import RayExecutor
+        from qbench.run.ray_executor import RayExecutor
         executor = RayExecutor(address=args.ray_address, num_gpus_per_cell=args.gpus_per_cell)
     suite, ctx, store = _suite_context(args)
     _check_inputs(suite, ctx)
@@ -144,7 +144,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"report: {report}")
     code = EXIT_CELLS_FAILED if summary.any_failed else EXIT_OK
     if args.summary_json or args.summary_md:
-        from . import run_summary
+        from qbench.run import summary as run_summary
         run_summary.write(run_summary.build(summary, store, report=report, exit_code=code),
                           json_path=args.summary_json, md_path=args.summary_md)
     if summary.any_failed:
@@ -157,8 +157,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from .report.build import build_site
-    from .store import load_results
+    from qbench.report.build import build_site
+    from qbench.results.store import load_results
 
     records = load_results([Path(p) for p in args.results])
     pages = build_site(records, Path(args.out), budget_gb=args.memory_budget_gb,
@@ -169,13 +169,13 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    from .compare import run_compare
+    from qbench.results.compare import run_compare
 
     return run_compare(args, console)
 
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
-    from .merge import merge_results
+    from qbench.results.merge import merge_results
 
     summary = merge_results([Path(p) for p in args.sources], Path(args.out))
     for line in summary.lines():
@@ -184,8 +184,8 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
-    from .export import flat_rows, to_csv, to_jsonl, to_parquet
-    from .store import load_results
+    from qbench.results.export import flat_rows, to_csv, to_jsonl, to_parquet
+    from qbench.results.store import load_results
 
     to_file = bool(args.output and args.output != "-")
     if args.format == "parquet" and not to_file:
@@ -196,7 +196,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     else:
         data = (to_csv(rows) if args.format == "csv" else to_jsonl(rows)).encode("utf-8")
     if to_file:
-        from .fsutil import atomic_write_bytes
+        from qbench.host.fsutil import atomic_write_bytes
         atomic_write_bytes(Path(args.output), data)
         console.print(f"wrote {len(rows)} rows to {args.output}")
     else:
@@ -205,7 +205,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_ls(args: argparse.Namespace, console: Console) -> int:
-    from .store import Store
+    from qbench.results.store import Store
 
     root = Path(args.out)
     if not root.is_dir():
@@ -226,8 +226,8 @@ def cmd_ls(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_cache(args: argparse.Namespace, console: Console) -> int:
-    from .cache import KINDS, clear, usage
-    from .runner import default_cache_dir
+    from qbench.host.cache import KINDS, clear, usage
+    from qbench.run.runner import default_cache_dir
 
     cache_dir = default_cache_dir(cli=args.cache_dir)
     if args.action == "clear":
@@ -244,8 +244,8 @@ def cmd_cache(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
-    from .datasets import data_dir_from
-    from .doctor import run_checks
+    from qbench.inputs.datasets import data_dir_from
+    from qbench.run.doctor import run_checks
 
     checks = run_checks(data_dir_from(args.data_dir))
     table = Table(title="qbench doctor")
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare only cells whose id model/backend/quant/metric matches "
                     "(repeatable, as qbench run --only)")
     tol = sp.add_argument_group("tolerances (how much worse the whole interval must be)")
-    from .compare import Tolerances
+    from qbench.results.compare import Tolerances
     defaults = Tolerances()
     for flag, dest, what in (
             ("--ppl-tol-pct", "tol_ppl_pct", "PPL increase, %%"),

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from .errors import ConfigError, did_you_mean
+from qbench.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 

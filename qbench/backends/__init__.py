@@ -9,7 +9,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..quantize import gguf_types, hf_types
+from qbench.quantize import gguf_types, hf_types
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import QbenchError
-from .base import LoadOptions
+from qbench.errors import QbenchError
+from qbench.backends.base import LoadOptions
 
 import llama_cpp  # noqa: E402  (this module is only imported when a llama.cpp cell runs)
 

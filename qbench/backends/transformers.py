@@ -32,9 +32,9 @@ import torch  # noqa: E402  (only imported when a transformers cell runs)
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import QbenchError
-from ..quantize.hf import Unsupported, read_descriptor, version_of
-from .base import LoadOptions
+from qbench.errors import QbenchError
+from qbench.quantize.hf import Unsupported, read_descriptor, version_of
+from qbench.backends.base import LoadOptions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NEEDS_GPU = re.compile(r"\b(cuda|gpu|accelerator|nvidia|triton|xpu)\b", re.I)

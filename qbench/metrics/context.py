@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import Backend
+from qbench.backends.base import Backend
 
 
 @dataclass

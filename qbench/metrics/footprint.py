@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import MetricInfo
-from .context import CellContext, value
+from qbench.metrics import MetricInfo
+from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="footprint", version="1", primary="file_size_mb", higher_is_better=False,
@@ -32,9 +32,9 @@ class Options:
 
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     if ctx.artifact_path.name == "variant.json" or ctx.artifact.get("format") == "hf":
-        from ..quantize.hf import footprint  # a transformers variant: safetensors + load settings
+        from qbench.quantize.hf import footprint  # a transformers variant: safetensors + load settings
         return footprint(ctx.artifact_path)
-    from ..quantize.gguf import inspect_gguf
+    from qbench.quantize.gguf import inspect_gguf
 
     summary = inspect_gguf(ctx.artifact_path, ctx.cache_dir)
     # a split GGUF is all of its shards: the reader sums them (the first shard alone is a

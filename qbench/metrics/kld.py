@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from ..datasets import load_text
-from ..errors import ConfigError, QbenchError
-from ..fsutil import file_lock
-from . import MetricInfo
-from .context import CellContext, value
-from .scoring import Chunks, iter_scored, make_chunks
+from qbench.inputs.datasets import load_text
+from qbench.errors import ConfigError, QbenchError
+from qbench.host.fsutil import file_lock
+from qbench.metrics import MetricInfo
+from qbench.metrics.context import CellContext, value
+from qbench.metrics.scoring import Chunks, iter_scored, make_chunks
 
 INFO = MetricInfo(
     name="kld", version="3", primary="kld_mean", higher_is_better=False, needs_base=True,
@@ -102,7 +102,7 @@ class Options:
 
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
-    from .perplexity import Options as PplOptions, key_extras as ppl_extras
+    from qbench.metrics.perplexity import Options as PplOptions, key_extras as ppl_extras
     return ppl_extras(PplOptions(dataset=options.dataset or "wikitext-2"), plan_ctx)
 
 

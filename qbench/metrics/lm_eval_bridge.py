@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, MissingExtraError, NotApplicable, QbenchError, did_you_mean
-from ..options import positive
-from . import MetricInfo
-from .context import CellContext, value
+from qbench.errors import ConfigError, MissingExtraError, NotApplicable, QbenchError, did_you_mean
+from qbench.options import positive
+from qbench.metrics import MetricInfo
+from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="lm_eval", version="1", primary="score", higher_is_better=True,
@@ -72,8 +72,8 @@ def _include_dir(options: Options, base_dir: Path) -> Path | None:
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
     """The task configs' content and lm-eval's version are part of the cell key."""
-    from ..plan import library_version
-    from ..sources import sha256_file
+    from qbench.suite.plan import library_version
+    from qbench.inputs.sources import sha256_file
 
     out: dict[str, Any] = {"lm_eval": library_version("lm-eval")}
     folder = _include_dir(options, plan_ctx.base_dir)
@@ -148,7 +148,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     values = parse_results(res, options.tasks)
     docs = sum((v.get("effective") or 0) for v in (res.get("n-samples") or {}).values())
     values["docs_per_s"] = value(docs / elapsed if elapsed > 0 else None, None, docs, "docs/s")
-    from ..plan import library_version
+    from qbench.suite.plan import library_version
     return {"values": values, "details": {
         "lm_eval_version": library_version("lm-eval"), "tasks": list(options.tasks),
         "include_path": str(folder) if folder else None, "limit": options.limit or None,

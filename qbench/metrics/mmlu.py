@@ -21,7 +21,7 @@ Accuracy is the mean over the chosen questions (lm-eval's ``acc``, and its group
 ``weight_by_size``: the micro average); its standard error is lm-eval's sample standard error of
 the mean, sqrt(p(1-p)/(n-1)). On a stratified subset every subject weighs the same, so the value
 is not an estimate of the full-set micro average; it is for comparing variants on identical
-questions (see :mod:`qbench.stats` for the paired test on the stored ``correct`` lists).
+questions (see :mod:`qbench.results.stats` for the paired test on the stored ``correct`` lists).
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import Backend
-from ..errors import DatasetError, QbenchError
-from ..mmlu_data import (LETTERS, SUBSET_RULE, Question, build_context, few_shot_prefix,
-                         fewshot_examples, load_split, locate, select_subset)
-from ..options import positive
-from . import MetricInfo
-from .context import CellContext, value
-from .scoring import log_softmax
+from qbench.backends.base import Backend
+from qbench.errors import DatasetError, QbenchError
+from qbench.inputs.mmlu_data import (LETTERS, SUBSET_RULE, Question, build_context, few_shot_prefix, fewshot_examples, load_split, locate, select_subset)
+from qbench.options import positive
+from qbench.metrics import MetricInfo
+from qbench.metrics.context import CellContext, value
+from qbench.metrics.scoring import log_softmax
 
 INFO = MetricInfo(
     name="mmlu", version="1", primary="acc", higher_is_better=True,
@@ -79,7 +78,7 @@ def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
     here, at planning, rather than after the models are built."""
     from pathlib import Path
 
-    from ..sources import sha256_file
+    from qbench.inputs.sources import sha256_file
 
     out: dict[str, Any] = {}
     splits = ("test", "dev") if options.shots > 0 else ("test",)

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ..datasets import locate_text
-from ..options import positive
-from . import MetricInfo
-from .context import CellContext, value
-from .scoring import iter_nll, iter_scored, make_chunks, mean_and_stderr
+from qbench.inputs.datasets import locate_text
+from qbench.options import positive
+from qbench.metrics import MetricInfo
+from qbench.metrics.context import CellContext, value
+from qbench.metrics.scoring import iter_nll, iter_scored, make_chunks, mean_and_stderr
 
 INFO = MetricInfo(
     name="perplexity", version="1", primary="ppl", higher_is_better=False,
@@ -42,14 +42,14 @@ class Options:
     def validate(self, *, file: str, key: str) -> None:
         positive(self.ctx, file=file, key=f"{key}.ctx")
         if self.ctx < 8 or self.ctx % 2:
-            from ..errors import ConfigError
+            from qbench.errors import ConfigError
             raise ConfigError(f"expected an even context of at least 8 tokens, got {self.ctx}",
                               file=file, key=f"{key}.ctx")
 
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
     """The dataset's content is part of the cell key (a changed file means new numbers)."""
-    from ..sources import sha256_file
+    from qbench.inputs.sources import sha256_file
 
     origin = locate_text(options.dataset, plan_ctx.data_dir, plan_ctx.base_dir)
     if origin.startswith("hf:"):
@@ -145,7 +145,7 @@ def _shared_kld(ctx: CellContext, chunks: Any) -> Any:
     key = opts.pop("cell_key", "")
     if not opts or not key or ctx.base_artifact is None:
         return None
-    from . import kld
+    from qbench.metrics import kld
     try:
         shared = kld.SharedPass(ctx, chunks, kld.Options(**opts), key)
     except Exception as exc:  # noqa: BLE001 - never fail the perplexity cell for it

@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from . import MetricInfo
-from .context import CellContext, value
+from qbench.metrics import MetricInfo
+from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="sanity", version="1", primary="degenerate", higher_is_better=False, implicit=True,

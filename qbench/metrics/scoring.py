@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends.base import Backend
-from ..datasets import Text, load_text
-from ..errors import DatasetError
+from qbench.backends.base import Backend
+from qbench.inputs.datasets import Text, load_text
+from qbench.errors import DatasetError
 
 
 @dataclass(frozen=True)

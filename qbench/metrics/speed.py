@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ..options import positive
-from . import MetricInfo
-from .context import CellContext, value
+from qbench.options import positive
+from qbench.metrics import MetricInfo
+from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="speed", version="1", primary="tg_tokens_per_s", higher_is_better=True,

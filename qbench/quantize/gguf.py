@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import QbenchError, SourceError
-from ..fsutil import atomic_write_text, file_lock
-from ..sources import check_gguf, sha256_file, split_shards
-from .gguf_types import FLOAT_TYPES, FTYPES
+from qbench.errors import QbenchError, SourceError
+from qbench.host.fsutil import atomic_write_text, file_lock
+from qbench.inputs.sources import check_gguf, sha256_file, split_shards
+from qbench.quantize.gguf_types import FLOAT_TYPES, FTYPES
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def _float_base(source: Path, source_sha: str, base_quant: str, cache_dir: Path,
     """The float GGUF every variant is quantized from: a Hugging Face folder converted by
     llama.cpp's converter, the source itself when it already is that type, else the source
     requantized to it (recorded)."""
-    from .convert import convert, converter_version, is_hf_folder
+    from qbench.quantize.convert import convert, converter_version, is_hf_folder
 
     if is_hf_folder(source):
         recipe = {"tool": "convert_hf_to_gguf", "converter": converter_version(),

@@ -6,7 +6,7 @@ checks every id against the installed ``llama_cpp.LLAMA_FTYPE_MOSTLY_*`` constan
 
 from __future__ import annotations
 
-from ..errors import did_you_mean
+from qbench.errors import did_you_mean
 
 # name -> llama_ftype value (llama.h, enum llama_ftype)
 FTYPES: dict[str, int] = {

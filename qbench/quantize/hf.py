@@ -35,10 +35,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingExtraError, QbenchError, SourceError
-from ..fsutil import atomic_write_text, file_lock
-from ..sources import GGUF_MAGIC, sha256_file
-from . import hf_types
+from qbench.errors import MissingExtraError, QbenchError, SourceError
+from qbench.host.fsutil import atomic_write_text, file_lock
+from qbench.inputs.sources import GGUF_MAGIC, sha256_file
+from qbench.quantize import hf_types
 
 DESCRIPTOR_FORMAT = "qbench-hf-variant/1"
 DESCRIPTOR_NAME = "variant.json"
@@ -345,7 +345,7 @@ def hf_base(model_file: Path, model_sha: str, cache_dir: Path, *, allow_pickle: 
         return model_file, model_sha, {"tool": "none (Hugging Face folder used as is)",
                                        "input_sha256": model_sha}
     if _is_gguf(model_file):
-        from .gguf import dominant_type
+        from qbench.quantize.gguf import dominant_type
         recipe = {"tool": "transformers GGUF loader (dequantized to float32)",
                   "input_sha256": model_sha, "input_format": "gguf",
                   "input_type": dominant_type(model_file, cache_dir), "output_dtype": "float32",
@@ -445,7 +445,7 @@ def calibration_spec(variant: dict[str, Any], job: dict[str, Any]) -> tuple[Any,
     """The calibration text and what identifies the calibration set (part of the artifact key):
     the text's name and sha256, the sample count and length, the selection rule. Reading the
     text is cheap; tokenizing it happens only when the artifact is built."""
-    from ..datasets import load_text
+    from qbench.inputs.datasets import load_text
 
     name = variant.get("calibration") or CALIBRATION_DATASET
     samples = int(variant.get("calibration_samples") or CALIBRATION_SAMPLES)
@@ -631,7 +631,7 @@ def load_settings(quant: str) -> dict[str, Any]:
 def prepare(job: dict[str, Any], variant: dict[str, Any], model_file: Path, model_sha: str,
             cache_dir: Path, threads: int) -> tuple[Path, dict[str, Any]]:
     """The variant descriptor to load and the artifact description (worker.prepare_artifact)."""
-    from ..sources import resolve
+    from qbench.inputs.sources import resolve
 
     model = job["cell"]["model"]
     trust = bool(model.get("trust_remote_code", False))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import did_you_mean
+from qbench.errors import did_you_mean
 
 FLOAT_TYPES = frozenset({"fp32", "bf16", "fp16"})
 BNB_TYPES = frozenset({"bnb-int8", "bnb-nf4", "bnb-fp4"})

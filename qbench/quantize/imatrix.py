@@ -14,10 +14,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..datasets import load_text
-from ..errors import QbenchError
-from ..fsutil import atomic_write_text, file_lock
-from .gguf import build_variant, find_tool
+from qbench.inputs.datasets import load_text
+from qbench.errors import QbenchError
+from qbench.host.fsutil import atomic_write_text, file_lock
+from qbench.quantize.gguf import build_variant, find_tool
 
 IMATRIX_CHUNKS = 100  # llama-imatrix --chunks: 100 x 512 tokens, the common published setting
 IMATRIX_CTX = 512

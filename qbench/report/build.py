@@ -17,13 +17,13 @@ import plotly.io as pio
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from .. import __version__
-from ..fsutil import atomic_write_text
-from ..metrics import METRIC_NAMES, metric_info
-from . import claims as claims_mod
-from .figures import suite_figures
-from .recommend import DEFAULT_KV_CTX, fp16_rule, recommend
-from .table import FAILED, fmt, signed, type_mix, variant_rows
+from qbench import __version__
+from qbench.host.fsutil import atomic_write_text
+from qbench.metrics import METRIC_NAMES, metric_info
+from qbench.report import claims as claims_mod
+from qbench.report.figures import suite_figures
+from qbench.report.recommend import DEFAULT_KV_CTX, fp16_rule, recommend
+from qbench.report.table import FAILED, fmt, signed, type_mix, variant_rows
 
 _ENV = Environment(loader=PackageLoader("qbench", "report/templates"),
                    autoescape=select_autoescape(["html"]))

@@ -9,7 +9,7 @@ Rules (design.md §2 "Decisions"):
   (× 2), else the rounding of the printed value (6.6 means 6.55-6.65).
 - An interval entirely on one side of a threshold decides. One that straddles it is
   "indistinguishable at this sample size", with the sample size (tokens, questions) that would
-  resolve it (:func:`qbench.stats.n_to_resolve`); for a published table it is "not resolved at
+  resolve it (:func:`qbench.results.stats.n_to_resolve`); for a published table it is "not resolved at
   the published precision". "Not enough data" means there is no number at all.
 - **A claim is judged on the metric it is stated in.** A loss stated in percent ("~2 %",
   "2–3 %") is a task-accuracy loss: relative accuracy decides; ΔPPL is shown beside it and does
@@ -34,7 +34,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..stats import Z95, n_to_resolve
+from qbench.results.stats import Z95, n_to_resolve
 
 SUPPORTED, CONTRADICTED, NED = "supported", "contradicted", "not enough data"
 UNRESOLVED = "indistinguishable at this sample size"       # measured interval straddles

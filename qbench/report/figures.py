@@ -13,7 +13,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from .table import memory_of
+from qbench.report.table import memory_of
 
 BACKEND_COLOURS = {"llama.cpp": "#1f77b4", "transformers": "#d62728", "vllm": "#2ca02c",
                    "exllamav2": "#9467bd"}

@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..stats import n_to_resolve
-from .table import memory_of
+from qbench.results.stats import n_to_resolve
+from qbench.report.table import memory_of
 
 DEFAULT_KV_CTX = 4096
 MIB = 2 ** 20

@@ -16,8 +16,8 @@ from typing import Any
 FAILED = ("failed", "timeout", "crashed")
 MIB = 2 ** 20
 
-try:  # paired McNemar test + Newcombe CI, paired ln PPL ratio (qbench/stats.py)
-    from ..stats import Z95, paired_from_records, paired_ln_ppl_ratio
+try:  # paired McNemar test + Newcombe CI, paired ln PPL ratio (qbench/results/stats.py)
+    from qbench.results.stats import Z95, paired_from_records, paired_ln_ppl_ratio
 except ImportError:  # pragma: no cover - stats.py is written concurrently
     paired_from_records = paired_ln_ppl_ratio = None  # type: ignore[assignment]
     Z95 = 1.959963984540054
@@ -379,7 +379,7 @@ def _add_mmlu_delta(r: dict[str, Any], base: dict[str, Any] | None) -> None:
         return
     r["dacc_pts"] = 100.0 * (r["acc"] - base["acc"])
     if paired_from_records is None:
-        r["mmlu_note"] = "paired test unavailable (qbench.stats missing)"
+        r["mmlu_note"] = "paired test unavailable (qbench.results.stats missing)"
         return
     try:
         r["mmlu_paired"] = paired_from_records(base["cells"]["mmlu"]["details"],

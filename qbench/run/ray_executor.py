@@ -3,7 +3,7 @@
 Ray does the scheduling (qbench has no scheduler of its own): each work item becomes one task
 that asks for the CPUs and GPUs its cell needs, so a node runs as many cells at once as its
 GPUs allow. Inside the task the cell still runs in its own child process
-(:func:`qbench.executor.run_in_child`): a segfault, an OOM kill or a timeout of the cell is that
+(:func:`qbench.run.child.run_in_child`): a segfault, an OOM kill or a timeout of the cell is that
 cell's outcome, exactly as with the local executor, and the Ray worker lives on. Outcomes come
 back to the driver as plain dicts and are stored there, so results land in the same store as a
 local run; the cell's log travels back with its outcome (a cluster node's disk is not ours).
@@ -55,12 +55,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import QbenchError
-from .executor import Outcome
-from .faults import fault_for
+from qbench.errors import QbenchError
+from qbench.run.child import Outcome
+from qbench.run.faults import fault_for
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runner import WorkItem
+    from qbench.run.runner import WorkItem
 
 INSTALL_HINT = "--executor ray needs 'pip install qbench-llm[ray]'"
 LOG_LIMIT = 4 * 2**20                  # bytes of a cell's log sent back (head and tail kept)
@@ -238,7 +238,7 @@ def run_cell_task(job: dict[str, Any], timeout_s: float, memory_limit_mb: int,
     Returns plain data: ``outcome`` (Outcome as a dict), ``log`` (the cell's log text) and where
     it ran. The driver's variables in ``env`` are set for the child and restored afterwards
     (Ray reuses worker processes)."""
-    from .executor import run_in_child
+    from qbench.run.child import run_in_child
 
     _task_fault(job["cell"]["id"], env.get("QBENCH_RAY_FAULT"))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -389,7 +389,7 @@ class RayExecutor:
 
 
 def _write_log(path: Path, text: str) -> None:
-    from .fsutil import atomic_write_text
+    from qbench.host.fsutil import atomic_write_text
 
     try:
         atomic_write_text(path, text)

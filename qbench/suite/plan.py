@@ -7,7 +7,7 @@ variant's parameters (and, for metrics compared with the base, the base's), the 
 and version, the backend library's version, and how cells run: threads and device. Speed cells
 also carry the machine's hardware fingerprint; accuracy cells are shared across machines. A
 finished cell with the same key is never recomputed. Hashing is memoised per file by
-:func:`qbench.sources.sha256_file` and done once per input per plan, never per cell.
+:func:`qbench.inputs.sources.sha256_file` and done once per input per plan, never per cell.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, envinfo
-from .backends import BACKENDS
-from .config import Defaults, ModelSpec, Suite, VariantSpec
-from .datasets import locate_text
-from .errors import ConfigError, DatasetError, QbenchError, SourceError
-from .metrics import METRIC_NAMES, metric_module
-from .sources import locate, parse_hf, sha256_file
+from qbench import __version__
+from qbench.host import envinfo
+from qbench.backends import BACKENDS
+from qbench.suite.config import Defaults, ModelSpec, Suite, VariantSpec
+from qbench.inputs.datasets import locate_text
+from qbench.errors import ConfigError, DatasetError, QbenchError, SourceError
+from qbench.metrics import METRIC_NAMES, metric_module
+from qbench.inputs.sources import locate, parse_hf, sha256_file
 
 # metrics whose numbers are properties of the machine as much as of the model: their keys carry
 # the hardware fingerprint, so another machine measures them anew. Accuracy metrics (footprint,
@@ -140,7 +141,7 @@ def libraries(variant: VariantSpec) -> dict[str, str]:
     """Versions of the libraries that compute this variant's numbers (part of every key)."""
     names = [BACKENDS[variant.backend].distribution]
     if variant.backend == "transformers":
-        from .quantize.hf_types import kind
+        from qbench.quantize.hf_types import kind
         names += _HF_LIBRARIES[kind(variant.quant)]
     return {name: library_version(name) for name in names}
 
@@ -170,7 +171,7 @@ def converter_identity(model: ModelSpec, ctx: PlanContext) -> str | None:
         folder = local is not None and local.path.is_dir()
     if not folder:
         return None
-    from .quantize.convert import converter_version
+    from qbench.quantize.convert import converter_version
     return converter_version()
 
 
@@ -195,7 +196,7 @@ def variant_inputs(variant: VariantSpec, ctx: PlanContext, file: str = "") -> di
     if variant.source:
         inputs["source_sha256"] = identity("source", input_identity, variant.source)
     elif variant.imatrix and variant.backend == "llama.cpp":
-        from .quantize.imatrix import IMATRIX_RECIPE
+        from qbench.quantize.imatrix import IMATRIX_RECIPE
         inputs["imatrix"] = {"text": identity("imatrix", text_identity, variant.imatrix),
                              **IMATRIX_RECIPE}
     if variant.calibrated:

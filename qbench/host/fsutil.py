@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import LockedError, StoreError
+from qbench.errors import LockedError, StoreError
 
 
 def _fsync_dir(path: Path) -> None:

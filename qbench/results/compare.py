@@ -39,7 +39,7 @@ same tokens/questions the runs' errors are positively correlated, so the unpaire
 wider than the paired one (fewer false alarms, smaller regressions missed).
 
 Speed and memory are compared only when both records were measured on the same hardware
-(:func:`qbench.envinfo.hardware_id` of the stored environment), else "not compared: other
+(:func:`qbench.host.envinfo.hardware_id` of the stored environment), else "not compared: other
 hardware" - never a regression. Memory is the speed cell's peak (RSS, VRAM): the other cells'
 peaks include building the artifact on a cold cache.
 
@@ -60,8 +60,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import stats
-from .errors import QbenchError
+from qbench.results import stats
+from qbench.errors import QbenchError
 
 EXIT_OK, EXIT_USER, EXIT_REGRESSION = 0, 1, 2
 NOT_OK = ("failed", "timeout", "crashed", "skipped")
@@ -165,7 +165,7 @@ class Comparison:
 # ------------------------------------------------------------------------------ matching
 
 def cell_id(rec: dict[str, Any]) -> str:
-    """model/backend/quant[@file]/metric, as :attr:`qbench.plan.Cell.id` spells it."""
+    """model/backend/quant[@file]/metric, as :attr:`qbench.suite.plan.Cell.id` spells it."""
     v = rec.get("variant") or {}
     quant = str(v.get("quant", "?"))
     if v.get("source"):
@@ -199,7 +199,7 @@ def _latest(records: Iterable[dict[str, Any]], only: tuple[str, ...]
 
 def expected_cells(suite_path: str | Path) -> set[tuple[str, str]]:
     """The cells a suite file asks for (without touching models or data)."""
-    from .config import load_suite
+    from qbench.suite.config import load_suite
 
     suite = load_suite(suite_path)
     out = set()
@@ -492,7 +492,7 @@ def _direction(metric: str, name: str) -> bool | None:
     if name in GATED.get(metric, {}):
         return GATED[metric][name]
     try:
-        from .metrics import metric_info
+        from qbench.metrics import metric_info
         info = metric_info(metric)
     except (KeyError, ImportError, AttributeError):
         return None
@@ -502,7 +502,7 @@ def _direction(metric: str, name: str) -> bool | None:
 def _value_names(metric: str) -> list[str]:
     names = list(GATED.get(metric, {}))
     try:
-        from .metrics import metric_info
+        from qbench.metrics import metric_info
         primary = metric_info(metric).primary
         if primary not in names:
             names.insert(0, primary)
@@ -512,7 +512,7 @@ def _value_names(metric: str) -> list[str]:
 
 
 def _same_hardware(b: dict[str, Any], c: dict[str, Any]) -> bool:
-    from .envinfo import hardware_id
+    from qbench.host.envinfo import hardware_id
     return hardware_id(b.get("env") or {}) == hardware_id(c.get("env") or {})
 
 
@@ -732,7 +732,7 @@ def tolerances_from_args(args: argparse.Namespace) -> Tolerances:
 
 def run_compare(args: argparse.Namespace, console: Any) -> int:
     """The CLI command (wired in qbench.cli.cmd_compare)."""
-    from .store import load_results
+    from qbench.results.store import load_results
 
     try:
         baseline = load_results([Path(args.baseline)])
@@ -755,7 +755,7 @@ def run_compare(args: argparse.Namespace, console: Any) -> int:
                           expected=expected, only=only,
                           baseline_name=str(args.baseline), candidate_name=str(args.candidate))
     if getattr(args, "out", None):
-        from .fsutil import atomic_write_text
+        from qbench.host.fsutil import atomic_write_text
         out = Path(args.out)
         if out.suffix.lower() != ".html":
             out = out / "compare.html"

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from .envinfo import has_amx
+from qbench.host.envinfo import has_amx
 
 TAIL_CHARS = 3000
 AMX_HINT = (
@@ -231,7 +231,7 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
                  memory_limit_mb: int = 0, python: str = sys.executable) -> Outcome:
-    """Run ``python -m qbench.worker`` on ``job``; never raises for anything the cell does."""
+    """Run ``python -m qbench.run.worker`` on ``job``; never raises for anything the cell does."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
@@ -241,7 +241,7 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
         t0 = time.monotonic()
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [python, "-m", "qbench.worker", str(job_path), str(result_path)],
+                [python, "-m", "qbench.run.worker", str(job_path), str(result_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)  # its own process group: a timeout kills the tree
             sampler = _Sampler(proc.pid)
@@ -297,7 +297,7 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
         if sig == "SIGILL" and (missing := build_mismatch(log_text)):
             out.error += (f": llama.cpp was built for CPU features this CPU lacks "
                           f"({', '.join(missing)}). Rebuild llama-cpp-python with "
-                          "CMAKE_ARGS=\"$(python -m qbench.buildflags)\" (scripts/bootstrap.sh "
+                          "CMAKE_ARGS=\"$(python -m qbench.host.buildflags)\" (scripts/bootstrap.sh "
                           "does this)")
         elif sig in ("SIGSEGV", "SIGILL", "SIGBUS") and amx_suspect(log_text):
             out.error += ". " + AMX_HINT
@@ -320,7 +320,7 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
 
 def build_mismatch(log_text: str) -> list[str]:
     """CPU features the crashed cell's llama.cpp build uses but this CPU lacks."""
-    from .buildflags import missing_features
+    from qbench.host.buildflags import missing_features
 
     for line in log_text.splitlines():
         if line.startswith("llama.cpp system info:"):

@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .runner import RunSummary
-from .store import Store
+from qbench.run.runner import RunSummary
+from qbench.results.store import Store
 
 
 def _primary(record: dict[str, Any]) -> dict[str, Any]:
     """The cell's headline value (the metric's primary one, e.g. ppl), or {} if none."""
     try:
-        from .metrics import metric_info
+        from qbench.metrics import metric_info
 
         name = metric_info(record["metric"]).primary
     except (KeyError, ImportError):
@@ -86,7 +86,7 @@ def write(data: dict[str, Any], *, json_path: str | None, md_path: str | None) -
     """JSON replaces its file (atomically); Markdown is appended, as $GITHUB_STEP_SUMMARY wants
     (several runs in one CI step add up)."""
     if json_path:
-        from .fsutil import atomic_write_text
+        from qbench.host.fsutil import atomic_write_text
 
         atomic_write_text(Path(json_path), json.dumps(data, indent=1, default=str) + "\n")
     if md_path:

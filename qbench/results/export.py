@@ -45,6 +45,6 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def to_parquet(rows: list[dict[str, Any]]) -> bytes:
     """Parquet bytes of the typed table (pandas + pyarrow: the ``pandas`` extra)."""
-    from .frame import to_parquet_bytes
+    from qbench.results.frame import to_parquet_bytes
 
     return to_parquet_bytes(rows)

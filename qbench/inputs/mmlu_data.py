@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DatasetError
+from qbench.errors import DatasetError
 
 LETTERS = ("A", "B", "C", "D")
 HF_PATH, HF_CONFIG = "cais/mmlu", "all"

@@ -18,14 +18,14 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from . import envinfo
-from .config import Suite
-from .executor import Outcome, run_in_child
-from .metrics import metric_module
-from .plan import Cell, PlanContext, expand
-from .schema import SCHEMA_VERSION
-from .errors import StoreError
-from .store import Store
+from qbench.host import envinfo
+from qbench.suite.config import Suite
+from qbench.run.child import Outcome, run_in_child
+from qbench.metrics import metric_module
+from qbench.suite.plan import Cell, PlanContext, expand
+from qbench.results.schema import SCHEMA_VERSION
+from qbench.errors import StoreError
+from qbench.results.store import Store
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,14 @@
 A native build (-march=native) picks up AMX on Sapphire Rapids-class CPUs and then segfaults in
 ggml_backend_amx_mul_mat on quantized models; a build with a fixed flag list (AVX512_BF16, say)
 dies of SIGILL on a CPU without it. Deriving the list from /proc/cpuinfo avoids both.
-``python -m qbench.buildflags`` prints the CMAKE_ARGS value.
+``python -m qbench.host.buildflags`` prints the CMAKE_ARGS value.
 """
 
 from __future__ import annotations
 
 import sys
 
-from .envinfo import cpu_flags
+from qbench.host.envinfo import cpu_flags
 
 # ggml CMake option -> the /proc/cpuinfo flag(s) it needs (all of them)
 GGML_OPTIONS: dict[str, tuple[str, ...]] = {

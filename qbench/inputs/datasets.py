@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DatasetError
+from qbench.errors import DatasetError
 
 # name -> (file under the data dir, Hugging Face (path, config, split), how to join rows)
 NAMED_TEXTS: dict[str, tuple[str, tuple[str, str, str]]] = {

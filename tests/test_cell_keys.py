@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from qbench import plan as plan_mod
-from qbench import sources
-from qbench.config import load_suite
+from qbench.suite import plan as plan_mod
+from qbench.inputs import sources
+from qbench.suite.config import load_suite
 from qbench.errors import SourceError
-from qbench.plan import PlanContext, expand
-from qbench.sources import content_files, sha256_file
+from qbench.suite.plan import PlanContext, expand
+from qbench.inputs.sources import content_files, sha256_file
 
 SUITE = """
 [suite]
@@ -418,9 +418,9 @@ def test_replaced_variant_file_is_remeasured_kld_included(write_suite, smollm2_r
     must not read the old file's comparison from the artifact cache."""
     _llama_ok()
     from qbench.quantize.gguf import build_variant
-    from qbench.runner import cell_rows
-    from qbench.sources import locate
-    from qbench.store import Store
+    from qbench.run.runner import cell_rows
+    from qbench.inputs.sources import locate
+    from qbench.results.store import Store
 
     model = locate(smollm2_ref, base_dir=tmp_path).path
     sha = sha256_file(model, isolated_env)

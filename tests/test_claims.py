@@ -13,7 +13,7 @@ import pytest
 from qbench.report import claims as C
 from qbench.report.synthetic import demo_records, make_record
 from qbench.report.table import variant_rows
-from qbench.stats import Z95, n_to_resolve, paired_accuracy
+from qbench.results.stats import Z95, n_to_resolve, paired_accuracy
 
 
 def _iv(lo: float, hi: float) -> C.Interval:

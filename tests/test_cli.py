@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from qbench.cli import build_parser, main
-from qbench.export import COLUMNS
-from qbench.schema import SCHEMA_VERSION
-from qbench.store import Store
+from qbench.results.export import COLUMNS
+from qbench.results.schema import SCHEMA_VERSION
+from qbench.results.store import Store
 
 
 def record(key: str, quant: str, metric: str, status: str = "ok", values=None,

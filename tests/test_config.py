@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qbench.cli import main
-from qbench.config import load_suite
+from qbench.suite.config import load_suite
 from qbench.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,7 +385,7 @@ def test_calibration_sizes_are_checked(write_suite):
 
 
 def test_group_metrics_restrict_cells(write_suite, tmp_path):
-    from qbench.plan import PlanContext, expand
+    from qbench.suite.plan import PlanContext, expand
 
     text = SUITE.replace('quant = ["F16", "Q8_0"]', 'quant = ["F16"]') + '''
 [[variants]]

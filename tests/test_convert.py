@@ -78,7 +78,7 @@ def test_hf_folder_yields_both_ladders(tmp_path: Path, data_dir: Path, smollm2_r
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"needs {mod} (bash scripts/bootstrap.sh)")
     from qbench.quantize import hf
-    from qbench.sources import resolve
+    from qbench.inputs.sources import resolve
 
     gguf = resolve(smollm2_ref, base_dir=tmp_path, cache_dir=tmp_path).path
     folder = tmp_path / "twin"

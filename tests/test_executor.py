@@ -1,6 +1,6 @@
 """Cells that crash, hang, run out of memory or fail are recorded, and the run goes on.
 
-Faults are injected by qbench/faults.py (QBENCH_FAULT="GLOB=KIND") at the very start of the
+Faults are injected by qbench/run/faults.py (QBENCH_FAULT="GLOB=KIND") at the very start of the
 real worker process, before it touches any model, so these tests need no inference library.
 Tests marked slow run the real SmolLM2 model through llama-cpp-python.
 """
@@ -20,13 +20,13 @@ import psutil
 import pytest
 
 from qbench.cli import main
-from qbench.config import load_suite
-from qbench.executor import run_in_child
-from qbench.faults import fault_for
-from qbench.fsutil import exclusive_lock
-from qbench.plan import PlanContext, expand
-from qbench.runner import is_done, job_for
-from qbench.store import Store
+from qbench.suite.config import load_suite
+from qbench.run.child import run_in_child
+from qbench.run.faults import fault_for
+from qbench.host.fsutil import exclusive_lock
+from qbench.suite.plan import PlanContext, expand
+from qbench.run.runner import is_done, job_for
+from qbench.results.store import Store
 
 CELL_ID = "m/llama.cpp/Q8_0/speed"
 
@@ -266,7 +266,7 @@ def test_run_refuses_a_locked_results_folder(fault_suite, tmp_path, fault, capsy
 
 def _is_worker(p: psutil.Process) -> bool:
     try:
-        return "qbench.worker" in " ".join(p.cmdline())
+        return "qbench.run.worker" in " ".join(p.cmdline())
     except psutil.Error:
         return False
 

@@ -39,7 +39,7 @@ import pytest
 
 from qbench.cli import main
 from qbench.errors import SourceError
-from qbench.executor import run_in_child
+from qbench.run.child import run_in_child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def faults(monkeypatch, isolated_env):
 def _worker_of(pid: int) -> psutil.Process | None:
     try:
         for p in psutil.Process(pid).children(recursive=True):
-            if "qbench.worker" in " ".join(p.cmdline()):
+            if "qbench.run.worker" in " ".join(p.cmdline()):
                 return p
     except psutil.Error:
         pass
@@ -281,7 +281,7 @@ def test_record_of_an_older_schema_is_refused_naming_version_and_file(write_suit
 def test_gguf_truncated_in_its_tensor_data_is_refused_before_any_cell(write_suite, smollm2_ref,
                                                                      tmp_path, isolated_env,
                                                                      capsys):
-    from qbench.sources import locate
+    from qbench.inputs.sources import locate
     src = locate(smollm2_ref, base_dir=tmp_path).path
     cut = tmp_path / "cut.gguf"
     with src.open("rb") as fi, cut.open("wb") as fo:

@@ -15,10 +15,10 @@ import pytest
 import qbench
 from qbench.cli import main
 from qbench.errors import MissingExtraError, QbenchError
-from qbench.export import COLUMNS
+from qbench.results.export import COLUMNS
 from qbench.report.synthetic import make_record
-from qbench.schema import STATUSES
-from qbench.store import Store
+from qbench.results.schema import STATUSES
+from qbench.results.store import Store
 
 pd = pytest.importorskip("pandas")
 pytest.importorskip("pyarrow")
@@ -164,8 +164,8 @@ def test_details_of_an_unknown_metric_is_an_error(results):
 
 
 def test_plain_import_and_run_path_never_import_pandas():
-    code = ("import sys, qbench, qbench.cli, qbench.runner, qbench.run_summary, qbench.export,"
-            " qbench.report.build, qbench.worker;"
+    code = ("import sys, qbench, qbench.cli, qbench.run.runner, qbench.run.summary, qbench.results.export,"
+            " qbench.report.build, qbench.run.worker;"
             "qbench.cli.build_parser();"
             "assert 'pandas' not in sys.modules and 'pyarrow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

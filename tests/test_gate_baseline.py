@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from qbench.cli import main
-from qbench.compare import cell_id, expected_cells
-from qbench.store import load_results
+from qbench.results.compare import cell_id, expected_cells
+from qbench.results.store import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "results" / "baselines" / "smoke"

@@ -21,9 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
-from qbench import executor as ex
-from qbench.executor import (VRAM_NOT_ATTRIBUTABLE, VRAM_NOT_REPORTED, Outcome, _Sampler,
-                             run_in_child)
+from qbench.run import child as ex
+from qbench.run.child import (VRAM_NOT_ATTRIBUTABLE, VRAM_NOT_REPORTED, Outcome, _Sampler, run_in_child)
 
 MiB = 2**20
 PATIENCE_S = 300    # only ever reached when something is broken
@@ -176,7 +175,7 @@ def test_no_nvml_means_not_measured(monkeypatch, tree, how):
 
 def _worker_children() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=False)
-            if "qbench.worker" in " ".join(p.cmdline())]
+            if "qbench.run.worker" in " ".join(p.cmdline())]
 
 
 def _hang_job() -> dict[str, Any]:
@@ -231,8 +230,8 @@ def fake_torch(per_device_bytes: list[int], *, initialized: bool = True) -> type
 
 
 def _run_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
-    """qbench.worker's main, in this process, on a cell whose metric is faked."""
-    from qbench import worker
+    """qbench.run.worker's main, in this process, on a cell whose metric is faked."""
+    from qbench.run import worker
     monkeypatch.delenv("QBENCH_FAULT", raising=False)
     monkeypatch.setattr(worker, "execute", lambda job: {
         "status": "ok", "values": {}, "details": {}, "artifact": {}, "backend": {},
@@ -244,9 +243,9 @@ def _run_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
 
 
 def test_torch_max_allocated_reaches_the_record(monkeypatch, tmp_path, write_suite):
-    from qbench.config import load_suite
-    from qbench.plan import PlanContext, expand
-    from qbench.runner import make_record
+    from qbench.suite.config import load_suite
+    from qbench.suite.plan import PlanContext, expand
+    from qbench.run.runner import make_record
     monkeypatch.setitem(sys.modules, "torch", fake_torch([512 * MiB, 256 * MiB]))
     result = _run_worker(monkeypatch, tmp_path)
     assert result["torch_max_allocated_mb"] == 768.0      # summed over the devices

@@ -144,9 +144,9 @@ def test_a_failing_shared_pass_leaves_perplexity_intact(text_dir: Path,
 
 
 def test_runner_names_the_kld_cell_a_perplexity_cell_serves(write_suite, tmp_path: Path) -> None:
-    from qbench.config import load_suite
-    from qbench.plan import PlanContext, expand
-    from qbench.runner import companions_for, kld_keys
+    from qbench.suite.config import load_suite
+    from qbench.suite.plan import PlanContext, expand
+    from qbench.run.runner import companions_for, kld_keys
 
     path = write_suite("""
 [suite]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qbench.config import load_suite
+from qbench.suite.config import load_suite
 from qbench.errors import ConfigError, NotApplicable
 from qbench.metrics import lm_eval_bridge as bridge
 from qbench.metrics.context import CellContext

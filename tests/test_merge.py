@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from qbench.config import load_suite
+from qbench.suite.config import load_suite
 from qbench.errors import LockedError, StoreError
-from qbench.executor import Outcome
-from qbench.fsutil import exclusive_lock
-from qbench.merge import merge_results, rank, started_at
+from qbench.run.child import Outcome
+from qbench.host.fsutil import exclusive_lock
+from qbench.results.merge import merge_results, rank, started_at
 from qbench.metrics import metric_info
-from qbench.plan import PlanContext
-from qbench.runner import LocalExecutor, WorkItem, run_suite
-from qbench.schema import SCHEMA_VERSION
-from qbench.shard import shard_selector
-from qbench.store import Store, load_results
+from qbench.suite.plan import PlanContext
+from qbench.run.runner import LocalExecutor, WorkItem, run_suite
+from qbench.results.schema import SCHEMA_VERSION
+from qbench.suite.shard import shard_selector
+from qbench.results.store import Store, load_results
 
 SUITE = """
 [suite]

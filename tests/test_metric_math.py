@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from qbench.buildflags import cmake_args, missing_features
-from qbench.metrics.kld import Options as KldOptions, _compare_rows, _top_mass, _top_rows, statistics
+from qbench.host.buildflags import cmake_args, missing_features
+from qbench.metrics.kld import (Options as KldOptions, _compare_rows, _top_mass, _top_rows, statistics)
 from qbench.metrics.sanity import degenerate_reason
 from qbench.metrics.scoring import log_softmax, mean_and_stderr
 

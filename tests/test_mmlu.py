@@ -19,10 +19,9 @@ from qbench.metrics import metric_info, metric_module
 from qbench.metrics import mmlu
 from qbench.metrics.context import CellContext
 from qbench.metrics.scoring import log_softmax
-from qbench.mmlu_data import (SUBJECTS, Question, build_context, description, doc_to_text,
-                              fewshot_examples, load_split, select_subset, subset_quotas)
+from qbench.inputs.mmlu_data import (SUBJECTS, Question, build_context, description, doc_to_text, fewshot_examples, load_split, select_subset, subset_quotas)
 from qbench.options import from_table
-from qbench.plan import PlanContext
+from qbench.suite.plan import PlanContext
 
 
 def shared_data() -> Path:
@@ -321,7 +320,7 @@ def test_run_with_a_fake_model(tmp_path: Path) -> None:
 
 
 def test_fewshot_examples_keep_dev_order() -> None:
-    from qbench.mmlu_data import Split
+    from qbench.inputs.mmlu_data import Split
     dev = Split("dev", "x", tuple(Question(i, "a" if i % 2 else "b", f"q{i}", ("1", "2", "3",
                                                                               "4"), 0)
                                   for i in range(6)))
@@ -347,7 +346,7 @@ def smollm2_f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("llama_cpp")
     src = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     from qbench.quantize.gguf import build_variant
-    from qbench.sources import sha256_file
+    from qbench.inputs.sources import sha256_file
     env = os.environ.get("QBENCH_CACHE_DIR")
     cache = Path(env) if env else tmp_path_factory.mktemp("qbench-cache")
     return build_variant(src, sha256_file(src, cache), "F16", "F16", cache_dir=cache,
@@ -438,7 +437,7 @@ def test_cached_prefix_matches_full_prompts_on_smollm2(smollm2_f16: Path, mmlu_d
     log-likelihoods of evaluating every whole prompt."""
     from qbench.backends.base import LoadOptions
     from qbench.backends.llamacpp import load
-    from qbench.mmlu_data import few_shot_prefix
+    from qbench.inputs.mmlu_data import few_shot_prefix
 
     backend = load(smollm2_f16, LoadOptions(threads=2, device="cpu"))
     try:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from qbench.cli import main
-from qbench.config import load_suite
+from qbench.suite.config import load_suite
 from qbench.errors import QbenchError
-from qbench.plan import PlanContext, expand
+from qbench.suite.plan import PlanContext, expand
 
 SUITE = """
 [suite]

@@ -1,6 +1,6 @@
 """`--executor ray`: cells as Ray tasks on a local Ray cluster (CPU), with injected faults.
 
-QBENCH_FAULT (qbench/faults.py) makes a cell's own process segfault or raise at its start,
+QBENCH_FAULT (qbench/run/faults.py) makes a cell's own process segfault or raise at its start,
 before any model work; QBENCH_RAY_FAULT makes the Ray task around it die. Every cell must come
 back as a stored record (crashed / failed with the reason), none lost. Needs the optional
 'ray' package: skipped with the reason without it.
@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from qbench.config import load_suite
+from qbench.suite.config import load_suite
 from qbench.errors import QbenchError
-from qbench.executor import Outcome
-from qbench.plan import PlanContext, expand
-from qbench.ray_executor import (INSTALL_HINT, cpus_for, forwarded_env, gpus_for,
-                                 outcome_from_dict, outcome_to_dict)
-from qbench.runner import WorkItem, job_for, run_suite
-from qbench.store import Store
+from qbench.run.child import Outcome
+from qbench.suite.plan import PlanContext, expand
+from qbench.run.ray_executor import (INSTALL_HINT, cpus_for, forwarded_env, gpus_for, outcome_from_dict, outcome_to_dict)
+from qbench.run.runner import WorkItem, job_for, run_suite
+from qbench.results.store import Store
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed "
@@ -81,7 +80,7 @@ def faults(monkeypatch):
 
 def test_missing_ray_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)    # import ray -> ImportError
-    from qbench.ray_executor import RayExecutor
+    from qbench.run.ray_executor import RayExecutor
     with pytest.raises(QbenchError) as err:
         RayExecutor()
     assert str(err.value) == INSTALL_HINT == "--executor ray needs 'pip install qbench-llm[ray]'"
@@ -119,7 +118,7 @@ def test_executor_starts_and_stops_its_own_local_ray(tmp_path, faults):
     """The `qbench run --executor ray` path with no cluster: a local Ray instance for the run."""
     import ray
 
-    from qbench.ray_executor import RayExecutor
+    from qbench.run.ray_executor import RayExecutor
     if ray.is_initialized():
         ray.shutdown()
     faults(cell="*=error")
@@ -150,7 +149,7 @@ def test_faults_become_recorded_outcomes_none_lost(tmp_path, faults, ray_cluster
     # Q8_0 cells segfault in their own process, the Q4_K_M speed cell's Ray task dies itself,
     # every other cell raises: 9 cells, 9 records, each with its reason
     faults(cell="*/Q8_0/*=segfault;*=error", task="*/Q4_K_M/speed=exit")
-    from qbench.ray_executor import RayExecutor
+    from qbench.run.ray_executor import RayExecutor
     suite, ctx, store = make_suite(tmp_path)
     executor = RayExecutor()
     with store.lock():
@@ -189,7 +188,7 @@ def test_faults_become_recorded_outcomes_none_lost(tmp_path, faults, ray_cluster
 @needs_ray
 def test_a_task_that_raises_is_a_failed_cell(tmp_path, faults, ray_cluster):
     faults(task="*/F16/speed=error")
-    from qbench.ray_executor import RayExecutor
+    from qbench.run.ray_executor import RayExecutor
     suite, ctx, store = make_suite(tmp_path)
     cells = [c for c in expand(suite, ctx) if c.id.endswith("/F16/speed")]
     items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 60, 0) for c in cells]
@@ -200,7 +199,7 @@ def test_a_task_that_raises_is_a_failed_cell(tmp_path, faults, ray_cluster):
 
 @needs_ray
 def test_cuda_cells_fail_at_once_on_a_cluster_without_gpus(tmp_path, faults, ray_cluster):
-    from qbench.ray_executor import RayExecutor
+    from qbench.run.ray_executor import RayExecutor
     suite, ctx, store = make_suite(tmp_path, device="cuda")
     cells = expand(suite, ctx)[:2]
     items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 60, 0) for c in cells]
@@ -210,12 +209,12 @@ def test_cuda_cells_fail_at_once_on_a_cluster_without_gpus(tmp_path, faults, ray
 
 
 def _cell_processes(marker: str) -> list:
-    """Live cell processes (python -m qbench.worker) whose QBENCH_FAULT names ``marker``."""
+    """Live cell processes (python -m qbench.run.worker) whose QBENCH_FAULT names ``marker``."""
     import psutil
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "qbench.worker" in " ".join(p.info["cmdline"] or []) and \
+            if "qbench.run.worker" in " ".join(p.info["cmdline"] or []) and \
                     marker in p.environ().get("QBENCH_FAULT", "") and \
                     p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
@@ -254,7 +253,7 @@ def _wait_all_gone(marker: str) -> list:
 def test_stopping_early_cancels_the_rest(tmp_path, faults, ray_cluster):
     marker = f"marker-{tmp_path.name}"          # identifies this test's cell processes
     faults(cell=f"*/F16/footprint=error;{marker}=error;*=hang")
-    from qbench.ray_executor import RayExecutor
+    from qbench.run.ray_executor import RayExecutor
     suite, ctx, store = make_suite(tmp_path)
     cells = expand(suite, ctx)
     items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key), 3600, 0) for c in cells]
@@ -291,8 +290,8 @@ def test_cancel_between_spawn_and_wait_kills_the_cell(monkeypatch, tmp_path):
     (own session; the Ray worker lives on) running for good. Here it lands exactly there."""
     import psutil
 
-    import qbench.executor as ex
-    from qbench.ray_executor import run_cell_task
+    import qbench.run.child as ex
+    from qbench.run.ray_executor import run_cell_task
     monkeypatch.delenv("QBENCH_FAULT", raising=False)
     spawned: list[int] = []
     real_init = ex._Sampler.__init__
@@ -322,8 +321,8 @@ def test_cancel_while_waiting_kills_the_cell_tree(monkeypatch, tmp_path):
     grandchild of its own; the whole tree goes, then the task ends with KeyboardInterrupt."""
     import psutil
 
-    import qbench.executor as ex
-    from qbench.ray_executor import run_cell_task
+    import qbench.run.child as ex
+    from qbench.run.ray_executor import run_cell_task
     monkeypatch.delenv("QBENCH_FAULT", raising=False)
     marker = f"marker-{tmp_path.name}"
     seen: list = []
@@ -353,7 +352,7 @@ def test_guard_is_inert_outside_the_main_thread():
     """Signal handlers exist only in the main thread: elsewhere the guard changes nothing."""
     import signal
 
-    from qbench.ray_executor import _CancelGuard
+    from qbench.run.ray_executor import _CancelGuard
     before = signal.getsignal(signal.SIGINT)
     errors: list[BaseException] = []
 
@@ -373,7 +372,7 @@ def test_guard_is_inert_outside_the_main_thread():
 def test_cancel_waits_then_force_cancels_what_still_runs():
     """Stopping early: a gentle cancel for all, a bounded wait for them to end, then a force
     cancel (kills the Ray worker; the cell dies by its parent-death signal) for the rest."""
-    from qbench.ray_executor import CANCEL_GRACE_S, RayExecutor
+    from qbench.run.ray_executor import CANCEL_GRACE_S, RayExecutor
     calls: list[tuple] = []
 
     class FakeRay:

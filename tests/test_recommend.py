@@ -15,7 +15,7 @@ from qbench.report.build import render_suite
 from qbench.report.recommend import kv_cache_mb, loss_verdict, recommend
 from qbench.report.synthetic import SHAPE, make_record
 from qbench.report.table import memory_of, variant_rows
-from qbench.stats import Z95, n_to_resolve, paired_ln_ppl_ratio
+from qbench.results.stats import Z95, n_to_resolve, paired_ln_ppl_ratio
 
 N_TOKENS = 2040
 MODEL = "m"

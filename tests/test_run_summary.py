@@ -9,11 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from qbench import cli, run_summary
+from qbench import cli
+from qbench.run import summary as run_summary
 from qbench.cli import main
 from qbench.report.synthetic import make_record
-from qbench.runner import RunSummary
-from qbench.store import Store
+from qbench.run.runner import RunSummary
+from qbench.results.store import Store
 
 LONG_MODEL = "an-organisation-with-a-long-name--a-model-with-an-even-longer-name-instruct-v0.3"
 
@@ -74,7 +75,7 @@ def test_run_writes_the_summaries_and_keeps_failed_ids_on_one_line(tmp_path, mon
     monkeypatch.setattr(cli, "_suite_context",
                         lambda args: (SimpleNamespace(name="smoke"), None, store))
     monkeypatch.setattr(cli, "_check_inputs", lambda suite, ctx: None)
-    monkeypatch.setattr("qbench.runner.run_suite", lambda *a, **k: _fake_run(store))
+    monkeypatch.setattr("qbench.run.runner.run_suite", lambda *a, **k: _fake_run(store))
     j, m = tmp_path / "summary.json", tmp_path / "summary.md"
     assert main(["run", "suite.toml", "--no-report", "--summary-json", str(j),
                  "--summary-md", str(m)]) == 2

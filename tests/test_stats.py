@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from qbench.stats import (binom_cdf_half, mcnemar_exact, newcombe_paired_ci, paired_accuracy,
-                          paired_from_records, wilson_interval)
+from qbench.results.stats import (binom_cdf_half, mcnemar_exact, newcombe_paired_ci, paired_accuracy, paired_from_records, wilson_interval)
 
 
 @pytest.mark.parametrize("gained,lost,expected", [

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from qbench.errors import LockedError, StoreError
-from qbench.fsutil import atomic_write_text, exclusive_lock
-from qbench.schema import SCHEMA_VERSION
-from qbench.store import Store, load_results, read_record
+from qbench.host.fsutil import atomic_write_text, exclusive_lock
+from qbench.results.schema import SCHEMA_VERSION
+from qbench.results.store import Store, load_results, read_record
 
 
 def record(key: str = "abc123", status: str = "ok", **extra) -> dict:
@@ -200,7 +200,7 @@ def test_lock_refuses_a_second_holder(store):
 
 def test_lock_held_by_another_process_and_freed_by_kill_9(tmp_path):
     folder = tmp_path / "results" / "s"
-    code = ("import sys, time; from pathlib import Path; from qbench.fsutil import exclusive_lock\n"
+    code = ("import sys, time; from pathlib import Path; from qbench.host.fsutil import exclusive_lock\n"
             "with exclusive_lock(Path(sys.argv[1])):\n"
             "    print('locked', flush=True); time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
@@ -246,7 +246,7 @@ def test_read_record_missing_file_is_none(tmp_path):
 
 
 def test_lock_sweeps_temporaries_of_an_interrupted_write(tmp_path) -> None:
-    from qbench.store import Store
+    from qbench.results.store import Store
 
     store = Store(tmp_path, "s")
     store.cells_dir.mkdir(parents=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from qbench.cli import main
-from qbench.config import load_suite
-from qbench.plan import PlanContext, expand
-from qbench.shard import model_params_b
+from qbench.suite.config import load_suite
+from qbench.suite.plan import PlanContext, expand
+from qbench.suite.shard import model_params_b
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO / "suites").glob("*.toml"))

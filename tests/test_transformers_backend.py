@@ -70,7 +70,7 @@ def test_int_quant_scheme() -> None:
 
 
 def test_suite_with_transformers_variants(write_suite: Any, smollm2_ref: str) -> None:
-    from qbench.config import load_suite
+    from qbench.suite.config import load_suite
 
     suite = load_suite(write_suite(f"""
         [suite]
@@ -237,7 +237,7 @@ def test_missing_extra_is_skipped(tmp_path: Path, smollm2_ref: str) -> None:
     job_path, result_path = tmp_path / "job.json", tmp_path / "result.json"
     job_path.write_text(json.dumps(_job(tmp_path, smollm2_ref, "fp32")))
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "from qbench.worker import main\n"
+            "from qbench.run.worker import main\n"
             f"main([{str(job_path)!r}, {str(result_path)!r}])\n")
     env = {k: v for k, v in os.environ.items() if k != "QBENCH_FAULT"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env,
@@ -262,7 +262,7 @@ def smol_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data = Path(os.environ.get("QBENCH_DATA_DIR") or REPO.parent / "shared" / "data")
     if not (data / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.skip(f"shared data not found at {data} (set QBENCH_DATA_DIR)")
-    from qbench.sources import sha256_file
+    from qbench.inputs.sources import sha256_file
     src = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     env = os.environ.get("QBENCH_CACHE_DIR")
     cache = Path(env) if env else tmp_path_factory.mktemp("qbench-cache")

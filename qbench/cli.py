@@ -17,6 +17,7 @@ from rich.table import Table
 
 from qbench import __version__
 from qbench.errors import QbenchError
+from qbench.host.cache import KINDS as CACHE_KINDS
 
 EXIT_OK, EXIT_USER, EXIT_CELLS_FAILED, EXIT_BUG = 0, 1, 2, 3
 LOG_WIDTH = 1000   # console width when stderr is not a terminal: long lines stay whole
@@ -27,7 +28,7 @@ def _suite_context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from qbench.suite.config import load_suite
     from qbench.inputs.datasets import data_dir_from
     from qbench.suite.plan import PlanContext
-    from qbench.run.runner import default_cache_dir
+    from qbench.host.cache import default_cache_dir
     from qbench.results.store import Store
 
     suite = load_suite(args.suite)
@@ -114,10 +115,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from qbench.report.build import build_site
-    from qbench.run.runner import run_suite
     from qbench.results.store import load_results
-
+    from qbench.run.runner import run_suite
     from qbench.suite.shard import shard_selector
 
     select = shard_selector(args.shard)            # a bad --shard fails before anything runs
@@ -135,7 +134,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
                   f"{summary.cached} cached. Results: {escape(str(store.dir))}")
     report = None
-    if not args.no_report:
+    if not args.no_report:   # the report (plotly, jinja2) is imported only when one is made
+        from qbench.report.build import build_site
         pages = build_site(load_results([store.dir]), Path(args.report_dir),
                            budget_gb=suite.report.memory_budget_gb or None,
                            max_loss_pct=suite.report.max_loss_pct,
@@ -184,7 +184,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
-    from qbench.results.export import flat_rows, to_csv, to_jsonl, to_parquet
+    from qbench.results.export import flat_rows, to_csv, to_jsonl
     from qbench.results.store import load_results
 
     to_file = bool(args.output and args.output != "-")
@@ -192,7 +192,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         raise QbenchError("Parquet is a binary format: give the file to write with -o FILE")
     rows = flat_rows(load_results([Path(p) for p in args.results]))
     if args.format == "parquet":
-        data = to_parquet(rows)
+        from qbench.results.frame import to_parquet_bytes   # pandas: only for Parquet
+        data = to_parquet_bytes(rows)
     else:
         data = (to_csv(rows) if args.format == "csv" else to_jsonl(rows)).encode("utf-8")
     if to_file:
@@ -206,6 +207,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_ls(args: argparse.Namespace, console: Console) -> int:
     from qbench.results.store import Store
+    from qbench.results.schema import FAILED
 
     root = Path(args.out)
     if not root.is_dir():
@@ -218,7 +220,7 @@ def cmd_ls(args: argparse.Namespace, console: Console) -> int:
         recs = Store(root, suite_dir.name).records()
         runs = sorted((suite_dir / "runs").glob("*.json"))
         table.add_row(suite_dir.name, str(len(recs)), str(sum(r["status"] == "ok" for r in recs)),
-                      str(sum(r["status"] in ("failed", "timeout", "crashed") for r in recs)),
+                      str(sum(r["status"] in FAILED for r in recs)),
                       str(sum(r["status"] == "skipped" for r in recs)),
                       runs[-1].stem if runs else "–")
     console.print(table)
@@ -227,7 +229,7 @@ def cmd_ls(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_cache(args: argparse.Namespace, console: Console) -> int:
     from qbench.host.cache import KINDS, clear, usage
-    from qbench.run.runner import default_cache_dir
+    from qbench.host.cache import default_cache_dir
 
     cache_dir = default_cache_dir(cli=args.cache_dir)
     if args.action == "clear":
@@ -448,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("cache", help="show or clear qbench's cache (artifacts, KLD bases...)")
     sp.add_argument("action", choices=("info", "clear"))
     sp.add_argument("kind", nargs="?", default="all",
-                    choices=("all", "artifacts", "kld", "imatrix", "inspect", "hf"))
+                    choices=("all", *CACHE_KINDS))
     sp.add_argument("--cache-dir")
     sp = sub.add_parser("doctor", help="check this machine: backends, CPU flags (AMX), GPUs, data")
     sp.add_argument("--data-dir")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from qbench.host.envinfo import cpu_flags
+from qbench.host.envinfo import cpu_flags, has_amx
 
 # ggml CMake option -> the /proc/cpuinfo flag(s) it needs (all of them)
 GGML_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -57,6 +57,43 @@ def missing_features(system_info: str, flags: set[str] | None = None) -> list[st
         if on.strip() == "1" and name in SYSTEM_INFO_FLAGS and SYSTEM_INFO_FLAGS[name] not in flags:
             out.append(name)
     return out
+
+
+AMX_HINT = (
+    "llama.cpp crashed on this CPU, which has AMX: llama-cpp-python built natively uses the AMX "
+    "backend, which segfaults in ggml_backend_amx_mul_mat on quantized models. Rebuild it "
+    "without AMX: CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
+    "-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+    "-DGGML_AVX_VNNI=ON\" pip install --force-reinstall --no-cache-dir --no-binary "
+    "llama-cpp-python llama-cpp-python   (qbench doctor checks this)")
+
+
+def build_mismatch(log_text: str) -> list[str]:
+    """CPU features the crashed cell's llama.cpp build uses but this CPU lacks."""
+    for line in log_text.splitlines():
+        if line.startswith("llama.cpp system info:"):
+            return missing_features(line.split(":", 1)[1])
+    return []
+
+
+def amx_suspect(log_tail: str) -> bool:
+    """Did a llama.cpp build with the AMX backend crash on an AMX CPU?"""
+    if "ggml_backend_amx" in log_tail:
+        return True
+    return has_amx() and "AMX_INT8 = 1" in log_tail
+
+
+def diagnose_llamacpp_crash(log_text: str, signal_name: str) -> str | None:
+    """The llama.cpp backend's crash diagnosis (its BackendInfo.diagnose): a build for CPU
+    features this CPU lacks (SIGILL), or the AMX backend's known segfault."""
+    if signal_name == "SIGILL" and (missing := build_mismatch(log_text)):
+        return (f": llama.cpp was built for CPU features this CPU lacks "
+                f"({', '.join(missing)}). Rebuild llama-cpp-python with "
+                "CMAKE_ARGS=\"$(python -m qbench.host.buildflags)\" (scripts/bootstrap.sh "
+                "does this)")
+    if signal_name in ("SIGSEGV", "SIGILL", "SIGBUS") and amx_suspect(log_text):
+        return ". " + AMX_HINT
+    return None
 
 
 if __name__ == "__main__":

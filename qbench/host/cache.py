@@ -1,7 +1,11 @@
-"""What qbench keeps in its cache directory, and removing it (`qbench cache info|clear`)."""
+"""What qbench keeps in its cache directory, and removing it (`qbench cache info|clear`).
+
+The one place that names the cache's folders: every module asks :func:`folder` for its own.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,11 +15,17 @@ KINDS = {
     "imatrix": "importance matrices",
     "inspect": "memoised GGUF tensor summaries",
     "hf": "Hugging Face hub downloads",
+    "tools": "llama.cpp's HF-to-GGUF converter, installed on first use",
+    "host": "measurements of this machine (memory bandwidth), once per hardware id",
 }
+HASH_MEMO = "sha256.json"   # a file's stamp (path, size, mtime) -> its sha256
 FOLDERS = {"kld": "kld-base"}
 
 
 def folder(cache_dir: Path, kind: str) -> Path:
+    """The folder holding ``kind`` (a key of KINDS) under ``cache_dir``."""
+    if kind not in KINDS:
+        raise KeyError(f"unknown cache kind {kind!r} (known: {', '.join(KINDS)})")
     return cache_dir / FOLDERS.get(kind, kind)
 
 
@@ -38,3 +48,12 @@ def clear(cache_dir: Path, kind: str) -> int:
             freed += sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
             shutil.rmtree(f)
     return freed
+
+
+def default_cache_dir(suite_default: str = "", cli: str | None = None) -> Path:
+    """The cache folder: --cache-dir, else $QBENCH_CACHE_DIR, else the suite's, else
+    ~/.cache/qbench."""
+    for candidate in (cli, os.environ.get("QBENCH_CACHE_DIR"), suite_default):
+        if candidate:
+            return Path(candidate).expanduser().resolve()
+    return Path("~/.cache/qbench").expanduser()

@@ -128,3 +128,11 @@ def hardware_id(env: dict[str, Any]) -> str:
     import json
     blob = json.dumps(hardware_fingerprint(env), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def library_version(distribution: str) -> str:
+    """An installed distribution's version from its metadata (nothing is imported)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not-installed"

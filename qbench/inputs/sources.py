@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbench.errors import SourceError
+from qbench.host.cache import HASH_MEMO
+from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import atomic_write_text
 
 GGUF_MAGIC = b"GGUF"
@@ -114,7 +116,7 @@ def resolve(ref: str, *, base_dir: Path, cache_dir: Path) -> Resolved:
     except ImportError:
         raise SourceError(f"{ref!r} needs huggingface_hub (pip install huggingface_hub)") from None
     kwargs = {"repo_id": repo_id, "revision": revision or None,
-              "cache_dir": str(cache_dir / "hf")}
+              "cache_dir": str(cache_folder(cache_dir, "hf"))}
     siblings = split_siblings(filename) if filename else []
     try:
         if filename:
@@ -147,7 +149,7 @@ class _Memo:
     """cache_dir/sha256.json: a file's stamp -> its sha256, read once and written once per call."""
 
     def __init__(self, cache_dir: Path | None) -> None:
-        self.file = cache_dir / "sha256.json" if cache_dir else None
+        self.file = cache_dir / HASH_MEMO if cache_dir else None
         self.data: dict[str, str] = {}
         self.dirty = False
         if self.file and self.file.exists():

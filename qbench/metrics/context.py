@@ -29,6 +29,7 @@ class CellContext:
     # and the key of the cell that will read the result
     companions: dict[str, dict[str, Any]] = field(default_factory=dict)
     cell_key: str = ""             # this cell's key (names what it shares with others)
+    backend_name: str = ""         # the variant's backend (its registry entry)
 
     @property
     def backend(self) -> Backend:

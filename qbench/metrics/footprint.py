@@ -11,12 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qbench.backends import backend_function
+from qbench.errors import NotApplicable
 from qbench.metrics import MetricInfo
-from qbench.metrics.context import CellContext, value
+from qbench.metrics.context import CellContext
 
 INFO = MetricInfo(
     name="footprint", version="1", primary="file_size_mb", higher_is_better=False,
-    implicit=True,
+    implicit=True, own_memory=False,
+    # sizes change when a recipe changes, on purpose: reported by compare, never gated
+    reported=("file_size_mb", "bpw"),
+    cost=lambda options: 0.02,
     methodology=(
         "Read from the model file: size on disk; parameters, bytes and type of every tensor "
         "(GGUF via llama.cpp's gguf reader); bits per weight = 8 x tensor bytes / parameters, "
@@ -31,24 +36,10 @@ class Options:
 
 
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
-    if ctx.artifact_path.name == "variant.json" or ctx.artifact.get("format") == "hf":
-        from qbench.quantize.hf import footprint  # a transformers variant: safetensors + load settings
-        return footprint(ctx.artifact_path)
-    from qbench.quantize.gguf import inspect_gguf
-
-    summary = inspect_gguf(ctx.artifact_path, ctx.cache_dir)
-    # a split GGUF is all of its shards: the reader sums them (the first shard alone is a
-    # fraction of what a user downloads and loads)
-    size = summary.get("file_bytes") or ctx.artifact_path.stat().st_size
-    n_params = summary["n_params"]
-    return {
-        "values": {
-            "file_size_mb": value(size / 2**20, unit="MiB"),
-            "bpw": value(summary["bpw"], unit="bits/weight"),
-            "n_params": value(n_params),
-            "fp16_estimate_mb": value(2 * n_params / 2**20, unit="MiB"),
-        },
-        "details": {"tensor_types": summary["types"], "file_type": summary["file_type"],
-                    "architecture": summary["architecture"], "shape": summary["shape"],
-                    "n_tensors": summary["n_tensors"], "file_size_bytes": size},
-    }
+    """The variant's backend reads its own file format (BackendInfo.footprint): GGUF through
+    llama.cpp's reader, a transformers variant from its safetensors and load settings."""
+    read = backend_function(ctx.backend_name, "footprint")
+    if read is None:
+        raise NotApplicable(f"the {ctx.backend_name} backend does not read a footprint from "
+                            "its files")
+    return read(ctx.artifact_path, ctx.cache_dir)

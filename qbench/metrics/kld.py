@@ -41,13 +41,19 @@ import numpy as np
 
 from qbench.inputs.datasets import load_text
 from qbench.errors import ConfigError, QbenchError
+from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import file_lock
 from qbench.metrics import MetricInfo
 from qbench.metrics.context import CellContext, value
-from qbench.metrics.scoring import Chunks, iter_scored, make_chunks
+from qbench.metrics.scoring import (Chunks, chunk_tokens, dataset_identity, iter_scored,
+                                    make_chunks)
 
 INFO = MetricInfo(
     name="kld", version="3", primary="kld_mean", higher_is_better=False, needs_base=True,
+    own_memory=False,          # loads the base too
+    gated={"same_top_pct": True},
+    reported=("ln_ppl_ratio",),    # the KLD cell's view of the PPL (gated in perplexity)
+    cost=lambda options: 1.3 * chunk_tokens(options) / 8192.0,
     methodology=(
         "KL(base || variant) of the next-token distributions on exactly the tokens the perplexity "
         "metric scores (llama-perplexity --kl-divergence). The base's distribution is stored per "
@@ -102,8 +108,8 @@ class Options:
 
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
-    from qbench.metrics.perplexity import Options as PplOptions, key_extras as ppl_extras
-    return ppl_extras(PplOptions(dataset=options.dataset or "wikitext-2"), plan_ctx)
+    """The dataset's content is part of the cell key (a changed file means new numbers)."""
+    return dataset_identity(options.dataset or "wikitext-2", plan_ctx)
 
 
 # -- the base cache ----------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def base_cache_path(cache_dir: Path, base_sha: str, text_sha: str, options: Opti
     if runtime:
         ident["runtime"] = runtime
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir / "kld-base" / f"{digest}.npz"
+    return cache_folder(cache_dir, "kld") / f"{digest}.npz"
 
 
 def _tail_draws(logprobs: np.ndarray, ids: np.ndarray, counts: np.ndarray, samples: int,
@@ -234,7 +240,7 @@ def _base_slice(base: dict[str, np.ndarray], offsets: np.ndarray, row0: int, n: 
     return b | {"ids": base["ids"][lo:hi], "logp": base["logp"][lo:hi]}
 
 
-class _Pass:
+class Accumulator:
     """Per chunk of log-probs: the base's stored rows (``build``) and/or the comparison with
     stored base rows (``base``) -- one accumulator for the KLD cell and the perplexity pass."""
 
@@ -269,7 +275,7 @@ class _Pass:
         return _concat(self.parts)
 
 
-def _run_pass(backend: Any, chunks: Chunks, acc: _Pass) -> _Pass:
+def _run_pass(backend: Any, chunks: Chunks, acc: Accumulator) -> Accumulator:
     for i, logprobs, targets in iter_scored(backend, chunks):
         acc.feed(i, logprobs, targets)
     return acc
@@ -279,11 +285,11 @@ def compute_base(backend: Any, chunks: Chunks, options: Options, *, self_compare
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """The base's stored rows; with ``self_compare`` also the base compared with its own stored
     rows in the same pass (the base cell: KLD 0 up to the storage's rounding, for free)."""
-    acc = _run_pass(backend, chunks, _Pass(options, build=True, compare=self_compare))
+    acc = _run_pass(backend, chunks, Accumulator(options, build=True, compare=self_compare))
     return acc.stored(), (acc.compared() if self_compare else None)
 
 
-def _save(path: Path, data: dict[str, np.ndarray]) -> None:
+def save_npz(path: Path, data: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **data)
@@ -305,7 +311,7 @@ def base_and_comparison(ctx: CellContext, chunks: Chunks, options: Options
                 base = {k: npz[k] for k in npz.files}
         elif ctx.is_base:
             base, compared = compute_base(ctx.backend, chunks, options, self_compare=True)
-            _save(path, base)
+            save_npz(path, base)
             return base, compared, path, True  # type: ignore[return-value]
         else:
             loaded = ctx.load_base()
@@ -313,7 +319,7 @@ def base_and_comparison(ctx: CellContext, chunks: Chunks, options: Options
                 base, _ = compute_base(loaded, chunks, options)
             finally:
                 loaded.close()
-            _save(path, base)
+            save_npz(path, base)
             built = True
     return base, compare(base, ctx.backend, chunks), path, built
 
@@ -321,7 +327,7 @@ def base_and_comparison(ctx: CellContext, chunks: Chunks, options: Options
 def compare(base: dict[str, np.ndarray], backend: Any, chunks: Chunks
             ) -> dict[str, np.ndarray]:
     """Per scored token of ``backend``: KLD, same-top flag, NLLs, delta-p against ``base``."""
-    return _run_pass(backend, chunks, _Pass(base=base)).compared()
+    return _run_pass(backend, chunks, Accumulator(base=base)).compared()
 
 
 # -- the shared pass: KLD from the perplexity cell's forward pass -----------------------------
@@ -330,55 +336,6 @@ def pairs_path(base_cache: Path, kld_cell_key: str) -> Path:
     """Where the per-token comparison for one KLD cell (its key: model, variant settings,
     library version, options) against one base cache is kept."""
     return base_cache.parent / "pairs" / f"{base_cache.stem}-{kld_cell_key}.npz"
-
-
-class SharedPass:
-    """Computes this variant's per-token KLD inside the perplexity cell's pass over the same
-    tokens, so the KLD cell needs no second forward pass (half the inference of ppl + KLD).
-    The numbers are those the KLD cell would compute (same log-softmax, same stored base rows,
-    the same accumulator). The base variant's pass also builds the base cache. A variant whose
-    base cache does not exist yet is left to its KLD cell."""
-
-    def __init__(self, ctx: CellContext, chunks: Chunks, options: Options,
-                 kld_cell_key: str) -> None:
-        if ctx.base_artifact is None:
-            raise QbenchError("no base variant to compare with")
-        self.cache = base_cache_path(ctx.cache_dir, ctx.base_artifact["sha256"],
-                                     chunks.text.sha256, options,
-                                     ctx.base_artifact.get("runtime"))
-        self.out = pairs_path(self.cache, kld_cell_key)
-        self.acc: _Pass | None = None
-        if self.out.exists():
-            pass                                     # already computed for that KLD cell
-        elif ctx.is_base and not self.cache.exists():
-            self.acc = _Pass(options, build=True)    # the base's pass builds the cache
-        elif self.cache.exists():
-            with np.load(self.cache) as npz:
-                self.acc = _Pass(options, base={k: npz[k] for k in npz.files})
-
-    @property
-    def active(self) -> bool:
-        return self.acc is not None
-
-    @active.setter
-    def active(self, on: bool) -> None:
-        if not on:
-            self.acc = None
-
-    def feed(self, i: int, logprobs: np.ndarray, targets: np.ndarray) -> None:
-        if self.acc is not None:
-            self.acc.feed(i, logprobs, targets)
-
-    def finish(self) -> Path | None:
-        """Save the base cache (when built here) and the comparison; the pairs file's path."""
-        if self.acc is None or not self.acc.parts:
-            return None
-        if self.acc.build:
-            with file_lock(self.cache.with_suffix(".lock")):
-                if not self.cache.exists():
-                    _save(self.cache, self.acc.stored())
-        _save(self.out, self.acc.compared())
-        return self.out
 
 
 # -- statistics --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="lm_eval", version="1", primary="score", higher_is_better=True,
+    cost=lambda options: 5.0,
     methodology=(
         "Tasks run by EleutherAI's lm-evaluation-harness (lm_eval.simple_evaluate) on the "
         "variant's loaded transformers model, wrapped in lm-eval's HFLM: each task's own prompt "
@@ -72,7 +73,7 @@ def _include_dir(options: Options, base_dir: Path) -> Path | None:
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
     """The task configs' content and lm-eval's version are part of the cell key."""
-    from qbench.suite.plan import library_version
+    from qbench.host.envinfo import library_version
     from qbench.inputs.sources import sha256_file
 
     out: dict[str, Any] = {"lm_eval": library_version("lm-eval")}
@@ -148,7 +149,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     values = parse_results(res, options.tasks)
     docs = sum((v.get("effective") or 0) for v in (res.get("n-samples") or {}).values())
     values["docs_per_s"] = value(docs / elapsed if elapsed > 0 else None, None, docs, "docs/s")
-    from qbench.suite.plan import library_version
+    from qbench.host.envinfo import library_version
     return {"values": values, "details": {
         "lm_eval_version": library_version("lm-eval"), "tasks": list(options.tasks),
         "include_path": str(folder) if folder else None, "limit": options.limit or None,

@@ -44,6 +44,8 @@ from qbench.metrics.scoring import log_softmax
 
 INFO = MetricInfo(
     name="mmlu", version="1", primary="acc", higher_is_better=True,
+    cost=lambda options: (5.0 * (options.subset if options.subset > 0 else 14042) / 285.0
+                          * (1.0 + options.shots)),
     methodology=(
         "lm-eval's mmlu task: prompt 'The following are multiple choice questions (with answers) "
         "about {subject}.\\n\\n' + k solved dev examples (first k of the subject, 0 by default) "

@@ -16,14 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from qbench.inputs.datasets import locate_text
 from qbench.options import positive
-from qbench.metrics import MetricInfo
+from qbench.metrics import MetricInfo, shared_pass
 from qbench.metrics.context import CellContext, value
-from qbench.metrics.scoring import iter_nll, iter_scored, make_chunks, mean_and_stderr
+from qbench.metrics.scoring import (chunk_tokens, dataset_identity, iter_nll, iter_scored,
+                                    make_chunks, mean_and_stderr)
 
 INFO = MetricInfo(
     name="perplexity", version="1", primary="ppl", higher_is_better=False,
+    own_memory=False,          # a variant's pass may also load the base (shared KLD pass)
+    reported=("bits_per_byte",),   # moves with PPL, which is gated
+    cost=lambda options: 1.0 * chunk_tokens(options) / 8192.0,
     methodology=(
         "llama.cpp's llama-perplexity method: the whole text tokenized once (BOS first where the "
         "model uses BOS), cut into non-overlapping ctx-token chunks; each chunk evaluated from "
@@ -49,13 +52,7 @@ class Options:
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
     """The dataset's content is part of the cell key (a changed file means new numbers)."""
-    from qbench.inputs.sources import sha256_file
-
-    origin = locate_text(options.dataset, plan_ctx.data_dir, plan_ctx.base_dir)
-    if origin.startswith("hf:"):
-        return {"dataset": origin}
-    from pathlib import Path
-    return {"dataset_sha256": sha256_file(Path(origin), plan_ctx.cache_dir)}
+    return dataset_identity(options.dataset, plan_ctx)
 
 
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
@@ -65,18 +62,18 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     nll_parts: list[np.ndarray] = []
     per_chunk: list[float] = []
     chunk_nll: list[float] = []   # per chunk: summed NLL and token count (paired comparisons)
-    chunk_tokens: list[int] = []
-    shared = _shared_kld(ctx, chunks)
+    chunk_ntok: list[int] = []
+    shared = shared_pass.start(ctx, chunks)
     timer = {"shared_s": 0.0}
     t0 = time.perf_counter()
     for nll in _nlls(ctx, chunks, shared, timer):
         nll_parts.append(nll)
         per_chunk.append(math.exp(float(nll.mean())))
         chunk_nll.append(float(nll.sum()))
-        chunk_tokens.append(len(nll))
+        chunk_ntok.append(len(nll))
     if shared is not None:
         t1 = time.perf_counter()
-        pairs = _guarded(ctx, shared, shared.finish)
+        pairs = shared_pass.guarded(ctx, shared, shared.finish)
         timer["shared_s"] += time.perf_counter() - t1
         if pairs is not None:
             ctx.notes.append(f"kld computed in this pass, for the kld cell: {pairs.name}")
@@ -102,7 +99,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             "chunks": len(chunks.chunks), "tokens_in_text": chunks.tokens_total,
             "scored_tokens": len(nll), "scored_bytes": scored_bytes,
             "bos_replaced": bool(backend.add_bos), "per_chunk_ppl": per_chunk,
-            "per_chunk_nll_sum": chunk_nll, "per_chunk_tokens": chunk_tokens,
+            "per_chunk_nll_sum": chunk_nll, "per_chunk_tokens": chunk_ntok,
             "eval_seconds": round(elapsed, 3),
             "kld_shared_pass_s": round(shared_s, 3) if shared is not None else None,
             "nll_path": ("full log-softmax (shared with the KLD comparison)"
@@ -120,35 +117,6 @@ def _nlls(ctx: CellContext, chunks: Any, shared: Any, timer: dict[str, float]
         return
     for i, logprobs, targets in iter_scored(ctx.backend, chunks):
         t1 = time.perf_counter()
-        _guarded(ctx, shared, lambda: shared.feed(i, logprobs, targets))
+        shared_pass.guarded(ctx, shared, lambda: shared.feed(i, logprobs, targets))
         timer["shared_s"] += time.perf_counter() - t1
         yield -logprobs[np.arange(len(targets)), targets].astype(np.float64)
-
-
-def _guarded(ctx: CellContext, shared: Any, step: Any) -> Any:
-    """Run a step of the shared KLD work; a failure there never fails the perplexity cell
-    (the KLD cell then computes on its own and reports the problem itself)."""
-    if not shared.active:
-        return None
-    try:
-        return step()
-    except Exception as exc:  # noqa: BLE001 - any failure: leave KLD to its own cell
-        shared.active = False
-        ctx.notes.append(f"kld not computed in this pass ({type(exc).__name__}: {exc})")
-        return None
-
-
-def _shared_kld(ctx: CellContext, chunks: Any) -> Any:
-    """The KLD comparison to run in this pass, when the suite's kld metric scores these same
-    tokens (the runner passes its options as a companion) and a base is known."""
-    opts = dict(ctx.companions.get("kld") or {})
-    key = opts.pop("cell_key", "")
-    if not opts or not key or ctx.base_artifact is None:
-        return None
-    from qbench.metrics import kld
-    try:
-        shared = kld.SharedPass(ctx, chunks, kld.Options(**opts), key)
-    except Exception as exc:  # noqa: BLE001 - never fail the perplexity cell for it
-        ctx.notes.append(f"kld not computed in this pass ({type(exc).__name__}: {exc})")
-        return None
-    return shared if shared.active else None

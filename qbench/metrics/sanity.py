@@ -16,6 +16,7 @@ from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="sanity", version="1", primary="degenerate", higher_is_better=False, implicit=True,
+    cost=lambda options: 0.1 * max(getattr(options, "max_tokens", 32), 1) / 32.0,
     methodology=(
         "Greedy generation of max_tokens from a fixed prompt; flagged degenerate when nothing is "
         "generated, one token makes up over half of the output, the second half is a loop of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,3 +108,24 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     mean = float(values.mean())
     var = float((values.astype(np.float64) ** 2).mean() - mean * mean)
     return mean, (np.sqrt(var / (n - 1)) if var > 0 and n > 1 else 0.0)
+
+
+def chunk_tokens(options: Any) -> float:
+    """Tokens a chunked pass evaluates with these options (ctx x chunks; chunks <= 0: all of
+    WikiText-2's ~580 chunks; None: the defaults): the cost model of perplexity and KLD."""
+    ctx = getattr(options, "ctx", None) or 512
+    chunks = getattr(options, "chunks", None)
+    chunks = 16 if chunks is None else chunks
+    return float(ctx) * (chunks if chunks > 0 else 580)
+
+
+def dataset_identity(name: str, plan_ctx: Any) -> dict[str, Any]:
+    """What of a scored text goes into a cell key: its content's sha256 (its hub name when it
+    has no local file): a changed file means new numbers."""
+    from qbench.inputs.datasets import locate_text
+    from qbench.inputs.sources import sha256_file
+
+    origin = locate_text(name, plan_ctx.data_dir, plan_ctx.base_dir)
+    if origin.startswith("hf:"):
+        return {"dataset": origin}
+    return {"dataset_sha256": sha256_file(Path(origin), plan_ctx.cache_dir)}

@@ -20,6 +20,10 @@ from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="speed", version="1", primary="tg_tokens_per_s", higher_is_better=True,
+    gated={"pp_tokens_per_s": True},
+    hardware_bound=True,       # keyed by the hardware; compared only on the same hardware
+    cost=lambda options: (0.75 * (options.prompt_tokens + 8.0 * options.gen_tokens)
+                          * (options.repetitions + 1.0) / ((512 + 8 * 128) * 4.0)),
     methodology=(
         "llama-bench's method: ppN = a prompt of N random tokens (BOS first where the model uses "
         "BOS) processed in n_batch pieces; tgN = N single-token decode steps on random tokens. "

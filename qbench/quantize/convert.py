@@ -32,7 +32,9 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def converter_dir(cache_dir: Path) -> Path:
-    return (cache_dir / "tools"
+    from qbench.host.cache import folder
+
+    return (folder(cache_dir, "tools")
             / f"{CONVERTER_DIST}-{CONVERTER_VERSION}-sentencepiece-{SENTENCEPIECE}")
 
 

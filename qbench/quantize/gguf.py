@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qbench.errors import QbenchError, SourceError
+from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import atomic_write_text, file_lock
 from qbench.inputs.sources import check_gguf, sha256_file, split_shards
 from qbench.quantize.gguf_types import FLOAT_TYPES, FTYPES
@@ -47,7 +48,7 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
         check_gguf(shard)
     memo = None
     if cache_dir is not None:
-        memo = cache_dir / "inspect" / f"{sha256_file(path, cache_dir)}.json"
+        memo = cache_folder(cache_dir, "inspect") / f"{sha256_file(path, cache_dir)}.json"
         if memo.exists():
             try:
                 return json.loads(memo.read_text())
@@ -180,9 +181,9 @@ def find_tool(name: str) -> str:
 def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
     """Return the artifact for ``recipe``, building it once under a lock (atomic rename)."""
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
-    folder = cache_dir / "artifacts" / digest
+    folder = cache_folder(cache_dir, "artifacts") / digest
     final = folder / "model.gguf"
-    with file_lock(cache_dir / "artifacts" / f"{digest}.lock"):
+    with file_lock(cache_folder(cache_dir, "artifacts") / f"{digest}.lock"):
         meta = folder / "recipe.json"
         if final.exists() and meta.exists():
             return Artifact(final, json.loads(meta.read_text())["output_sha256"], recipe)
@@ -252,3 +253,25 @@ def _float_base(source: Path, source_sha: str, base_quant: str, cache_dir: Path,
     return _cached(cache_dir, base_recipe,
                    lambda out: _quantize(source, out, base_quant, threads, None))
 
+
+
+# -- the llama.cpp backend's footprint (BackendInfo.footprint) ------------------------------
+def footprint(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """The footprint metric's record for a GGUF: size, parameters, bits per weight and the
+    real tensor-type mix, from llama.cpp's own reader. A split GGUF is all of its shards (the
+    first shard alone is a fraction of what a user downloads and loads)."""
+    summary = inspect_gguf(path, cache_dir)
+    size = summary.get("file_bytes") or path.stat().st_size
+    n_params = summary["n_params"]
+    mib = 2 ** 20
+    return {
+        "values": {
+            "file_size_mb": {"value": float(size / mib), "unit": "MiB"},
+            "bpw": {"value": float(summary["bpw"]), "unit": "bits/weight"},
+            "n_params": {"value": float(n_params)},
+            "fp16_estimate_mb": {"value": float(2 * n_params / mib), "unit": "MiB"},
+        },
+        "details": {"tensor_types": summary["types"], "file_type": summary["file_type"],
+                    "architecture": summary["architecture"], "shape": summary["shape"],
+                    "n_tensors": summary["n_tensors"], "file_size_bytes": size},
+    }

@@ -6,6 +6,8 @@ checks every id against the installed ``llama_cpp.LLAMA_FTYPE_MOSTLY_*`` constan
 
 from __future__ import annotations
 
+import re
+
 from qbench.errors import did_you_mean
 
 # name -> llama_ftype value (llama.h, enum llama_ftype)
@@ -23,15 +25,6 @@ FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 # llama-quantize refuses these without an importance matrix (quantize.cpp).
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
 
-# Published nominal bits per weight for a 7B llama (llama-quantize --help); the measured bpw of
-# each file is what qbench reports, this is only the label users know.
-NOMINAL_BPW: dict[str, float] = {
-    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69,
-    "Q5_K_S": 5.54, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_1": 5.0,
-    "Q4_0": 4.5, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35, "Q2_K_S": 2.96,
-}
-
-
 def canonical(name: str) -> str | None:
     """The llama.cpp spelling of ``name`` (case-insensitive), or None if it is not a type."""
     upper = name.strip().upper()
@@ -41,3 +34,20 @@ def canonical(name: str) -> str | None:
 def unknown_message(name: str) -> str:
     """The error text for a name that is not a llama.cpp type."""
     return f"unknown llama.cpp type '{name}'{did_you_mean(name, FTYPES)}"
+
+
+def nominal_bits(name: str) -> float | None:
+    """The bit width a llama.cpp type's name promises: F32 32, F16/BF16 16, Q8_0 8, Q4_K_M 4,
+    IQ3_XXS 3, TQ2_0 2 (the measured bits per weight are the footprint metric's)."""
+    q = name.strip().upper()
+    if q == "F32":
+        return 32.0
+    if q in ("F16", "BF16"):
+        return 16.0
+    m = re.match(r"^(?:I?Q|TQ)(\d)", q)
+    return float(m.group(1)) if m else None
+
+
+def method_of(name: str) -> str:
+    """Every quantized llama.cpp type is a GGUF quant (float types are classed by the caller)."""
+    return "gguf"

@@ -29,16 +29,18 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from qbench.errors import MissingExtraError, QbenchError, SourceError
+from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import atomic_write_text, file_lock
 from qbench.inputs.sources import GGUF_MAGIC, sha256_file
 from qbench.quantize import hf_types
+from qbench.quantize.request import Prepared, PrepareRequest
 
 DESCRIPTOR_FORMAT = "qbench-hf-variant/1"
 DESCRIPTOR_NAME = "variant.json"
@@ -186,7 +188,7 @@ def _is_decoder_linear(name: str, shape: list[int]) -> bool:
             and "embed" not in name and "norm" not in name)
 
 
-def footprint(path: Path) -> dict[str, Any]:
+def footprint(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """The footprint metric's record for a transformers variant (its ``run`` returns this for an
     artifact of format "hf"): weights on disk, parameters and bits per weight as stored, and for
     load-time variants (bf16/fp16 from an fp32 folder, bitsandbytes) an estimate of the weights'
@@ -261,7 +263,7 @@ def write_descriptor(cache_dir: Path, *, quant: str, model_dir: Path, model_sha:
     identity = {"format": DESCRIPTOR_FORMAT, "quant": quant, "model_sha256": model_sha,
                 "load": load}
     sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    path = cache_dir / "artifacts" / f"hf-{sha[:32]}" / DESCRIPTOR_NAME
+    path = cache_folder(cache_dir, "artifacts") / f"hf-{sha[:32]}" / DESCRIPTOR_NAME
     text = json.dumps(identity | {"model_dir": str(model_dir), "identity_sha256": sha,
                                   "recipe": recipe}, indent=1, sort_keys=True)
     if not path.is_file() or path.read_text() != text:
@@ -298,11 +300,11 @@ def _cached_dir(cache_dir: Path, recipe: dict[str, Any],
     ``build`` returns (provenance known only once built) is merged into the stored recipe."""
     digest = hashlib.sha256(json.dumps(_without_paths(recipe), sort_keys=True).encode()
                             ).hexdigest()[:32]
-    folder = cache_dir / "artifacts" / digest
+    folder = cache_folder(cache_dir, "artifacts") / digest
     final = folder / "model"
     meta = folder / "recipe.json"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir / "artifacts" / f"{digest}.lock"):
+    with file_lock(cache_folder(cache_dir, "artifacts") / f"{digest}.lock"):
         if final.is_dir() and meta.is_file():
             stored = json.loads(meta.read_text())
             return final, stored["output_sha256"], stored
@@ -441,7 +443,8 @@ CALIBRATION_SELECTION = ("the last samples x seq_len tokens of the text (tokeniz
                          "tokenizer adds one")
 
 
-def calibration_spec(variant: dict[str, Any], job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def calibration_spec(variant: Mapping[str, Any], req: PrepareRequest
+                     ) -> tuple[Any, dict[str, Any]]:
     """The calibration text and what identifies the calibration set (part of the artifact key):
     the text's name and sha256, the sample count and length, the selection rule. Reading the
     text is cheap; tokenizing it happens only when the artifact is built."""
@@ -453,8 +456,7 @@ def calibration_spec(variant: dict[str, Any], job: dict[str, Any]) -> tuple[Any,
     if samples < 1 or seq_len < 2:
         raise QbenchError(f"calibration needs at least 1 sample of 2 tokens, got {samples} x "
                           f"{seq_len}")
-    data_dir = Path(job["data_dir"]) if job.get("data_dir") else None
-    text = load_text(name, data_dir, Path(job["base_dir"]))
+    text = load_text(name, req.data_dir, req.base_dir)
     return text, {"dataset": name, "origin": text.origin, "text_sha256": text.sha256,
                   "samples": samples, "seq_len": seq_len, "tokens": samples * seq_len,
                   "selection": CALIBRATION_SELECTION}
@@ -587,8 +589,7 @@ def check_group_size(model_dir: Path, iq: hf_types.IntQuant) -> None:
                else "use per-channel (g'c')"))
 
 
-def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, Any],
-                    variant: dict[str, Any], cache_dir: Path, threads: int,
+def build_int_quant(base_dir: Path, base_sha: str, quant: str, req: PrepareRequest,
                     trust_remote_code: bool = False) -> tuple[Path, str, dict[str, Any]]:
     """The compressed-tensors folder of ``awq-…`` / ``gptq-…`` made from the fp32 base."""
     require("llmcompressor", "llmcompressor", f"building {quant} (llm-compressor oneshot)")
@@ -597,7 +598,7 @@ def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, An
     iq = hf_types.parse_int_quant(quant)
     assert iq is not None
     check_group_size(base_dir, iq)
-    calib_text, calibration = calibration_spec(variant, job)
+    calib_text, calibration = calibration_spec(req.variant, req)
     scheme = int_quant_recipe(iq)
     recipe = {"tool": "llm-compressor oneshot", "quant": quant, "input_sha256": base_sha,
               "modifiers": (["GPTQModifier"] if iq.method == "gptq"
@@ -605,8 +606,8 @@ def build_int_quant(base_dir: Path, base_sha: str, quant: str, job: dict[str, An
               "scheme": scheme, "calibration": calibration, "format": "compressed-tensors",
               "llmcompressor": version_of("llmcompressor"),
               "compressed_tensors": version_of("compressed-tensors"), **_lib_versions()}
-    return _cached_dir(cache_dir, recipe, lambda out: _quantize_int(
-        base_dir, out, iq, scheme, calib_text, calibration, threads, trust_remote_code))
+    return _cached_dir(req.cache_dir, recipe, lambda out: _quantize_int(
+        base_dir, out, iq, scheme, calib_text, calibration, req.threads, trust_remote_code))
 
 
 # -- load settings --------------------------------------------------------------------------
@@ -628,17 +629,19 @@ def load_settings(quant: str) -> dict[str, Any]:
 
 
 # -- the worker's entry point ---------------------------------------------------------------
-def prepare(job: dict[str, Any], variant: dict[str, Any], model_file: Path, model_sha: str,
-            cache_dir: Path, threads: int) -> tuple[Path, dict[str, Any]]:
-    """The variant descriptor to load and the artifact description (worker.prepare_artifact)."""
+def prepare(req: PrepareRequest) -> Prepared:
+    """The variant descriptor to load and the artifact description (the transformers
+    backend's BackendInfo.prepare)."""
     from qbench.inputs.sources import resolve
 
-    model = job["cell"]["model"]
+    variant, model_file, model_sha, cache_dir = (req.variant, req.model_file, req.model_sha,
+                                                 req.cache_dir)
+    model = req.model
     trust = bool(model.get("trust_remote_code", False))
     pickle_ok = bool(model.get("allow_pickle", False))
     quant = variant["quant"]
     if variant.get("source"):   # a pre-quantized folder or hub checkpoint, loaded as is
-        res = resolve(variant["source"], base_dir=Path(job["base_dir"]), cache_dir=cache_dir)
+        res = resolve(variant["source"], base_dir=req.base_dir, cache_dir=cache_dir)
         check_model_dir(res.path, allow_pickle=pickle_ok)
         sha = sha256_file(res.path, cache_dir)
         recipe = {"tool": "none (pre-quantized source)", "source": variant["source"],
@@ -653,8 +656,7 @@ def prepare(job: dict[str, Any], variant: dict[str, Any], model_file: Path, mode
     kind = hf_types.kind(quant)
     load = load_settings(quant) | {"trust_remote_code": trust}
     if kind in ("awq", "gptq"):
-        folder, sha, recipe = build_int_quant(base_dir, base_sha, quant, job, variant,
-                                              cache_dir, threads, trust)
+        folder, sha, recipe = build_int_quant(base_dir, base_sha, quant, req, trust)
         recipe = recipe | {"base_recipe": base_recipe}
     else:
         if kind == "bnb":

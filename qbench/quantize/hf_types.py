@@ -37,8 +37,8 @@ METHODS = ("awq", "gptq")
 EXAMPLES = ("fp32", "bf16", "fp16", "bnb-int8", "bnb-nf4", "bnb-fp4", "awq-w4g64", "awq-w4g32",
             "awq-w4g128", "gptq-w4g64", "gptq-w4g128", "gptq-w8g128")
 
-# nominal bits per weight of the quantized linear layers (the measured value is what reports use)
-NOMINAL_BPW = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "bnb-int8": 8.0, "bnb-nf4": 4.0,
+# the bit width each fixed name promises (the measured bits per weight are what reports use)
+NOMINAL_BITS = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "bnb-int8": 8.0, "bnb-nf4": 4.0,
                "bnb-fp4": 4.0}
 
 
@@ -105,3 +105,22 @@ def unknown_message(name: str) -> str:
     return (f"unknown transformers quant '{name}'{did_you_mean(low, EXAMPLES)}; expected one of "
             f"{', '.join(EXAMPLES[:6])} or awq-w{{bits}}g{{group}} / gptq-w{{bits}}g{{group}} "
             "(e.g. awq-w4g64, gptq-w4g128)")
+
+
+def nominal_bits(name: str) -> float | None:
+    """The bit width a transformers variant's name promises: fp32 32, bf16/fp16 16, bnb-int8 8,
+    bnb-nf4/fp4 4, awq-w4g64 4 (the measured bits per weight are the footprint metric's)."""
+    low = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if low in NOMINAL_BITS:
+        return NOMINAL_BITS[low]
+    parsed = parse_int_quant(low)
+    return float(parsed.bits) if parsed else None
+
+
+def method_of(name: str) -> str:
+    """awq | gptq | bnb, for a quantized transformers variant."""
+    low = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if low in BNB_TYPES:
+        return "bnb"
+    parsed = parse_int_quant(low)
+    return parsed.method if parsed else "other"

@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from qbench.inputs.datasets import load_text
 from qbench.errors import QbenchError
+from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import atomic_write_text, file_lock
 from qbench.quantize.gguf import build_variant, find_tool
+from qbench.quantize.request import PrepareRequest
 
 IMATRIX_CHUNKS = 100  # llama-imatrix --chunks: 100 x 512 tokens, the common published setting
 IMATRIX_CTX = 512
@@ -25,17 +26,15 @@ IMATRIX_CTX = 512
 IMATRIX_RECIPE: dict[str, int] = {"chunks": IMATRIX_CHUNKS, "ctx": IMATRIX_CTX}
 
 
-def build_imatrix(job: dict[str, Any], model_file: Path, model_sha: str, cache_dir: Path,
-                  threads: int) -> tuple[Path, str]:
+def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
     """Path and sha256 of the imatrix for this model's base and the named calibration text."""
-    variant, model = job["cell"]["variant"], job["cell"]["model"]
-    data_dir = Path(job["data_dir"]) if job.get("data_dir") else None
-    text = load_text(variant["imatrix"], data_dir, Path(job["base_dir"]))
-    base = build_variant(model_file, model_sha, model["base"], model["base"],
+    cache_dir, threads = req.cache_dir, req.threads
+    text = load_text(req.variant["imatrix"], req.data_dir, req.base_dir)
+    base = build_variant(req.model_file, req.model_sha, req.model["base"], req.model["base"],
                          cache_dir=cache_dir, threads=threads)
     recipe = {"base_sha256": base.sha256, "calibration_sha256": text.sha256, **IMATRIX_RECIPE}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
-    folder = cache_dir / "imatrix" / digest
+    folder = cache_folder(cache_dir, "imatrix") / digest
     out = folder / "imatrix.dat"
     with file_lock(folder.with_suffix(".lock")):
         if out.exists():

@@ -19,11 +19,12 @@ from markupsafe import Markup
 
 from qbench import __version__
 from qbench.host.fsutil import atomic_write_text
-from qbench.metrics import METRIC_NAMES, metric_info
+from qbench.metrics import known_metric_info, metric_names
 from qbench.report import claims as claims_mod
 from qbench.report.figures import suite_figures
 from qbench.report.recommend import DEFAULT_KV_CTX, fp16_rule, recommend
-from qbench.report.table import FAILED, fmt, signed, type_mix, variant_rows
+from qbench.report.table import extra_columns, fmt, signed, type_mix, variant_rows
+from qbench.results.schema import FAILED
 
 _ENV = Environment(loader=PackageLoader("qbench", "report/templates"),
                    autoescape=select_autoescape(["html"]))
@@ -109,14 +110,15 @@ def _backends(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _methodology(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     used = {r["metric"] for r in records}
     out = []
-    for name in METRIC_NAMES:
-        if name not in used:
+    for name in [*metric_names(), *sorted(used - set(metric_names()))]:
+        info = known_metric_info(name)
+        if name not in used or info is None:
             continue
         recs = [r for r in records if r["metric"] == name]
         options = sorted({json.dumps(r.get("options") or {}, sort_keys=True) for r in recs})
         versions = sorted({str(r.get("metric_version")) for r in recs})
         ok = [r for r in recs if r["status"] == "ok"]
-        out.append({"name": name, "text": metric_info(name).methodology,
+        out.append({"name": name, "text": info.methodology,
                     "options": [json.loads(o) for o in options], "versions": versions,
                     "data": _data_facts(name, ok)})
     return out
@@ -186,7 +188,8 @@ def render_suite(suite: str, records: list[dict[str, Any]], *, budget_gb: float 
     rows = variant_rows(records)
     claims = claims_mod.check_claims(rows)
     return _ENV.get_template("suite.html").render(
-        suite=suite, rows=rows, figures=_figures(rows), plotly_js=plotly_js(),
+        suite=suite, rows=rows, extra_columns=extra_columns(rows), figures=_figures(rows),
+        plotly_js=plotly_js(),
         envs=_environments(records), backends=_backends(records),
         methods=_methodology(records), calibration=_calibration(records),
         base_notes=_base_notes(rows), claims=claims,

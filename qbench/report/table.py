@@ -9,11 +9,14 @@ whose cells all failed still gets a row with its errors.
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from typing import Any
 
-FAILED = ("failed", "timeout", "crashed")
+from qbench.backends import method_of, nominal_bits
+from qbench.metrics import known_metric_info, metric_names
+from qbench.results.schema import FAILED
+from qbench.suite.identity import variant_key
+
 MIB = 2 ** 20
 
 try:  # paired McNemar test + Newcombe CI, paired ln PPL ratio (qbench/results/stats.py)
@@ -22,19 +25,14 @@ except ImportError:  # pragma: no cover - stats.py is written concurrently
     paired_from_records = paired_ln_ppl_ratio = None  # type: ignore[assignment]
     Z95 = 1.959963984540054
 
-# cells that load only the variant itself (never the base): their peak is the variant's own
-OWN_CELLS = ("speed", "mmlu", "sanity")
 
 
-def variant_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
-    v = rec["variant"]
-    return (rec["suite"], rec["model"]["id"], v["backend"], variant_label(v))
-
-
-def variant_label(variant: dict[str, Any]) -> str:
-    """The quant name, plus its source when it is a pre-quantized file (two Q4_K_M can differ)."""
-    quant = str(variant.get("quant", "?"))
-    return quant + (f"@{variant['source']}" if variant.get("source") else "")
+def own_cells() -> tuple[str, ...]:
+    """Metrics whose cells load only the variant itself (never the base), so their peak
+    memory is the variant's own (MetricInfo.own_memory): the machine's own measurement (speed)
+    first, then the rest in run order, the footprint (which loads nothing) left out."""
+    infos = [i for i in map(known_metric_info, metric_names()) if i and i.own_memory]
+    return tuple(i.name for i in sorted(infos, key=lambda i: not i.hardware_bound))
 
 
 def cell_key(rec: dict[str, Any]) -> tuple[str, str, str, str, str]:
@@ -51,41 +49,6 @@ def value_of(rec: dict[str, Any] | None, name: str) -> tuple[float | None, float
     if isinstance(val, float) and math.isnan(val):
         val = None
     return val, err
-
-
-def nominal_bits(backend: str, quant: str) -> float | None:
-    """The weight bit width a variant's name promises (F16 -> 16, Q4_K_M -> 4, awq-w4g64 -> 4,
-    bnb-int8 -> 8). Measured bits per weight are in ``bpw``; this is for grouping claims."""
-    q = quant.split("@", 1)[0].lower()
-    if q in ("f32", "fp32", "float32"):
-        return 32
-    if q in ("f16", "fp16", "bf16", "float16", "bfloat16"):
-        return 16
-    m = re.match(r"^(?:i?q|tq)(\d)", q)             # Q8_0, Q4_K_M, IQ3_XXS, TQ2_0
-    if m:
-        return float(m.group(1))
-    if "int8" in q or "fp8" in q or q in ("w8", "w8a8", "w8a16"):
-        return 8
-    if "nf4" in q or "fp4" in q or "int4" in q:
-        return 4
-    m = re.search(r"w(\d+)", q)                     # awq-w4g64, gptq-w3g128
-    if m:
-        return float(m.group(1))
-    return None
-
-
-def method_of(backend: str, quant: str) -> str:
-    """gguf | awq | gptq | bnb | float (unquantized) | other."""
-    q = quant.lower()
-    bits = nominal_bits(backend, quant)
-    if bits is not None and bits >= 16:
-        return "float"
-    for name in ("awq", "gptq", "bnb"):
-        if q.startswith(name):
-            return name
-    if backend == "llama.cpp":
-        return "gguf"
-    return "other"
 
 
 def _short_error(rec: dict[str, Any]) -> str:
@@ -164,6 +127,8 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
                       for k, v in ((lm or {}).get("values") or {}).items()
                       if k not in ("score", "docs_per_s")} if lm and lm["status"] == "ok" else {}
 
+    row["extra"] = extra_values(cells)
+
     san = cells.get("sanity")
     row["degenerate"] = None          # None: not measured; "": looks fine; text: why it is broken
     row["sanity_text"] = None
@@ -193,12 +158,35 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     return row
 
 
+def extra_values(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Values of metrics the report has no dedicated view for but whose registry entry names
+    report columns (MetricInfo.columns: plugin metrics): metric -> column value -> (value,
+    stderr)."""
+    out: dict[str, dict[str, Any]] = {}
+    for metric, rec in sorted(cells.items()):
+        info = known_metric_info(metric)
+        if info is None or not info.columns:
+            continue
+        out[metric] = {col.value: value_of(rec, col.value) for col in info.columns}
+    return out
+
+
+def extra_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(metric, ReportColumn) for every generic column some row has a value for."""
+    seen: list[tuple[str, Any]] = []
+    for metric in sorted({m for r in rows for m in r.get("extra", {})}):
+        info = known_metric_info(metric)
+        for col in (info.columns if info else ()):
+            seen.append((metric, col))
+    return seen
+
+
 def _own_peak(cells: dict[str, dict[str, Any]], is_base: bool
               ) -> tuple[str | None, float | None, float | None]:
     """(cell, peak RSS, peak VRAM) of the first ok cell that loaded only this variant: speed,
     then MMLU, then sanity. A variant's perplexity and KLD cells may also load the base (to
     build the base's log-probs), so their peak is not the variant's; for the base they are."""
-    order = OWN_CELLS + (("perplexity", "kld") if is_base else ())
+    order = own_cells() + (("perplexity", "kld") if is_base else ())
     for metric in order:
         c = cells.get(metric)
         mem = (c or {}).get("memory") or {}
@@ -212,7 +200,7 @@ def _weights_in_memory(row: dict[str, Any], cells: dict[str, dict[str, Any]]
     """The weights' size once loaded: torch's measured footprint of a transformers variant,
     else the footprint cell's load-time estimate (bitsandbytes quantizes a float file at load
     time, so its file is not what sits in memory), else the file size."""
-    for metric in OWN_CELLS + ("perplexity", "kld"):
+    for metric in own_cells() + ("perplexity", "kld"):
         c = cells.get(metric)
         if not c or c.get("status") != "ok":
             continue

@@ -60,30 +60,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qbench.results import stats
+from qbench.backends import known_backend_info
 from qbench.errors import QbenchError
+from qbench.metrics import known_metric_info
+from qbench.results import stats
+from qbench.results.schema import NOT_OK
+from qbench.suite.identity import record_cell_id
 
 EXIT_OK, EXIT_USER, EXIT_REGRESSION = 0, 1, 2
-NOT_OK = ("failed", "timeout", "crashed", "skipped")
-
-# metric -> {value name: higher_is_better}; the metric's primary value is always gated too
-GATED: dict[str, dict[str, bool]] = {
-    "perplexity": {"ppl": False},
-    "kld": {"kld_mean": False, "same_top_pct": True},
-    "mmlu": {"acc": True},
-    "speed": {"pp_tokens_per_s": True, "tg_tokens_per_s": True},
-    "sanity": {"degenerate": False},
-}
-# values only reported, never gated: sizes change when a recipe changes, on purpose; bits per
-# byte moves with PPL (gated); ln PPL ratio is the KLD cell's view of the PPL (gated there)
-REPORTED: dict[str, tuple[str, ...]] = {"footprint": ("file_size_mb", "bpw"),
-                                       "perplexity": ("bits_per_byte",),
-                                       "kld": ("ln_ppl_ratio",)}
+# What is gated, in which direction, what is only reported and which metrics belong to the
+# hardware: each metric's registry entry (MetricInfo.gated / .reported / .hardware_bound), so a
+# plugin metric is gated like a built-in one. Whether a backend's peak RSS is stable enough to
+# gate: its BackendInfo.rss_gated.
 MEMORY_VALUES = ("peak_rss_mb", "peak_vram_mb")
-# backends whose peak RSS is reported but not gated: a torch process's RSS varies run to run
-# (bnb-nf4 on CPU: 1,167 -> 1,510 MiB, +29 %, on an identical rerun of the same commit)
-RSS_UNSTABLE = ("transformers",)
-HARDWARE_METRICS = ("speed",)   # their values and memory compare only on the same hardware
 
 
 @dataclass(frozen=True)
@@ -166,11 +155,7 @@ class Comparison:
 
 def cell_id(rec: dict[str, Any]) -> str:
     """model/backend/quant[@file]/metric, as :attr:`qbench.suite.plan.Cell.id` spells it."""
-    v = rec.get("variant") or {}
-    quant = str(v.get("quant", "?"))
-    if v.get("source"):
-        quant += "@" + str(v["source"]).rstrip("/").rsplit("/", 1)[-1]
-    return f"{rec['model']['id']}/{v.get('backend')}/{quant}/{rec['metric']}"
+    return record_cell_id(rec)
 
 
 def cell_key(rec: dict[str, Any]) -> tuple[str, str]:
@@ -489,26 +474,34 @@ def _other_hardware(cell: str, metric: str, name: str, bv: Any, cv: Any) -> Chan
 # ------------------------------------------------------------------------ one cell pair
 
 def _direction(metric: str, name: str) -> bool | None:
-    if name in GATED.get(metric, {}):
-        return GATED[metric][name]
-    try:
-        from qbench.metrics import metric_info
-        info = metric_info(metric)
-    except (KeyError, ImportError, AttributeError):
-        return None
-    return info.higher_is_better if name == info.primary else None
+    """Higher is better (True/False) for a gated value; None: only reported. A metric this
+    install does not know (a plugin's, not installed here) is reported, never gated."""
+    info = known_metric_info(metric)
+    return None if info is None else info.gated_values().get(name)
 
 
 def _value_names(metric: str) -> list[str]:
-    names = list(GATED.get(metric, {}))
-    try:
-        from qbench.metrics import metric_info
-        primary = metric_info(metric).primary
-        if primary not in names:
-            names.insert(0, primary)
-    except (KeyError, ImportError, AttributeError):
-        pass
-    return names + [n for n in REPORTED.get(metric, ()) if n not in names]
+    """The values compared for ``metric``: the gated ones (primary first), then the reported."""
+    info = known_metric_info(metric)
+    if info is None:
+        return []
+    names = list(info.gated_values())
+    return names + [n for n in info.reported if n not in names]
+
+
+def _reported_only(metric: str, name: str) -> bool:
+    info = known_metric_info(metric)
+    return info is not None and name in info.reported
+
+
+def _hardware_bound(metric: str) -> bool:
+    info = known_metric_info(metric)
+    return info is not None and info.hardware_bound
+
+
+def _rss_gated(record: dict[str, Any]) -> bool:
+    info = known_backend_info((record.get("variant") or {}).get("backend", ""))
+    return info is None or info.rss_gated
 
 
 def _same_hardware(b: dict[str, Any], c: dict[str, Any]) -> bool:
@@ -520,7 +513,7 @@ def compare_cell(label: str, b: dict[str, Any], c: dict[str, Any], tol: Toleranc
                  ) -> list[Change]:
     """Every compared value of one cell that is ok in both runs."""
     metric = b["metric"]
-    hw_ok = metric not in HARDWARE_METRICS or _same_hardware(b, c)
+    hw_ok = not _hardware_bound(metric) or _same_hardware(b, c)
     bvals, cvals = b.get("values") or {}, c.get("values") or {}
     out: list[Change] = []
     for name in _value_names(metric):
@@ -529,7 +522,7 @@ def compare_cell(label: str, b: dict[str, Any], c: dict[str, Any], tol: Toleranc
         ch = _one_value(label, metric, name, b, c, tol, hw_ok)
         if ch is not None:
             out.append(ch)
-    if metric in HARDWARE_METRICS:
+    if _hardware_bound(metric):
         out.extend(_memory_changes(label, b, c, tol, hw_ok))
     note = _version_note(b, c)
     for ch in out:
@@ -540,7 +533,7 @@ def compare_cell(label: str, b: dict[str, Any], c: dict[str, Any], tol: Toleranc
 def _one_value(label: str, metric: str, name: str, b: dict[str, Any], c: dict[str, Any],
                tol: Tolerances, hw_ok: bool) -> Change | None:
     bv, cv = b["values"][name], c["values"][name]
-    if name in REPORTED.get(metric, ()):
+    if _reported_only(metric, name):
         return _reported(label, metric, name, bv, cv)
     if not hw_ok:
         return _other_hardware(label, metric, name, bv.get("value"), cv.get("value"))
@@ -568,8 +561,7 @@ def _memory_changes(label: str, b: dict[str, Any], c: dict[str, Any], tol: Toler
         cv = _num((c.get("memory") or {}).get(name))
         if bv is None or cv is None:
             continue
-        if hw_ok and name == "peak_rss_mb" and \
-                (b.get("variant") or {}).get("backend") in RSS_UNSTABLE:
+        if hw_ok and name == "peak_rss_mb" and not _rss_gated(b):
             out.append(_reported(label, "memory", name, {"value": bv}, {"value": cv}))
             continue
         out.append(_memory(label, name, bv, cv, tol) if hw_ok

@@ -1,6 +1,7 @@
 """Flat exports: one row per metric value per cell (suite, model, backend, quant, metric, value,
 stderr, n, status, the cell's key and id), as JSONL, CSV or Parquet; failed cells appear with
-their status and error and no value. ``qbench.load`` reads the same table as a DataFrame."""
+their status and error and no value. ``qbench.load`` reads the same table as a DataFrame, and
+Parquet is written from that typed frame (:func:`qbench.results.frame.to_parquet_bytes`)."""
 
 from __future__ import annotations
 
@@ -42,9 +43,3 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
         writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in COLUMNS})
     return buf.getvalue()
 
-
-def to_parquet(rows: list[dict[str, Any]]) -> bytes:
-    """Parquet bytes of the typed table (pandas + pyarrow: the ``pandas`` extra)."""
-    from qbench.results.frame import to_parquet_bytes
-
-    return to_parquet_bytes(rows)

@@ -6,6 +6,7 @@ A record written by a newer qbench is refused (with both versions named) rather 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict
 
 from qbench.errors import StoreError
@@ -14,6 +15,8 @@ SCHEMA_VERSION = 1
 
 Status = Literal["ok", "failed", "timeout", "crashed", "skipped"]
 STATUSES: tuple[str, ...] = ("ok", "failed", "timeout", "crashed", "skipped")
+FAILED: tuple[str, ...] = ("failed", "timeout", "crashed")   # a cell that went wrong
+NOT_OK: tuple[str, ...] = FAILED + ("skipped",)               # a cell without values
 
 
 class Value(TypedDict):
@@ -78,3 +81,46 @@ def migrate(record: dict[str, Any], *, where: str) -> dict[str, Any]:
     if record.get("status") not in STATUSES:
         raise StoreError(f"unknown status {record.get('status')!r}", file=where)
     return record
+
+
+@dataclass
+class Outcome:
+    """What happened to one cell's process: its status, result and measured memory."""
+
+    status: str                      # ok | failed | timeout | crashed | skipped
+    error: str | None = None
+    signal: str | None = None
+    stderr_tail: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    peak_vram_mb: float | None = None   # None: not measured (no NVML) or not attributable
+    wall_s: float = 0.0
+    vram_note: str | None = None     # why peak_vram_mb is None on a machine with NVML
+
+
+def make_record(spec: dict[str, Any], outcome: Outcome, run_id: str, started: str,
+                env: dict[str, Any]) -> dict[str, Any]:
+    """The stored record of one cell: its spec (the plan's ``Cell.describe()``), outcome,
+    values, provenance and environment."""
+    res = outcome.result
+    return {
+        "schema_version": SCHEMA_VERSION, "key": spec["key"], "id": spec["id"],
+        "suite": spec["suite"], "run_id": run_id, "model": spec["model"],
+        "variant": spec["variant"], "metric": spec["metric"],
+        "metric_version": spec["metric_version"], "options": spec["options"],
+        "run": spec["run"], "status": outcome.status, "error": outcome.error,
+        "signal": outcome.signal, "stderr_tail": outcome.stderr_tail,
+        "values": res.get("values", {}) if outcome.status == "ok" else {},
+        "details": res.get("details", {}), "artifact": res.get("artifact", {}),
+        "backend": res.get("backend", {}),
+        "memory": {"peak_rss_mb": round(outcome.peak_rss_mb, 1),
+                   "peak_vram_mb": (None if outcome.peak_vram_mb is None
+                                    else round(outcome.peak_vram_mb, 1)),
+                   "torch_max_allocated_mb": (res.get("torch_max_allocated_mb") or
+                                              res.get("backend", {}).get(
+                                                  "torch_max_allocated_mb")),
+                   "vram_note": outcome.vram_note},
+        "timings": {"started": started, "wall_s": round(outcome.wall_s, 3),
+                    **res.get("timings", {})},
+        "env": env,
+    }

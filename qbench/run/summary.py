@@ -14,12 +14,12 @@ from qbench.results.store import Store
 
 def _primary(record: dict[str, Any]) -> dict[str, Any]:
     """The cell's headline value (the metric's primary one, e.g. ppl), or {} if none."""
-    try:
-        from qbench.metrics import metric_info
+    from qbench.metrics import known_metric_info
 
-        name = metric_info(record["metric"]).primary
-    except (KeyError, ImportError):
+    info = known_metric_info(record["metric"])
+    if info is None:
         return {}
+    name = info.primary
     v = (record.get("values") or {}).get(name) or {}
     if v.get("value") is None:
         return {}

@@ -19,130 +19,111 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from qbench.backends import BACKENDS, backend_module
+from qbench.backends import backend_function, backend_module
 from qbench.backends.base import LoadOptions
 from qbench.errors import MissingExtraError, NotApplicable, QbenchError
-from qbench.run.faults import inject
 from qbench.host.fsutil import atomic_write_text
+from qbench.inputs.sources import resolve, sha256_file
 from qbench.metrics import metric_module
 from qbench.metrics.context import CellContext
-from qbench.inputs.sources import resolve, sha256_file
+from qbench.options import from_table
+from qbench.quantize.request import Prepared, PrepareRequest
+from qbench.run.faults import inject
+from qbench.run.job import Job
 
 
-def _options(metric: str, raw: dict[str, Any]) -> Any:
-    cls = metric_module(metric).Options
-    fields = cls.__dataclass_fields__
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
-                  if k in fields})
+def metric_options(job: Job) -> Any:
+    """The metric's Options from the job, as strictly as the suite parser reads them: a key
+    the metric does not know is an error, never silently dropped."""
+    cls = metric_module(job.metric).Options
+    return from_table(cls, job.cell["options"], file=f"job of cell {job.cell_id}",
+                      key=f"metrics.{job.metric}")
 
 
-def _import_backend(name: str) -> Any:
-    info = BACKENDS[name]
-    try:
-        return backend_module(name)
-    except ImportError as exc:
-        raise MissingExtraError(info.distribution, info.extra,
-                                f"the {name} backend ({exc})") from None
+def prepare_artifact(req: PrepareRequest) -> Prepared:
+    """The variant's model file, made (or found in the cache) by its backend's ``prepare``.
+    The backend is imported first: a missing inference library skips the cell with the extra
+    that installs it, before anything is built."""
+    backend = req.variant["backend"]
+    backend_module(backend)
+    prepare = backend_function(backend, "prepare")
+    if prepare is None:  # pragma: no cover - BackendInfo.prepare is required
+        raise QbenchError(f"backend {backend!r} cannot prepare variants")
+    return prepare(req)
 
 
-def prepare_artifact(job: dict[str, Any], variant: dict[str, Any], model_file: Path,
-                     model_sha: str, cache_dir: Path, threads: int
-                     ) -> tuple[Path, dict[str, Any]]:
-    """The variant's model file: a pre-quantized source as is, else built from the model."""
-    if variant["backend"] == "transformers":
-        _import_backend("transformers")
-        from qbench.quantize.hf import prepare
-        return prepare(job, variant, model_file, model_sha, cache_dir, threads)
-    model = job["cell"]["model"]
-    base_dir = Path(job["base_dir"])
-    if variant["source"]:
-        res = resolve(variant["source"], base_dir=base_dir, cache_dir=cache_dir)
-        from qbench.quantize.gguf import inspect_gguf
-        inspect_gguf(res.path, cache_dir)
-        return res.path, {"path": str(res.path), "sha256": sha256_file(res.path, cache_dir),
-                          "size_bytes": res.path.stat().st_size,
-                          "recipe": {"tool": "none (pre-quantized source)",
-                                     "source": variant["source"], "revision": res.revision}}
-    if variant["backend"] == "llama.cpp":
-        _import_backend("llama.cpp")
-        from qbench.quantize.gguf import build_variant
-        imatrix_path, imatrix_sha = None, ""
-        if variant["imatrix"]:
-            from qbench.quantize.imatrix import build_imatrix
-            imatrix_path, imatrix_sha = build_imatrix(job, model_file, model_sha, cache_dir,
-                                                      threads)
-        art = build_variant(model_file, model_sha, variant["quant"], model["base"],
-                            cache_dir=cache_dir, threads=threads, imatrix_path=imatrix_path,
-                            imatrix_sha=imatrix_sha)
-        return art.path, art.describe()
-    raise QbenchError(f"backend {variant['backend']!r} cannot build variants")
+def _base_for(job: Job, req: PrepareRequest, variant_path: Path, variant_artifact: dict[str, Any],
+              needs_base: bool) -> tuple[Path | None, dict[str, Any] | None, bool]:
+    """The base variant's file for a metric that compares with it, or for the companions this
+    cell serves: (path, artifact with how the base runs, companions still on)."""
+    if job.base_variant is None or not (needs_base or job.companions):
+        return None, None, bool(job.companions)
+    if job.variant["is_base"]:
+        path, artifact = variant_path, variant_artifact
+    else:
+        try:
+            path, artifact = prepare_artifact(req.for_variant(job.base_variant))
+        except Exception as exc:
+            if needs_base:
+                if not isinstance(exc, QbenchError):
+                    raise
+                raise QbenchError(
+                    f"the base variant {job.base_variant['quant']} could not be prepared, so "
+                    f"there is nothing to compare with: {exc}") from None
+            # only the shared KLD work wanted it: never fail this cell for it
+            print(f"shared KLD pass off: the base could not be prepared ({exc})",
+                  file=sys.stderr)
+            return None, None, False
+    bv = job.base_variant
+    # how the base runs is part of its cached distributions
+    runtime = {"device": job.run_device, "batch": bv.get("batch"), "ubatch": bv.get("ubatch"),
+               "n_gpu_layers": bv.get("n_gpu_layers")}
+    return path, dict(artifact) | {"runtime": runtime}, bool(job.companions)
 
 
-def execute(job: dict[str, Any]) -> dict[str, Any]:
-    cell = job["cell"]
-    metric = cell["metric"]
-    cache_dir = Path(job["cache_dir"])
-    base_dir = Path(job["base_dir"])
-    data_dir = Path(job["data_dir"]) if job.get("data_dir") else None
-    threads = int(job.get("threads") or 0)
+def execute(job: Job) -> dict[str, Any]:
+    """Prepare the variant (and the base where needed), run the metric, return its result."""
+    cache_dir = Path(job.cache_dir)
+    base_dir = Path(job.base_dir)
+    data_dir = Path(job.data_dir) if job.data_dir else None
+    threads = int(job.threads or 0)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    source = resolve(cell["model"]["source"], base_dir=base_dir, cache_dir=cache_dir)
+    source = resolve(job.model["source"], base_dir=base_dir, cache_dir=cache_dir)
     model_sha = sha256_file(source.path, cache_dir)
-    variant = cell["variant"]
-    path, artifact = prepare_artifact(job, variant, source.path, model_sha, cache_dir, threads)
+    req = PrepareRequest(variant=job.variant, model=job.model, model_file=source.path,
+                         model_sha=model_sha, base_dir=base_dir, data_dir=data_dir,
+                         cache_dir=cache_dir, threads=threads)
+    path, artifact = prepare_artifact(req)
     artifact["model_source"] = {"ref": source.origin, "path": str(source.path),
                                 "sha256": model_sha, "revision": source.revision}
-    module = metric_module(metric)
-    companions = job.get("companions") or {}
-    base_path, base_artifact = None, None
-    if (module.INFO.needs_base or companions) and job.get("base_variant"):
-        if variant["is_base"]:
-            base_path, base_artifact = path, artifact
-        else:
-            try:
-                base_path, base_artifact = prepare_artifact(
-                    job, job["base_variant"], source.path, model_sha, cache_dir, threads)
-            except Exception as exc:
-                if module.INFO.needs_base:
-                    if not isinstance(exc, QbenchError):
-                        raise
-                    raise QbenchError(
-                        f"the base variant {job['base_variant']['quant']} could not be "
-                        f"prepared, so there is nothing to compare with: {exc}") from None
-                # only the shared KLD work wanted it: never fail this cell for it
-                print(f"shared KLD pass off: the base could not be prepared ({exc})",
-                      file=sys.stderr)
-                companions = {}
-    if base_artifact is not None:  # how the base runs is part of its cached distributions
-        bv = job["base_variant"]
-        base_artifact = dict(base_artifact) | {"runtime": {
-            "device": (job.get("cell", {}).get("run") or {}).get("device", job.get("device")),
-            "batch": bv.get("batch"), "ubatch": bv.get("ubatch"),
-            "n_gpu_layers": bv.get("n_gpu_layers")}}
+    module = metric_module(job.metric)
+    base_path, base_artifact, serving = _base_for(job, req, path, artifact,
+                                                  module.INFO.needs_base)
     timings["prepare_s"] = round(time.perf_counter() - t0, 3)
 
     def loader(v: dict[str, Any], p: Path) -> Any:
         def load() -> Any:
-            backend_mod = _import_backend(v["backend"])
+            backend_mod = backend_module(v["backend"])
             t = time.perf_counter()
             backend = backend_mod.load(p, LoadOptions(
-                device=job.get("device", "auto"), threads=threads, n_batch=v["batch"],
+                device=job.device, threads=threads, n_batch=v["batch"],
                 n_ubatch=v["ubatch"], n_gpu_layers=v["n_gpu_layers"]))
             timings.setdefault("load_s", round(time.perf_counter() - t, 3))
             return backend
         return load
 
-    ctx = CellContext(cell_id=cell["id"], model_id=cell["model"]["id"], artifact_path=path,
+    ctx = CellContext(cell_id=job.cell_id, model_id=job.model["id"], artifact_path=path,
                       artifact=artifact, base_dir=base_dir, data_dir=data_dir,
-                      cache_dir=cache_dir, is_base=variant["is_base"],
-                      base_artifact=base_artifact, _load=loader(variant, path),
-                      _load_base=(loader(job["base_variant"], base_path)
-                                  if base_path is not None else None),
-                      companions=companions, cell_key=cell["key"])
+                      cache_dir=cache_dir, is_base=job.variant["is_base"],
+                      base_artifact=base_artifact, _load=loader(job.variant, path),
+                      _load_base=(loader(job.base_variant, base_path)
+                                  if base_path is not None and job.base_variant else None),
+                      companions=job.companions if serving else {}, cell_key=job.key,
+                      backend_name=job.variant["backend"])
     t1 = time.perf_counter()
     try:
-        out = module.run(ctx, _options(metric, cell["options"]))
+        out = module.run(ctx, metric_options(job))
         backend_info = ctx._backend.describe() if ctx._backend is not None else {}
     finally:
         ctx.close()
@@ -206,14 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job_path, result_path = Path(argv[0]), Path(argv[1])
     faulthandler.enable()  # a segfault prints the Python stack into the cell log
-    job = json.loads(job_path.read_text())
-    if job.get("parent_pid"):
-        _die_with_parent(int(job["parent_pid"]))
-    _limit_memory(int(job.get("memory_limit_mb") or 0))
-    print(f"qbench cell {job['cell']['id']} key {job['cell']['key']}", file=sys.stderr,
-          flush=True)
+    job = Job.from_json(job_path.read_text())
+    if job.parent_pid:
+        _die_with_parent(int(job.parent_pid))
+    _limit_memory(int(job.memory_limit_mb or 0))
+    print(f"qbench cell {job.cell_id} key {job.key}", file=sys.stderr, flush=True)
     try:
-        inject(job["cell"]["id"])
+        inject(job.cell_id)
         result = execute(job)
     except NotApplicable as exc:  # permanent: a rerun would say the same
         result = {"status": "skipped", "error": str(exc), "details": {"not_applicable": True}}

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qbench.backends import BACKENDS
+from qbench.backends import backend_info, backend_names, known_backend_info
 from qbench.errors import ConfigError, did_you_mean
-from qbench.metrics import METRIC_NAMES, metric_module
+from qbench.metrics import metric_module, metric_names, shared_pass
 from qbench.options import from_table, positive
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -109,7 +109,7 @@ class VariantSpec:
     @property
     def calibrated(self) -> bool:
         """Whether building this variant runs a calibration pass (transformers AWQ/GPTQ)."""
-        return self.backend == "transformers" and not self.source and _is_calibrated(self.quant)
+        return not self.source and backend_info(self.backend).calibrated(self.quant)
 
     @property
     def label(self) -> str:
@@ -125,12 +125,6 @@ class VariantSpec:
                        "calibration_samples": self.calibration_samples,
                        "calibration_seq_len": self.calibration_seq_len}
         return params
-
-
-def _is_calibrated(quant: str) -> bool:
-    from qbench.quantize.hf_types import parse_int_quant
-
-    return parse_int_quant(quant) is not None
 
 
 @dataclass(frozen=True)
@@ -170,7 +164,7 @@ class Suite:
         variants = [v for v in self.variants_for(model) if v.backend == backend and not v.source]
         if backend == model.base_backend:
             return next((v for v in variants if v.quant == model.base), None)
-        floats = BACKENDS[backend].float_quants
+        floats = backend_info(backend).float_quants
         return next((v for v in variants if v.quant in floats), None)
 
 
@@ -235,10 +229,10 @@ def _parse_models(value: Any, file: str) -> tuple[ModelSpec, ...]:
     for i, table in enumerate(_array_of_tables(value, file, "models")):
         key = f"models[{i}]"
         model = from_table(ModelSpec, table, file=file, key=key)
-        info = BACKENDS.get(model.base_backend)
+        info = known_backend_info(model.base_backend)
         if info is None:
             raise ConfigError(f"unknown backend '{model.base_backend}'"
-                              f"{did_you_mean(model.base_backend, BACKENDS)}",
+                              f"{did_you_mean(model.base_backend, backend_names())}",
                               file=file, key=f"{key}.base_backend")
         base = info.canonical_quant(model.base)
         if base is None:
@@ -259,11 +253,11 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
     for i, table in enumerate(_array_of_tables(value, file, "variants")):
         key = f"variants[{i}]"
         group = from_table(VariantGroup, table, file=file, key=key)
-        info = BACKENDS.get(group.backend)
+        info = known_backend_info(group.backend)
         if info is None:
             raise ConfigError(f"unknown backend '{group.backend}'"
-                              f"{did_you_mean(group.backend, BACKENDS)}; available: "
-                              + ", ".join(BACKENDS), file=file, key=f"{key}.backend")
+                              f"{did_you_mean(group.backend, backend_names())}; available: "
+                              + ", ".join(backend_names()), file=file, key=f"{key}.backend")
         quants = (group.quant,) if isinstance(group.quant, str) else group.quant
         if not quants:
             raise ConfigError("empty quant list", file=file, key=f"{key}.quant")
@@ -335,25 +329,24 @@ def _parse_metrics(value: Any, file: str) -> dict[str, Any]:
                           key="metrics")
     metrics: dict[str, Any] = {}
     for name, table in value.items():
-        if name not in METRIC_NAMES:
-            raise ConfigError(f"unknown metric '{name}'{did_you_mean(name, METRIC_NAMES)}; "
-                              f"available: {', '.join(METRIC_NAMES)}", file=file,
+        if name not in metric_names():
+            raise ConfigError(f"unknown metric '{name}'{did_you_mean(name, metric_names())}; "
+                              f"available: {', '.join(metric_names())}", file=file,
                               key=f"metrics.{name}")
         module = metric_module(name)
         metrics[name] = from_table(module.Options, table, file=file, key=f"metrics.{name}")
-    for name in METRIC_NAMES:  # implicit metrics (footprint, sanity) run unless disabled
+    for name in metric_names():  # implicit metrics (footprint, sanity) run unless disabled
         module = metric_module(name)
         if module.INFO.implicit and name not in metrics:
             metrics[name] = module.Options()
-    if "kld" in metrics:  # KLD scores the perplexity metric's tokens unless told otherwise
-        metrics["kld"] = metrics["kld"].resolved(metrics.get("perplexity"))
+    metrics = shared_pass.align_options(metrics)   # KLD scores perplexity's tokens by default
     for name, opts in list(metrics.items()):
         if getattr(opts, "enabled", True) is False:
             del metrics[name]
     explicit = [n for n in metrics if not metric_module(n).INFO.implicit]
     if not explicit:
         raise ConfigError("no metric to measure: add at least one [metrics.NAME] table "
-                          f"(available: {', '.join(METRIC_NAMES)})", file=file, key="metrics")
+                          f"(available: {', '.join(metric_names())})", file=file, key="metrics")
     return metrics
 
 
@@ -395,7 +388,7 @@ def _check_bases(suite: Suite, file: str) -> None:
                 key=f"models[{i}].base")
         for backend in sorted({v.backend for v in suite.variants_for(model)}):
             if suite.base_variant(model, backend) is None:
-                floats = ", ".join(sorted(BACKENDS[backend].float_quants))
+                floats = ", ".join(sorted(backend_info(backend).float_quants))
                 raise ConfigError(
                     f"{', '.join(needs_base)} compares {backend} variants with an unquantized "
                     f"{backend} variant ({floats}); add one for model {model.id!r}", file=file,

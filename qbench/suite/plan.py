@@ -19,23 +19,18 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from qbench import __version__
 from qbench.host import envinfo
-from qbench.backends import BACKENDS
+from qbench.backends import backend_info
+from qbench.suite.identity import cell_id
 from qbench.suite.config import Defaults, ModelSpec, Suite, VariantSpec
 from qbench.inputs.datasets import locate_text
 from qbench.errors import ConfigError, DatasetError, QbenchError, SourceError
-from qbench.metrics import METRIC_NAMES, metric_module
+from qbench.host.envinfo import library_version
+from qbench.metrics import metric_info, metric_module, metric_names, shared_pass
 from qbench.inputs.sources import locate, parse_hf, sha256_file
-
-# metrics whose numbers are properties of the machine as much as of the model: their keys carry
-# the hardware fingerprint, so another machine measures them anew. Accuracy metrics (footprint,
-# sanity, perplexity, kld, mmlu, lm_eval) do not: their numbers are shared across machines.
-HARDWARE_BOUND: frozenset[str] = frozenset({"speed"})
 
 # device nodes of GPU drivers: 'auto' may pick a GPU here even when NVML is not installed
 _GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
@@ -61,7 +56,9 @@ class RunSettings:
 
     def key_part(self, metric: str) -> dict[str, Any]:
         part: dict[str, Any] = {"threads": self.threads, "device": self.device}
-        if metric in HARDWARE_BOUND:
+        # numbers that are the machine's as much as the model's (speed) are measured anew on
+        # other hardware; accuracy metrics' numbers are shared across machines
+        if metric_info(metric).hardware_bound:
             part["hardware"] = self.hardware_id
         return part
 
@@ -102,13 +99,15 @@ class Cell:
     # content of the variant's other input files (part of the key), and how it runs
     inputs: dict[str, Any] = field(default_factory=dict, compare=False)
     run: dict[str, Any] = field(default_factory=dict, compare=False)
+    # the variant this one is compared with (None: no base for its backend), and the metrics
+    # this cell serves in its own pass (see qbench.metrics.shared_pass): attached once by expand
+    base_variant: VariantSpec | None = field(default=None, compare=False)
+    companions: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     @property
     def id(self) -> str:
-        quant = self.variant.quant
-        if self.variant.source:  # a pre-quantized file: tell it apart from a built one
-            quant += "@" + self.variant.source.rstrip("/").rsplit("/", 1)[-1]
-        return f"{self.model.id}/{self.variant.backend}/{quant}/{self.metric}"
+        return cell_id(self.model.id, self.variant.backend, self.variant.quant,
+                       self.variant.source, self.metric)
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able spec stored with every result."""
@@ -123,26 +122,11 @@ class Cell:
         }
 
 
-def library_version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not-installed"
-
-
-# libraries besides the backend's own whose version changes a transformers variant's numbers,
-# by kind of quant (torch computes every one of them)
-_HF_LIBRARIES = {"float": ("torch",), "bnb": ("torch", "bitsandbytes"),
-                 "awq": ("torch", "llmcompressor", "compressed-tensors"),
-                 "gptq": ("torch", "llmcompressor", "compressed-tensors")}
-
-
 def libraries(variant: VariantSpec) -> dict[str, str]:
-    """Versions of the libraries that compute this variant's numbers (part of every key)."""
-    names = [BACKENDS[variant.backend].distribution]
-    if variant.backend == "transformers":
-        from qbench.quantize.hf_types import kind
-        names += _HF_LIBRARIES[kind(variant.quant)]
+    """Versions of the libraries that compute this variant's numbers (part of every key): the
+    backend's own and those its registry entry names for this quant."""
+    info = backend_info(variant.backend)
+    names = [info.distribution, *info.libraries(variant.quant)]
     return {name: library_version(name) for name in names}
 
 
@@ -171,7 +155,7 @@ def converter_identity(model: ModelSpec, ctx: PlanContext) -> str | None:
         folder = local is not None and local.path.is_dir()
     if not folder:
         return None
-    from qbench.quantize.convert import converter_version
+    from qbench.quantize.convert import converter_version  # noqa: PLC0415 - on use only
     return converter_version()
 
 
@@ -195,7 +179,7 @@ def variant_inputs(variant: VariantSpec, ctx: PlanContext, file: str = "") -> di
     inputs: dict[str, Any] = {}
     if variant.source:
         inputs["source_sha256"] = identity("source", input_identity, variant.source)
-    elif variant.imatrix and variant.backend == "llama.cpp":
+    elif variant.imatrix and backend_info(variant.backend).imatrix:
         from qbench.quantize.imatrix import IMATRIX_RECIPE
         inputs["imatrix"] = {"text": identity("imatrix", text_identity, variant.imatrix),
                              **IMATRIX_RECIPE}
@@ -206,13 +190,15 @@ def variant_inputs(variant: VariantSpec, ctx: PlanContext, file: str = "") -> di
 
 
 def _key(parts: dict[str, Any]) -> str:
+    """The cell key: a hash of everything that could change the cell's numbers (the one place
+    it is computed; see the module docstring for what goes in)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
 def _in_run_order(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     """Registry order: cheap checks (footprint, sanity) before the long measurements."""
-    return [(name, metrics[name]) for name in METRIC_NAMES if name in metrics]
+    return [(name, metrics[name]) for name in metric_names() if name in metrics]
 
 
 def _base_part(suite: Suite, model: ModelSpec, variant: VariantSpec, needs_base: bool,
@@ -225,6 +211,20 @@ def _base_part(suite: Suite, model: ModelSpec, variant: VariantSpec, needs_base:
     if not needs_base:
         return base.label
     return {"params": base.params(), "inputs": inputs(base)}
+
+
+def _attach_companions(cells: list[Cell], suite: Suite) -> list[Cell]:
+    """Each cell with the metrics it serves in its own pass (a perplexity cell: the KLD cell of
+    its model and variant, by key). Done on the whole plan, before --only or --shard narrow
+    it, so a perplexity cell serves its KLD cell even when that one runs elsewhere."""
+    kld_keys = {(c.model.id, c.variant): c.key for c in cells if c.metric == "kld"}
+    kld_options = suite.metrics.get("kld")
+    out = []
+    for c in cells:
+        serves = shared_pass.companions(c.metric, c.options, kld_options,
+                                        kld_keys.get((c.model.id, c.variant)))
+        out.append(dataclasses.replace(c, companions=serves) if serves else c)
+    return out
 
 
 def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> list[Cell]:
@@ -257,7 +257,8 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
                 key = _key({
                     "model": {"id": model.id, "sha256": sha} | (
                         {"converter": converter}
-                        if converter and variant.backend == "llama.cpp" else {}),
+                        if converter and backend_info(variant.backend).converts_hf_folder
+                        else {}),
                     "variant": variant.params(), "inputs": inputs(variant),
                     "base": _base_part(suite, model, variant, module.INFO.needs_base, inputs),
                     "metric": metric, "metric_version": module.INFO.version,
@@ -265,7 +266,9 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
                     "library": libs, "run": run,
                 })
                 cells.append(Cell(suite.name, model, variant, metric, options,
-                                  variant in bases, sha, key, inputs(variant), run))
+                                  variant in bases, sha, key, inputs(variant), run,
+                                  base_variant=suite.base_variant(model, variant.backend)))
+    cells = _attach_companions(cells, suite)
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in only)]
         if not cells:

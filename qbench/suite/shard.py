@@ -23,16 +23,15 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from qbench.backends import nominal_bits
 from qbench.errors import QbenchError
+from qbench.metrics import known_metric_info
 from qbench.suite.plan import Cell
 
-# Relative cost of one cell of each metric on a 1B model at 16 bits, with the metric's default
-# options (a perplexity pass over 16 x 512 tokens = 1.0). Unknown metrics count as 1.0.
-METRIC_WEIGHT = {"footprint": 0.02, "sanity": 0.1, "perplexity": 1.0, "kld": 1.3,
-                 "mmlu": 5.0, "speed": 0.75, "lm_eval": 5.0}
+# A metric's relative cost on a 1B model at 16 bits is its registry entry's (MetricInfo.cost,
+# a perplexity pass over 16 x 512 tokens = 1.0); a metric without a cost model counts as 1.0.
 DEFAULT_PARAMS_B = 1.0   # a model whose size cannot be read from its id or source
 _SIZE_IN_NAME = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)([bm])(?![a-z])", re.IGNORECASE)
-_BITS = re.compile(r"(?:fp|bf|f|int|w|iq|q|nf)(\d+)", re.IGNORECASE)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -67,40 +66,17 @@ def model_params_b(cell: Cell) -> float:
 
 def precision_factor(cell: Cell) -> float:
     """0.5 + 0.5 x bits/16: a 16-bit variant 1.0, 4-bit 0.625, 32-bit 1.5 (memory traffic
-    dominates decoding; compute-bound passes change less)."""
-    bits: float | None = None
-    if cell.variant.backend == "llama.cpp":
-        from qbench.quantize.gguf_types import NOMINAL_BPW
-        bits = NOMINAL_BPW.get(cell.variant.quant)
-    if bits is None:
-        m = _BITS.search(cell.variant.quant)
-        bits = float(m.group(1)) if m else 16.0
+    dominates decoding; compute-bound passes change less). Bits: what the variant's name
+    promises (qbench.backends.nominal_bits), 16 when it promises nothing known."""
+    bits = nominal_bits(cell.variant.backend, cell.variant.quant) or 16.0
     bits = min(max(bits, 1.0), 32.0)
     return 0.5 + 0.5 * bits / 16.0
 
 
 def metric_weight(metric: str, options: Any) -> float:
-    """The metric's weight scaled by its options (tokens scored, questions, repetitions)."""
-    base = METRIC_WEIGHT.get(metric, 1.0)
-
-    def opt(name: str, default: float) -> float:
-        value = getattr(options, name, None)
-        return float(value) if isinstance(value, (int, float)) and value is not None else default
-
-    if metric in ("perplexity", "kld"):
-        chunks = opt("chunks", 16)
-        tokens = opt("ctx", 512) * (chunks if chunks > 0 else 580)   # <= 0: all of wikitext-2
-        return base * tokens / 8192.0
-    if metric == "mmlu":
-        subset = opt("subset", 285)
-        questions = subset if subset > 0 else 14042
-        return base * questions / 285.0 * (1.0 + opt("shots", 0))
-    if metric == "speed":
-        work = opt("prompt_tokens", 512) + 8.0 * opt("gen_tokens", 128)
-        return base * work * (opt("repetitions", 3) + 1.0) / ((512 + 8 * 128) * 4.0)
-    if metric == "sanity":
-        return base * max(opt("max_tokens", 32), 1.0) / 32.0
-    return base
+    """The metric's relative cost with these options (its MetricInfo.cost)."""
+    info = known_metric_info(metric)
+    return info.weight(options) if info is not None else 1.0
 
 
 def estimate_cost(cell: Cell) -> float:

@@ -1,0 +1,28 @@
+"""The llama.cpp backend's ``prepare`` (BackendInfo.prepare): the GGUF file a cell loads."""
+
+from __future__ import annotations
+
+from qbench.inputs.sources import resolve, sha256_file
+from qbench.quantize.gguf import build_variant, inspect_gguf
+from qbench.quantize.imatrix import build_imatrix
+from qbench.quantize.request import Prepared, PrepareRequest
+
+
+def prepare(req: PrepareRequest) -> Prepared:
+    """The variant's GGUF: a pre-quantized source as is (inspected once, so a broken file fails
+    here), else built from the model with llama-quantize (after an imatrix when asked)."""
+    variant = req.variant
+    if variant.get("source"):
+        res = resolve(variant["source"], base_dir=req.base_dir, cache_dir=req.cache_dir)
+        inspect_gguf(res.path, req.cache_dir)
+        return res.path, {"path": str(res.path), "sha256": sha256_file(res.path, req.cache_dir),
+                          "size_bytes": res.path.stat().st_size,
+                          "recipe": {"tool": "none (pre-quantized source)",
+                                     "source": variant["source"], "revision": res.revision}}
+    imatrix_path, imatrix_sha = None, ""
+    if variant.get("imatrix"):
+        imatrix_path, imatrix_sha = build_imatrix(req)
+    art = build_variant(req.model_file, req.model_sha, variant["quant"], req.model["base"],
+                        cache_dir=req.cache_dir, threads=req.threads, imatrix_path=imatrix_path,
+                        imatrix_sha=imatrix_sha)
+    return art.path, art.describe()

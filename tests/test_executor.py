@@ -25,14 +25,15 @@ from qbench.run.child import run_in_child
 from qbench.run.faults import fault_for
 from qbench.host.fsutil import exclusive_lock
 from qbench.suite.plan import PlanContext, expand
+from qbench.run.job import Job
 from qbench.run.runner import is_done, job_for
 from qbench.results.store import Store
 
 CELL_ID = "m/llama.cpp/Q8_0/speed"
 
 
-def job(cell_id: str = CELL_ID) -> dict:
-    return {"cell": {"id": cell_id, "key": "deadbeef"}}
+def job(cell_id: str = CELL_ID) -> Job:
+    return Job(cell={"id": cell_id, "key": "deadbeef"}, base_dir=".", cache_dir=".")
 
 
 @pytest.fixture

@@ -39,7 +39,9 @@ import pytest
 
 from qbench.cli import main
 from qbench.errors import SourceError
+from qbench.quantize.request import PrepareRequest
 from qbench.run.child import run_in_child
+from qbench.run.job import Job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,8 +300,8 @@ def test_ggml_allocation_abort_is_reported_as_out_of_memory(tmp_path, monkeypatc
     """Under memory_limit_mb llama.cpp prints 'insufficient memory', a long backtrace, and
     aborts. Needs executor.py to find that line (see the issue 5 report)."""
     monkeypatch.setenv("QBENCH_FAULT", "*=alloc-abort")
-    out = run_in_child({"cell": {"id": "m/llama.cpp/Q8_0/speed", "key": "k"}},
-                       log_path=tmp_path / "cell.log", timeout_s=120)
+    out = run_in_child(Job(cell={"id": "m/llama.cpp/Q8_0/speed", "key": "k"}, base_dir=".",
+                           cache_dir="."), log_path=tmp_path / "cell.log", timeout_s=120)
     assert (out.status, out.signal) == ("crashed", "SIGABRT")
     assert "out of memory" in out.error
 
@@ -326,10 +328,11 @@ def test_trust_remote_code_reaches_the_loader_only_when_opted_in(tmp_path):
     (folder / "model.safetensors").write_bytes(b"\0" * 16)
     loads = []
     for trust in (False, True):
-        job = {"cell": {"model": {"id": "m", "trust_remote_code": trust}},
-               "base_dir": str(tmp_path)}
         variant = {"backend": "transformers", "quant": "fp32", "source": ""}
-        path, _ = hf.prepare(job, variant, folder, "sha", tmp_path / "cache", 1)
+        req = PrepareRequest(variant=variant, model={"id": "m", "trust_remote_code": trust},
+                             model_file=folder, model_sha="sha", base_dir=tmp_path,
+                             data_dir=None, cache_dir=tmp_path / "cache", threads=1)
+        path, _ = hf.prepare(req)
         loads.append(hf.read_descriptor(path)["load"]["trust_remote_code"])
     assert loads == [False, True]
 

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from qbench.run import child as ex
+from qbench.run.job import Job
 from qbench.run.child import (VRAM_NOT_ATTRIBUTABLE, VRAM_NOT_REPORTED, Outcome, _Sampler, run_in_child)
 
 MiB = 2**20
@@ -178,8 +179,8 @@ def _worker_children() -> list[psutil.Process]:
             if "qbench.run.worker" in " ".join(p.cmdline())]
 
 
-def _hang_job() -> dict[str, Any]:
-    return {"cell": {"id": "m/llama.cpp/F16/speed", "key": "k"}}
+def _hang_job() -> Job:
+    return Job(cell={"id": "m/llama.cpp/F16/speed", "key": "k"}, base_dir=".", cache_dir=".")
 
 
 def _ending_nvml(rows_for: Callable[[list[int]], list[tuple[int, int | None]]]) -> FakeNvml:
@@ -237,7 +238,7 @@ def _run_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
         "status": "ok", "values": {}, "details": {}, "artifact": {}, "backend": {},
         "timings": {}})
     job, result = tmp_path / "job.json", tmp_path / "result.json"
-    job.write_text(json.dumps(_hang_job()))
+    job.write_text(_hang_job().to_json())
     assert worker.main([str(job), str(result)]) == 0
     return json.loads(result.read_text())
 
@@ -245,7 +246,7 @@ def _run_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
 def test_torch_max_allocated_reaches_the_record(monkeypatch, tmp_path, write_suite):
     from qbench.suite.config import load_suite
     from qbench.suite.plan import PlanContext, expand
-    from qbench.run.runner import make_record
+    from qbench.results.schema import make_record
     monkeypatch.setitem(sys.modules, "torch", fake_torch([512 * MiB, 256 * MiB]))
     result = _run_worker(monkeypatch, tmp_path)
     assert result["torch_max_allocated_mb"] == 768.0      # summed over the devices
@@ -263,12 +264,12 @@ def test_torch_max_allocated_reaches_the_record(monkeypatch, tmp_path, write_sui
         """))
     cell = expand(suite, PlanContext(base_dir=tmp_path, data_dir=None,
                                      cache_dir=tmp_path / "cache"))[0]
-    record = make_record(cell, Outcome(status="ok", result=result, peak_vram_mb=900.0),
+    record = make_record(cell.describe(), Outcome(status="ok", result=result, peak_vram_mb=900.0),
                          "run-1", "2026-01-01T00:00:00+00:00", {})
     assert record["memory"]["torch_max_allocated_mb"] == 768.0
     assert record["memory"]["peak_vram_mb"] == 900.0
     assert record["memory"]["vram_note"] is None
-    hidden = make_record(cell, Outcome(status="ok", result=result, peak_vram_mb=None,
+    hidden = make_record(cell.describe(), Outcome(status="ok", result=result, peak_vram_mb=None,
                                        vram_note=VRAM_NOT_ATTRIBUTABLE),
                          "run-1", "2026-01-01T00:00:00+00:00", {})
     assert hidden["memory"]["peak_vram_mb"] is None

@@ -168,12 +168,12 @@ def test_per_chunk_kld_and_same_top_in_scoring_order() -> None:
     """Chunks fed with rising noise give rising per-chunk KLD, in the order fed."""
     rng = np.random.default_rng(9)
     vocab, n = 2000, 40
-    acc = kld._Pass(kld.Options(max_tokens=64, tail_samples=16), build=True)
+    acc = kld.Accumulator(kld.Options(max_tokens=64, tail_samples=16), build=True)
     bases = [rng.normal(size=(n, vocab)) * 2 for _ in range(3)]
     for i, x in enumerate(bases):
         acc.feed(i, log_softmax(x.astype(np.float32)), rng.integers(0, vocab, n))
     stored = acc.stored()
-    cmp = kld._Pass(base=stored)
+    cmp = kld.Accumulator(base=stored)
     for i, (x, sigma) in enumerate(zip(bases, (0.05, 0.5, 0.2))):
         cmp.feed(i, log_softmax((x + sigma * rng.normal(size=x.shape)).astype(np.float32)),
                  stored["targets"][i * n:(i + 1) * n])

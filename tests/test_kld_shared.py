@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qbench.metrics import kld, perplexity
+from qbench.metrics import kld, perplexity, shared_pass
 from qbench.metrics.context import CellContext
 
 
@@ -132,7 +132,7 @@ def test_a_failing_shared_pass_leaves_perplexity_intact(text_dir: Path,
     def broken(self, *args):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(kld.SharedPass, "feed", broken)
+    monkeypatch.setattr(shared_pass.SharedPass, "feed", broken)
     ctx = _ctx(text_dir, Bigram(), Bigram(), is_base=True, sha="b" * 64, companions=comp)
     out = perplexity.run(ctx, ppl_opts)
     plain = perplexity.run(_ctx(text_dir, Bigram(), Bigram(), is_base=True, sha="b" * 64),
@@ -143,10 +143,10 @@ def test_a_failing_shared_pass_leaves_perplexity_intact(text_dir: Path,
         (text_dir / "cache" / "kld-base").rglob("*.npz"))
 
 
-def test_runner_names_the_kld_cell_a_perplexity_cell_serves(write_suite, tmp_path: Path) -> None:
+def test_the_plan_names_the_kld_cell_a_perplexity_cell_serves(write_suite, tmp_path: Path
+                                                               ) -> None:
     from qbench.suite.config import load_suite
     from qbench.suite.plan import PlanContext, expand
-    from qbench.run.runner import companions_for, kld_keys
 
     path = write_suite("""
 [suite]
@@ -166,13 +166,18 @@ ctx = 128
     cells = expand(suite, PlanContext(base_dir=tmp_path, data_dir=None,
                                       cache_dir=tmp_path / "c"))
     by_id = {c.id: c for c in cells}
-    comp = companions_for(by_id["m/llama.cpp/Q8_0/perplexity"], suite, kld_keys(cells))
+    comp = by_id["m/llama.cpp/Q8_0/perplexity"].companions
     assert comp["kld"]["cell_key"] == by_id["m/llama.cpp/Q8_0/kld"].key
-    assert companions_for(by_id["m/llama.cpp/Q8_0/kld"], suite, kld_keys(cells)) == {}
+    assert by_id["m/llama.cpp/Q8_0/kld"].companions == {}
+    # --only narrows the plan after companions are attached: the KLD cell is still named
+    only = expand(suite, PlanContext(base_dir=tmp_path, data_dir=None,
+                                     cache_dir=tmp_path / "c"),
+                  only=("m/llama.cpp/Q8_0/perplexity",))
+    assert [c.companions for c in only] == [comp]
     # KLD on other tokens than perplexity: nothing to share
     other = load_suite(write_suite(path.read_text().replace("[metrics.kld]",
                                                             "[metrics.kld]\nctx = 256")))
     cells2 = expand(other, PlanContext(base_dir=tmp_path, data_dir=None,
                                        cache_dir=tmp_path / "c"))
     ppl = next(c for c in cells2 if c.id == "m/llama.cpp/Q8_0/perplexity")
-    assert companions_for(ppl, other, kld_keys(cells2)) == {}
+    assert ppl.companions == {}

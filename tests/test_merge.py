@@ -20,7 +20,8 @@ from qbench.host.fsutil import exclusive_lock
 from qbench.results.merge import merge_results, rank, started_at
 from qbench.metrics import metric_info
 from qbench.suite.plan import PlanContext
-from qbench.run.runner import LocalExecutor, WorkItem, run_suite
+from qbench.run.executors import LocalExecutor, WorkItem
+from qbench.run.runner import run_suite
 from qbench.results.schema import SCHEMA_VERSION
 from qbench.suite.shard import shard_selector
 from qbench.results.store import Store, load_results

@@ -19,10 +19,12 @@ from rich.console import Console
 
 from qbench.suite.config import load_suite
 from qbench.errors import QbenchError
-from qbench.run.child import Outcome
+from qbench.results.schema import Outcome
+from qbench.run.job import Job
 from qbench.suite.plan import PlanContext, expand
 from qbench.run.ray_executor import (INSTALL_HINT, cpus_for, forwarded_env, gpus_for, outcome_from_dict, outcome_to_dict)
-from qbench.run.runner import WorkItem, job_for, run_suite
+from qbench.run.executors import WorkItem
+from qbench.run.runner import job_for, run_suite
 from qbench.results.store import Store
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -87,16 +89,17 @@ def test_missing_ray_is_a_user_error(monkeypatch):
 
 
 def test_gpu_and_cpu_requests():
-    job = {"device": "auto", "threads": 4, "cell": {"variant": {"n_gpu_layers": -1}}}
+    job = Job(cell={"variant": {"n_gpu_layers": -1}}, base_dir=".", cache_dir=".",
+              device="auto", threads=4)
     assert gpus_for(job, 0, cluster_gpus=0) == 0            # auto, no GPU anywhere: CPU
     assert gpus_for(job, 0, cluster_gpus=8) == 1            # auto with GPUs: one by default
     assert gpus_for(job, 0.5, cluster_gpus=8) == 0.5        # two cells may share a GPU
-    assert gpus_for({**job, "device": "cuda"}, 2, cluster_gpus=0) == 2   # cuda always asks
-    assert gpus_for({**job, "device": "cpu"}, 1, cluster_gpus=8) == 0
-    cpu_variant = {**job, "cell": {"variant": {"n_gpu_layers": 0}}}
+    assert gpus_for(job.replace(device="cuda"), 2, cluster_gpus=0) == 2   # cuda always asks
+    assert gpus_for(job.replace(device="cpu"), 1, cluster_gpus=8) == 0
+    cpu_variant = job.replace(cell={"variant": {"n_gpu_layers": 0}})
     assert gpus_for(cpu_variant, 1, cluster_gpus=8) == 0    # n_gpu_layers = 0 runs on the CPU
     assert cpus_for(job, None) == 4
-    assert cpus_for({**job, "threads": 0}, None) == 1
+    assert cpus_for(job.replace(threads=0), None) == 1
     assert cpus_for(job, 2.5) == 2.5
 
 
@@ -280,8 +283,8 @@ def _interrupt_main() -> None:
     _thread.interrupt_main()
 
 
-def _hang_job() -> dict:
-    return {"cell": {"id": "m/llama.cpp/F16/speed", "key": "k"}}
+def _hang_job() -> Job:
+    return Job(cell={"id": "m/llama.cpp/F16/speed", "key": "k"}, base_dir=".", cache_dir=".")
 
 
 def test_cancel_between_spawn_and_wait_kills_the_cell(monkeypatch, tmp_path):
@@ -303,7 +306,7 @@ def test_cancel_between_spawn_and_wait_kills_the_cell(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ex._Sampler, "__init__", interrupted_init)
     with pytest.raises(KeyboardInterrupt):
-        run_cell_task(_hang_job(), 3600, 0, {"QBENCH_FAULT": "*=hang"})
+        run_cell_task(_hang_job().to_json(), 3600, 0, {"QBENCH_FAULT": "*=hang"})
     assert len(spawned) == 1
     try:
         proc = psutil.Process(spawned[0])
@@ -338,7 +341,7 @@ def test_cancel_while_waiting_kills_the_cell_tree(monkeypatch, tmp_path):
     waker = threading.Thread(target=interrupt_when_running, daemon=True)
     waker.start()
     with pytest.raises(KeyboardInterrupt):
-        run_cell_task(_hang_job(), 3600, 0, {"QBENCH_FAULT": f"*=hang-tree;{marker}=error"})
+        run_cell_task(_hang_job().to_json(), 3600, 0, {"QBENCH_FAULT": f"*=hang-tree;{marker}=error"})
     waker.join()
     assert len(seen) >= 2, "the cell and its grandchild should have been seen running"
     gone, alive = psutil.wait_procs(seen, timeout=PATIENCE_S)

@@ -14,7 +14,8 @@ from qbench.report.build import build_site, render_suite, safe_name
 from qbench.report.figures import pareto, suite_figures
 from qbench.report.recommend import fp16_rule, kv_cache_mb, recommend
 from qbench.report.synthetic import SHAPE, demo_records, make_record
-from qbench.report.table import method_of, nominal_bits, type_mix, variant_rows
+from qbench.backends import method_of, nominal_bits
+from qbench.report.table import type_mix, variant_rows
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qbench.backends import BACKENDS
+from qbench.backends import backend_info
 from qbench.errors import MissingExtraError, QbenchError, SourceError
 from qbench.quantize import hf, hf_types
+from qbench.quantize.request import PrepareRequest
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -56,7 +57,7 @@ def test_parse_int_quant_and_kind() -> None:
 
 
 def test_registry_entry() -> None:
-    info = BACKENDS["transformers"]
+    info = backend_info("transformers")
     assert info.distribution == "transformers" and info.extra == "hf"
     assert info.float_quants == frozenset({"fp32", "bf16", "fp16"})
     assert info.canonical_quant("NF4") == "bnb-nf4"
@@ -189,8 +190,10 @@ def test_calibration_comes_from_the_end_and_is_recorded(tmp_path: Path) -> None:
     text = " ".join(f"w{i}" for i in range(5000))
     (tmp_path / "calib.txt").write_text(text)
     variant = {"calibration": "calib.txt", "calibration_samples": 4, "calibration_seq_len": 100}
-    job = {"base_dir": str(tmp_path), "data_dir": None}
-    text, spec = hf.calibration_spec(variant, job)
+    req = PrepareRequest(variant=variant, model={"id": "m"}, model_file=tmp_path,
+                         model_sha="sha", base_dir=tmp_path, data_dir=None,
+                         cache_dir=tmp_path / "cache", threads=1)
+    text, spec = hf.calibration_spec(variant, req)
     seqs, facts = hf.calibration_tokens(text, spec, _WordTokenizer())
     prov = spec | facts
     assert len(seqs) == 4 and all(len(s) == 100 for s in seqs)
@@ -200,7 +203,7 @@ def test_calibration_comes_from_the_end_and_is_recorded(tmp_path: Path) -> None:
     assert len(prov["text_sha256"]) == 64 and len(prov["tokens_sha256"]) == 64
     variant["calibration_samples"] = 100
     with pytest.raises(QbenchError, match="fewer than"):
-        hf.calibration_tokens(*hf.calibration_spec(variant, job), _WordTokenizer())
+        hf.calibration_tokens(*hf.calibration_spec(variant, req), _WordTokenizer())
 
 
 def test_unsupported_is_a_skip() -> None:
@@ -211,11 +214,13 @@ def test_unsupported_is_a_skip() -> None:
 def test_hub_source_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    job = {"cell": {"model": {"id": "m"}}, "base_dir": str(tmp_path), "data_dir": None}
     variant = {"backend": "transformers", "quant": "gptq-w4g128",
                "source": "hf:no-such-org/no-such-model-qbench"}
+    req = PrepareRequest(variant=variant, model={"id": "m"}, model_file=tmp_path / "unused",
+                         model_sha="sha", base_dir=tmp_path, data_dir=None,
+                         cache_dir=tmp_path / "cache", threads=1)
     with pytest.raises(SourceError, match="HF_HUB_OFFLINE"):
-        hf.prepare(job, variant, tmp_path / "unused", "sha", tmp_path / "cache", 1)
+        hf.prepare(req)
 
 
 def _job(tmp_path: Path, source: str, quant: str, data_dir: Path | None = None) -> dict:
@@ -278,7 +283,10 @@ def _prepare(env: dict[str, Any], quant: str, **variant_extra: Any) -> tuple[Pat
     variant = job["cell"]["variant"] | variant_extra
     # quantization with one thread: its GPTQ column loop is many small ops, which lose badly to
     # a second thread on a busy 2-core machine
-    return hf.prepare(job, variant, env["src"], env["sha"], env["cache"], 1)
+    return hf.prepare(PrepareRequest(variant=variant, model=job["cell"]["model"],
+                                     model_file=env["src"], model_sha=env["sha"],
+                                     base_dir=Path(job["base_dir"]), data_dir=env["data"],
+                                     cache_dir=env["cache"], threads=1))
 
 
 def _ppl(backend: Any, text: str, ctx: int = 256, n_chunks: int = 2) -> float:

@@ -1,5 +1,5 @@
-"""Faults and bad inputs of issue 5 that no other test module covers (benchmarks/faults.py
-injects all of them into real runs and prints the figures).
+"""Faults and bad inputs of issue 5 that no other test module covers (benchmarks/faults/, run as
+`python -m benchmarks.faults`, injects all of them into real runs and prints the figures).
 
 Already covered elsewhere, not repeated here:
   * segfault / abort / hang / hang-tree / oom / exit / error cells, the run going on, resume and
@@ -17,7 +17,7 @@ and a file-size limit, hostile model ids through a whole run + report + plan, a 
 older schema, a GGUF truncated inside its tensor data, llama.cpp's allocation-failure abort,
 pickle weights hidden beside a stray safetensors file, trust_remote_code reaching the
 descriptor. Faults are injected into every cell (QBENCH_FAULT), so no model is loaded; the one
-slow test runs benchmarks/faults.py's kill -9 scenario with the real model.
+slow test runs the faults benchmark's kill -9 scenario with the real model.
 """
 
 from __future__ import annotations
@@ -339,8 +339,10 @@ def test_trust_remote_code_reaches_the_loader_only_when_opted_in(tmp_path):
 
 # --- the real model (slow) ---------------------------------------------------------------------
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("qbench_bench_faults",
-                                                  REPO / "benchmarks" / "faults.py")
+    """benchmarks/faults/ as a package under a private name (benchmarks/ is not on sys.path)."""
+    package = REPO / "benchmarks" / "faults"
+    spec = importlib.util.spec_from_file_location("qbench_bench_faults", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module     # dataclasses look their module up
     spec.loader.exec_module(module)

@@ -1,0 +1,25 @@
+"""The fault-injection benchmark (issue 5's fault table against real `qbench run`s), split by
+fault family so that each module holds one kind of fault and its checks:
+
+    common.py   the tiny suite, Row, the results-folder audit, Bench (runs `qbench`)
+    process.py  kill -9, crash, oom, hang
+    storage.py  disk full, concurrent runs, stored schema versions
+    inputs.py   bad GGUF files, broken suites, missing inputs, hostile model ids
+    hf.py       pickle checkpoints, remote code (transformers backend)
+    output.py   the Markdown table and totals
+    cli.py      SCENARIOS (the one table: name, function, family, fault, expected) and main()
+
+Run it with `python -m benchmarks.faults` (see cli.py); the names below are what tests use.
+"""
+
+from .cli import SCENARIOS, Scenario, main
+from .common import Bench, Row
+from .hf import scenario_pickle, scenario_remote_code
+from .inputs import scenario_config, scenario_gguf, scenario_hostile, scenario_missing
+from .process import scenario_crash, scenario_hang, scenario_kill, scenario_oom
+from .storage import scenario_concurrent, scenario_disk, scenario_schema
+
+__all__ = ["SCENARIOS", "Bench", "Row", "Scenario", "main", "scenario_concurrent",
+           "scenario_config", "scenario_crash", "scenario_disk", "scenario_gguf", "scenario_hang",
+           "scenario_hostile", "scenario_kill", "scenario_missing", "scenario_oom",
+           "scenario_pickle", "scenario_remote_code", "scenario_schema"]

@@ -123,8 +123,7 @@ def main() -> int:
     from qbench.backends import transformers as tb
     from qbench.quantize import hf
 
-    job = {"cell": {"model": {"id": "bench"}}, "base_dir": str(REPO),
-           "data_dir": str(args.data_dir)}
+    from qbench.quantize.request import PrepareRequest
     variants = ["fp32"] + [v for v in args.variants.split(",") if v and v != "fp32"]
     hf_fp32 = None
     for quant in variants:
@@ -132,7 +131,10 @@ def main() -> int:
         variant = {"backend": "transformers", "quant": quant, "source": "",
                    "calibration_samples": args.calibration_samples,
                    "calibration_seq_len": args.calibration_seq_len}
-        path, art = hf.prepare(job, variant, gguf, sha, args.cache_dir, args.threads)
+        path, art = hf.prepare(PrepareRequest(
+            variant=variant, model={"id": "bench"}, model_file=gguf, model_sha=sha,
+            base_dir=REPO, data_dir=Path(args.data_dir), cache_dir=Path(args.cache_dir),
+            threads=args.threads))
         prepare_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         backend = tb.load(path, opts)

@@ -46,15 +46,16 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
     from qbench.suite.config import ConfigError
     from qbench.inputs.datasets import locate_text
     from qbench.errors import DatasetError, SourceError
-    from qbench.quantize.gguf import inspect_gguf
+    from qbench.backends import backend_function
     from qbench.inputs.sources import locate
 
     file = str(suite.path)
     for i, model in enumerate(suite.models):
         try:
             local = locate(model.source, base_dir=ctx.base_dir)
-            if local is not None and local.path.is_file() and model.base_backend == "llama.cpp":
-                inspect_gguf(local.path, ctx.cache_dir)
+            check = backend_function(model.base_backend, "check_model_file")
+            if local is not None and local.path.is_file() and check is not None:
+                check(local.path, ctx.cache_dir)
         except SourceError as exc:
             raise ConfigError(exc.detail, file=file, key=f"models[{i}].source") from None
     for name, opts in suite.metrics.items():

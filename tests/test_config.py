@@ -268,6 +268,16 @@ def test_unknown_base_quant(write_suite):
     assert "unknown llama.cpp type 'F17'" in str(err)
 
 
+@pytest.mark.parametrize("base", ["Q4_K_M", "q8_0"])
+def test_a_quantized_base_is_refused_by_validate_as_run_would(write_suite, base):
+    """validate accepted base = "Q4_K_M" and every cell then failed at run time ("the base
+    must be a float type"): what validate accepts, run must not refuse."""
+    file, err = error_of(write_suite, SUITE.replace('base = "F16"', f'base = "{base}"'))
+    assert err.key == "models[0].base"
+    assert "unquantized llama.cpp type (BF16, F16, F32), got " + base.upper() in str(err)
+    assert f'quant = "{base.upper()}", source = ' in str(err)     # says how to measure the file
+
+
 def test_hostile_model_id_with_newline_is_rejected(write_suite):
     file, err = error_of(write_suite, SUITE.replace('id = "m"', 'id = "m\\nINFO fake log line"'))
     assert err.key == "models[0].id"

@@ -69,6 +69,10 @@ class BackendInfo:
     libraries: Callable[[str], tuple[str, ...]] = _no_libraries
     calibrated: Callable[[str], bool] = _never   # building this quant runs a calibration pass
     imatrix: bool = False                        # an `imatrix` calibration text applies
+    needs_imatrix: Callable[[str], bool] = _never   # this quant cannot be built without one
+    # "module:function" checking a local model file before any cell runs: (path, cache_dir);
+    # raises SourceError naming what is wrong (a GGUF's header). None: no early check
+    check_model_file: str | None = None
     converts_hf_folder: bool = False             # a model folder is converted (converter keys)
     # (the crashed cell's log, the signal's name) -> a sentence on the likely cause, or None
     diagnose: Callable[[str, str], str | None] | None = None
@@ -98,6 +102,8 @@ BUILTIN: dict[str, BackendInfo] = {
         nominal_bits=gguf_types.nominal_bits,
         method_of=gguf_types.method_of,
         imatrix=True,
+        needs_imatrix=lambda quant: quant in gguf_types.NEEDS_IMATRIX,
+        check_model_file="qbench.quantize.gguf:inspect_gguf",
         converts_hf_folder=True,
         diagnose=diagnose_llamacpp_crash,
     ),

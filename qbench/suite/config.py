@@ -237,6 +237,15 @@ def _parse_models(value: Any, file: str) -> tuple[ModelSpec, ...]:
         base = info.canonical_quant(model.base)
         if base is None:
             raise ConfigError(info.unknown_quant(model.base), file=file, key=f"{key}.base")
+        if base not in info.float_quants:   # run would refuse to build variants from it
+            raise ConfigError(
+                f"the base is what every variant is built from and compared with, so it must be "
+                f"an unquantized {model.base_backend} type "
+                f"({', '.join(sorted(info.float_quants))}), got {base}. For a model whose only "
+                f"file is quantized, keep a float base (qbench dequantizes the file to it and "
+                f"labels it \"dequantized from ...\" in the report) and measure the file itself "
+                f"as a variant: [[variants]] quant = \"{base}\", source = \"{model.source}\"",
+                file=file, key=f"{key}.base")
         if model.id in seen:
             raise ConfigError(f"duplicate model id {model.id!r} (also models[{seen[model.id]}])",
                               file=file, key=f"{key}.id")
@@ -273,12 +282,10 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
             canon = info.canonical_quant(q)
             if canon is None:
                 raise ConfigError(info.unknown_quant(q), file=file, key=qkey)
-            if group.backend == "llama.cpp" and not group.source:
-                from qbench.quantize.gguf_types import NEEDS_IMATRIX
-                if canon in NEEDS_IMATRIX and not group.imatrix:
-                    raise ConfigError(f"{canon} needs an importance matrix: set "
-                                      f"imatrix = \"wikitext-2\" (or a text file) in {key}",
-                                      file=file, key=qkey)
+            if not group.source and info.needs_imatrix(canon) and not group.imatrix:
+                raise ConfigError(f"{canon} needs an importance matrix: set "
+                                  f"imatrix = \"wikitext-2\" (or a text file) in {key}",
+                                  file=file, key=qkey)
             # per model: overlapping groups ([[variants]] for all models and one restricted
             # with models = [...]) must not give a model the same variant twice
             for mid in dict.fromkeys(group.models or tuple(m.id for m in models)):
@@ -311,8 +318,8 @@ def _check_calibration(group: VariantGroup, table: dict[str, Any],
         raise ConfigError(f"'{given[0]}' applies only to transformers awq-*/gptq-* variants "
                           f"(built with a calibration pass), not "
                           f"{', '.join(s.label for s in specs)}"
-                          + ("; llama.cpp types take an imatrix = \"...\" instead"
-                             if group.backend == "llama.cpp" else ""),
+                          + (f"; {group.backend} types take an imatrix = \"...\" instead"
+                             if backend_info(group.backend).imatrix else ""),
                           file=file, key=f"{key}.{given[0]}")
     if group.calibration_samples < 1:
         raise ConfigError(f"expected at least 1 sample, got {group.calibration_samples}",

@@ -184,7 +184,8 @@ def test_split_gguf_digest_covers_every_shard_and_needs_them_all(tmp_path):
 def test_imatrix_text_changes_the_imatrix_variant_only(suite_dir):
     before = keys(suite_dir)
     (suite_dir / "calib.txt").write_text("another imatrix calibration text\n" * 40)
-    assert changed(before, keys(suite_dir)) == {c for c in before if "/IQ2_XS/" in c}
+    assert changed(before, keys(suite_dir)) == {
+        c for c in before if "/IQ2_XS+imatrix=calib/" in c} != set()
 
 
 def test_named_imatrix_dataset_is_keyed_by_its_file(suite_dir, tmp_path):
@@ -196,7 +197,7 @@ def test_named_imatrix_dataset_is_keyed_by_its_file(suite_dir, tmp_path):
     before = keys(suite_dir, data_dir=data)
     wiki.write_text("wikitext, another release\n" * 50)
     assert changed(before, keys(suite_dir, data_dir=data)) == {
-        c for c in before if "/IQ2_XS/" in c}
+        c for c in before if "/IQ2_XS+imatrix=wikitext-2/" in c} != set()
 
 
 def test_calibration_text_changes_the_calibrated_variant_only(suite_dir):
@@ -338,7 +339,7 @@ def test_run_settings_are_recorded(suite_dir):
     assert ppl["run"] == {"threads": 2, "device": "cpu"}
     assert ppl["variant"]["inputs"] == {
         "source_sha256": hashlib.sha256((suite_dir / "pre.gguf").read_bytes()).hexdigest()}
-    imatrix = cells["m/llama.cpp/IQ2_XS/perplexity"].describe()["variant"]["inputs"]
+    imatrix = cells["m/llama.cpp/IQ2_XS+imatrix=calib/perplexity"].describe()["variant"]["inputs"]
     assert imatrix["imatrix"]["text"] == hashlib.sha256(
         (suite_dir / "calib.txt").read_bytes()).hexdigest()
 

@@ -17,8 +17,8 @@ Importing this package imports no inference library (a GGUF-only install never i
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -70,6 +70,11 @@ class BackendInfo:
     calibrated: Callable[[str], bool] = _never   # building this quant runs a calibration pass
     imatrix: bool = False                        # an `imatrix` calibration text applies
     needs_imatrix: Callable[[str], bool] = _never   # this quant cannot be built without one
+    # KV-cache types a variant may ask for (kv_cache = [...]) and the default; empty: the
+    # backend has no such setting (such variants are refused by validate)
+    kv_cache_types: frozenset[str] = frozenset()
+    kv_cache_default: str = ""
+    kv_cache_bytes: Mapping[str, float] = field(default_factory=dict)  # per element, by type
     # "module:function" checking a local model file before any cell runs: (path, cache_dir);
     # raises SourceError naming what is wrong (a GGUF's header). None: no early check
     check_model_file: str | None = None
@@ -103,6 +108,9 @@ BUILTIN: dict[str, BackendInfo] = {
         method_of=gguf_types.method_of,
         imatrix=True,
         needs_imatrix=lambda quant: quant in gguf_types.NEEDS_IMATRIX,
+        kv_cache_types=frozenset(gguf_types.KV_CACHE_TYPES),
+        kv_cache_default=gguf_types.KV_DEFAULT,
+        kv_cache_bytes=gguf_types.KV_BYTES_PER_ELEMENT,
         check_model_file="qbench.quantize.gguf:inspect_gguf",
         converts_hf_folder=True,
         diagnose=diagnose_llamacpp_crash,
@@ -195,3 +203,12 @@ def method_of(backend: str, quant: str) -> str:
     if q in info.float_quants or (info.canonical_quant(q) or q) in info.float_quants:
         return "float"
     return info.method_of(q)
+
+
+def kv_bytes_per_element(backend: str, kv_cache: str | None) -> float:
+    """Bytes per K or V element of a variant's KV cache (2: an f16 cache, the default
+    wherever the backend says nothing)."""
+    info = known_backend_info(backend)
+    if info is None:
+        return 2.0
+    return float(info.kv_cache_bytes.get(kv_cache or info.kv_cache_default, 2.0))

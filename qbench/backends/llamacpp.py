@@ -18,6 +18,7 @@ import numpy as np
 
 from qbench.errors import QbenchError
 from qbench.backends.base import LoadOptions
+from qbench.quantize.gguf_types import KV_CACHE_TYPES, KV_DEFAULT
 
 import llama_cpp  # noqa: E402  (this module is only imported when a llama.cpp cell runs)
 
@@ -70,6 +71,11 @@ class LlamaCppBackend:
         self.bos_id = bos if bos >= 0 else None
         self.n_batch = opts.n_batch
         self.n_ubatch = opts.n_ubatch
+        # KV-cache type (type_k = type_v); a quantized V cache needs flash attention
+        self.kv_cache = str(opts.extra.get("kv_cache") or KV_DEFAULT)
+        if self.kv_cache not in KV_CACHE_TYPES:
+            raise QbenchError(f"unknown KV-cache type {self.kv_cache!r}")
+        self.flash_attn = self.kv_cache not in ("f16", "f32", "bf16")
         self.ctx: Any = None
         self._ctx_shape = (0, 0)
         self._pos = 0
@@ -94,6 +100,10 @@ class LlamaCppBackend:
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
         cparams.no_perf = True
+        if self.kv_cache != KV_DEFAULT:
+            cparams.type_k = cparams.type_v = KV_CACHE_TYPES[self.kv_cache]
+        if self.flash_attn:
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise QbenchError(f"llama.cpp could not create a context of {n_ctx_seq} x {n_seq} "
@@ -277,6 +287,8 @@ class LlamaCppBackend:
             "library_version": llama_cpp.__version__, "device": self.device,
             "n_gpu_layers": self.n_gpu_layers, "threads": self.threads,
             "n_batch": self.n_batch, "n_ubatch": self.n_ubatch,
+            "kv_cache": {"type_k": self.kv_cache, "type_v": self.kv_cache,
+                         "flash_attn": "enabled" if self.flash_attn else "llama.cpp default"},
             "n_params": int(llama_cpp.llama_model_n_params(self.model)),
             "model_size_bytes": int(llama_cpp.llama_model_size(self.model)),
             "system_info": system_info(),

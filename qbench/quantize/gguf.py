@@ -13,7 +13,6 @@ import ctypes
 import hashlib
 import json
 import os
-import shutil
 import struct
 import subprocess
 import time
@@ -48,7 +47,8 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
         check_gguf(shard)
     memo = None
     if cache_dir is not None:
-        memo = cache_folder(cache_dir, "inspect") / f"{sha256_file(path, cache_dir)}.json"
+        memo = (cache_folder(cache_dir, "inspect")
+                / f"{sha256_file(path, cache_dir)}-v{SUMMARY_VERSION}.json")
         if memo.exists():
             try:
                 return json.loads(memo.read_text())
@@ -121,7 +121,37 @@ def tensor_summary(path: Path) -> dict[str, Any]:
         "shape": {k: _field_int(reader, f"{arch}.{k}") for k in (
             "block_count", "embedding_length", "attention.head_count",
             "attention.head_count_kv", "context_length")} if arch else {},
+        "provenance": provenance_fields(reader),
     }
+
+
+# which metadata tells who made a file and how: general.* (name, author, quantized_by, source
+# URLs, quantization_version, ...) and the imatrix llama-quantize records (file, dataset,
+# entries, chunks). Large arrays (tokenizer, tensors) are not provenance.
+PROVENANCE_PREFIXES = ("general.", "quantize.")
+SUMMARY_VERSION = 2     # memoised summaries of an older shape are recomputed
+
+
+def provenance_fields(reader: Any) -> dict[str, Any]:
+    """Scalar general.* and quantize.* metadata of a GGUF: 'same name, different file' shows
+    here (who quantized it, with which imatrix dataset, entries and chunks)."""
+    from gguf import GGUFValueType
+
+    out: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if not key.startswith(PROVENANCE_PREFIXES) or not f.types:
+            continue
+        try:
+            if f.types[0] == GGUFValueType.ARRAY:
+                if len(f.data) <= 8 and len(f.types) > 1 and f.types[1] == GGUFValueType.STRING:
+                    out[key] = [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
+                continue
+            raw = f.parts[f.data[0]]
+            out[key] = (bytes(raw).decode("utf-8", "replace")
+                        if f.types[0] == GGUFValueType.STRING else raw.tolist()[0])
+        except (IndexError, ValueError, TypeError):
+            continue
+    return dict(sorted(out.items()))
 
 
 def _field_str(reader: Any, key: str) -> str | None:
@@ -144,6 +174,7 @@ def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | No
     """One llama_model_quantize call (or llama-quantize with an imatrix: the C API takes the
     imatrix only as a C++ object)."""
     if imatrix is not None:
+        from qbench.quantize.llama_tools import find_tool
         tool = find_tool("llama-quantize")
         cmd = [tool, "--imatrix", str(imatrix), str(inp), str(out), ftype, str(threads or 1)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -162,20 +193,6 @@ def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | No
     if rc != 0:
         raise QbenchError(f"llama_model_quantize {inp.name} -> {ftype} failed (code {rc}); "
                           "see the cell log for llama.cpp's message")
-
-
-def find_tool(name: str) -> str:
-    """A llama.cpp command-line tool from $QBENCH_LLAMA_CPP_BIN or PATH."""
-    folder = os.environ.get("QBENCH_LLAMA_CPP_BIN")
-    candidate = Path(folder) / name if folder else None
-    if candidate and candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise QbenchError(f"{name} (a llama.cpp tool) not found on PATH or in $QBENCH_LLAMA_CPP_BIN; "
-                      "imatrix quantization needs llama-imatrix and llama-quantize "
-                      "(benchmarks/build_llama_tools.sh builds them)")
 
 
 def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
@@ -273,5 +290,6 @@ def footprint(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
         },
         "details": {"tensor_types": summary["types"], "file_type": summary["file_type"],
                     "architecture": summary["architecture"], "shape": summary["shape"],
-                    "n_tensors": summary["n_tensors"], "file_size_bytes": size},
+                    "n_tensors": summary["n_tensors"], "file_size_bytes": size,
+                    "provenance": summary.get("provenance", {})},
     }

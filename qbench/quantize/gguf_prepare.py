@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qbench.inputs.sources import resolve, sha256_file
 from qbench.quantize.gguf import build_variant, inspect_gguf
-from qbench.quantize.imatrix import build_imatrix
+from qbench.quantize.imatrix import build_imatrix, provenance
 from qbench.quantize.request import Prepared, PrepareRequest
 
 
@@ -25,4 +25,9 @@ def prepare(req: PrepareRequest) -> Prepared:
     art = build_variant(req.model_file, req.model_sha, variant["quant"], req.model["base"],
                         cache_dir=req.cache_dir, threads=req.threads, imatrix_path=imatrix_path,
                         imatrix_sha=imatrix_sha)
-    return art.path, art.describe()
+    described = art.describe()
+    if imatrix_path is not None:   # where the importance matrix came from, for the report
+        prov = {k: v for k, v in provenance(imatrix_path).items() if k != "command"}
+        described = described | {"recipe": dict(described.get("recipe") or {}) | {
+            "imatrix": prov | {"imatrix_sha256": imatrix_sha}}}
+    return art.path, described

@@ -51,3 +51,19 @@ def nominal_bits(name: str) -> float | None:
 def method_of(name: str) -> str:
     """Every quantized llama.cpp type is a GGUF quant (float types are classed by the caller)."""
     return "gguf"
+
+
+# KV-cache element types llama.cpp accepts for type_k / type_v (ggml_type values, ggml.h), and
+# their bytes per element (block size / elements per block) for the memory estimate. Quantizing
+# V needs flash attention, which qbench then turns on.
+KV_CACHE_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2,
+                                  "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20}
+KV_BYTES_PER_ELEMENT: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0,
+                                          "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                                          "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
+KV_DEFAULT = "f16"
+
+
+def canonical_kv(name: str) -> str | None:
+    low = name.strip().lower()
+    return low if low in KV_CACHE_TYPES else None

@@ -1,8 +1,15 @@
 """Importance matrices for GGUF quantization, computed with llama.cpp's ``llama-imatrix`` tool.
 
 llama-cpp-python does not expose the imatrix to ``llama_model_quantize`` (the C API takes a C++
-object), so imatrix variants use llama.cpp's command-line tools. The calibration text's sha256
-and the tool's arguments go into the cache key and the result's provenance.
+object), so imatrix variants use llama.cpp's command-line tools, built on first use from the
+installed llama-cpp-python's own source (:mod:`qbench.quantize.llama_tools`).
+
+The calibration text is cut from the *end* of the named text (as AWQ/GPTQ calibration is), so
+it never overlaps the perplexity/KLD chunks, which are scored from the start: a suite that
+scores wikitext-2 and calibrates on wikitext-2 does not measure on its own calibration data
+(unless it scores every chunk of the text: the provenance says which region was used). The
+calibration slice's sha256, its region, the chunks, context and the tools' build go into the
+cache key and the result's provenance.
 """
 
 from __future__ import annotations
@@ -12,18 +19,37 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from qbench.inputs.datasets import load_text
 from qbench.errors import QbenchError
 from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import atomic_write_text, file_lock
-from qbench.quantize.gguf import build_variant, find_tool
+from qbench.inputs.datasets import load_text
+from qbench.quantize.gguf import build_variant
+from qbench.quantize.llama_tools import find_tool, tool_version
 from qbench.quantize.request import PrepareRequest
 
 IMATRIX_CHUNKS = 100  # llama-imatrix --chunks: 100 x 512 tokens, the common published setting
 IMATRIX_CTX = 512
+CHARS_PER_TOKEN = 6   # a generous bound for English BPE text: the slice holds enough tokens
 # how the imatrix is computed from its text: part of the artifact key and of the cell key
-IMATRIX_RECIPE: dict[str, int] = {"chunks": IMATRIX_CHUNKS, "ctx": IMATRIX_CTX}
+IMATRIX_RECIPE: dict[str, Any] = {"chunks": IMATRIX_CHUNKS, "ctx": IMATRIX_CTX,
+                                  "region": "tail", "chars_per_token": CHARS_PER_TOKEN}
+
+
+def calibration_slice(text: str) -> tuple[str, dict[str, Any]]:
+    """The end of ``text`` that llama-imatrix reads (at most chunks x ctx x CHARS_PER_TOKEN
+    characters, from a line start), and where it lies."""
+    want = IMATRIX_CHUNKS * IMATRIX_CTX * CHARS_PER_TOKEN
+    start = max(0, len(text) - want)
+    if start:
+        nl = text.find("\n", start)
+        start = nl + 1 if 0 <= nl < len(text) - 1 else start
+    piece = text[start:]
+    return piece, {"region": f"characters {start:,}..{len(text):,} of {len(text):,} (the end; "
+                             "perplexity and KLD chunks are scored from the start)",
+                   "start_char": start, "chars": len(piece),
+                   "slice_sha256": hashlib.sha256(piece.encode()).hexdigest()}
 
 
 def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
@@ -32,7 +58,11 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
     text = load_text(req.variant["imatrix"], req.data_dir, req.base_dir)
     base = build_variant(req.model_file, req.model_sha, req.model["base"], req.model["base"],
                          cache_dir=cache_dir, threads=threads)
-    recipe = {"base_sha256": base.sha256, "calibration_sha256": text.sha256, **IMATRIX_RECIPE}
+    piece, region = calibration_slice(text.text)
+    tools = tool_version()
+    recipe = {"base_sha256": base.sha256, "calibration_sha256": text.sha256,
+              "slice_sha256": region["slice_sha256"], "tools": tools["build"],
+              **IMATRIX_RECIPE}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
     folder = cache_folder(cache_dir, "imatrix") / digest
     out = folder / "imatrix.dat"
@@ -41,7 +71,7 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
             return out, hashlib.sha256(out.read_bytes()).hexdigest()
         folder.mkdir(parents=True, exist_ok=True)
         calib = folder / "calibration.txt"
-        atomic_write_text(calib, text.text)
+        atomic_write_text(calib, piece)
         tmp = folder / f".imatrix.{os.getpid()}.tmp"
         cmd = [find_tool("llama-imatrix"), "-m", str(base.path), "-f", str(calib), "-o",
                str(tmp), "--chunks", str(IMATRIX_CHUNKS), "-c", str(IMATRIX_CTX),
@@ -51,6 +81,17 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
             raise QbenchError(f"llama-imatrix failed (exit {proc.returncode}): "
                               f"{proc.stderr[-800:]}")
         os.replace(tmp, out)
+        sha = hashlib.sha256(out.read_bytes()).hexdigest()
         atomic_write_text(folder / "provenance.json", json.dumps(
-            recipe | {"calibration": text.origin, "command": cmd}, indent=1))
+            recipe | {"calibration": text.origin, "dataset": req.variant["imatrix"],
+                      **{k: v for k, v in region.items() if k != "slice_sha256"},
+                      "imatrix_sha256": sha, "tools": tools, "command": cmd}, indent=1))
     return out, hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def provenance(imatrix_path: Path) -> dict[str, Any]:
+    """The provenance written beside an imatrix (calibration text, region, tools)."""
+    try:
+        return json.loads((imatrix_path.parent / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -23,7 +23,8 @@ from qbench.metrics import known_metric_info, metric_names
 from qbench.report import claims as claims_mod
 from qbench.report.figures import suite_figures
 from qbench.report.recommend import DEFAULT_KV_CTX, fp16_rule, recommend
-from qbench.report.table import extra_columns, fmt, signed, type_mix, variant_rows
+from qbench.report.table import (extra_columns, file_facts, fmt, signed, type_mix,
+                                 variant_rows)
 from qbench.results.schema import FAILED
 
 _ENV = Environment(loader=PackageLoader("qbench", "report/templates"),
@@ -188,7 +189,8 @@ def render_suite(suite: str, records: list[dict[str, Any]], *, budget_gb: float 
     rows = variant_rows(records)
     claims = claims_mod.check_claims(rows)
     return _ENV.get_template("suite.html").render(
-        suite=suite, rows=rows, extra_columns=extra_columns(rows), figures=_figures(rows),
+        suite=suite, rows=rows, extra_columns=extra_columns(rows), files=file_facts(rows),
+        figures=_figures(rows),
         plotly_js=plotly_js(),
         envs=_environments(records), backends=_backends(records),
         methods=_methodology(records), calibration=_calibration(records),

@@ -35,8 +35,10 @@ MIB = 2 ** 20
 PASS, BORDERLINE, FAIL, UNKNOWN = "pass", "borderline", "fail", "unknown"
 
 
-def kv_cache_mb(shape: dict[str, Any], ctx: int | None) -> float | None:
-    """f16 K+V cache for ``ctx`` tokens from a GGUF shape; None when the shape is incomplete."""
+def kv_cache_mb(shape: dict[str, Any], ctx: int | None, bytes_per_element: float = 2.0
+                ) -> float | None:
+    """K+V cache for ``ctx`` tokens from a GGUF shape (f16: 2 bytes per element; a q8_0 cache
+    34/32); None when the shape is incomplete."""
     if not shape or not ctx:
         return None
     layers = shape.get("block_count")
@@ -47,7 +49,7 @@ def kv_cache_mb(shape: dict[str, Any], ctx: int | None) -> float | None:
         head_dim = shape["embedding_length"] / heads
     if not (layers and kv_heads and head_dim):
         return None
-    return 2 * layers * kv_heads * head_dim * ctx * 2 / MIB
+    return 2 * layers * kv_heads * head_dim * ctx * bytes_per_element / MIB
 
 
 def kv_formula(shape: dict[str, Any], ctx: int) -> str:
@@ -56,7 +58,9 @@ def kv_formula(shape: dict[str, Any], ctx: int) -> str:
         shape["embedding_length"] / heads if heads and shape.get("embedding_length") else None)
     return (f"2 × {shape.get('block_count')} layers × "
             f"{shape.get('attention.head_count_kv') or heads} KV heads × "
-            f"{head_dim:g} head dim × {ctx} tokens × 2 bytes" if head_dim else "shape unknown")
+            f"{head_dim:g} head dim × {ctx} tokens × 2 bytes (f16 cache; a variant with a "
+            f"quantized KV cache counts its type's bytes per element, e.g. q8_0 34/32)"
+            if head_dim else "shape unknown")
 
 
 def _run_ctx(row: dict[str, Any]) -> int | None:
@@ -167,12 +171,13 @@ def _resolve_text(v: dict[str, Any], tol: float) -> str:
 def _memory(r: dict[str, Any], kv_ctx: int) -> dict[str, Any]:
     """Estimate, measured peak (+ KV growth to kv_ctx) and the memory needed."""
     shape = r.get("model_shape") or {}
-    kv = kv_cache_mb(shape, kv_ctx)
+    kvb = r.get("kv_bytes") or 2.0
+    kv = kv_cache_mb(shape, kv_ctx, kvb)
     weights = r.get("weights_mb", r.get("size_mb"))
     estimate = weights + kv if weights and kv is not None else None
     measured, kind = memory_of(r)
     run_ctx = _run_ctx(r)
-    kv_run = kv_cache_mb(shape, run_ctx) if run_ctx else 0.0
+    kv_run = kv_cache_mb(shape, run_ctx, kvb) if run_ctx else 0.0
     measured_at_ctx = None
     if measured is not None:
         growth = (kv - kv_run) if kv is not None and kv_run is not None else 0.0

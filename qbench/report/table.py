@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from qbench.backends import method_of, nominal_bits
+from qbench.backends import kv_bytes_per_element, method_of, nominal_bits
 from qbench.metrics import known_metric_info, metric_names
 from qbench.results.schema import FAILED
 from qbench.suite.identity import variant_key
@@ -155,7 +155,42 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
                                if isinstance(base_recipe, dict) and base_recipe.get("requantized")
                                else None)
     row["imatrix"] = variant.get("imatrix") or None
+    row["kv_cache"] = variant.get("kv_cache") or None
+    row["kv_bytes"] = kv_bytes_per_element(backend, row["kv_cache"])
+    row["source_label"] = variant.get("tag") or None
+    row["provenance"] = gguf_provenance(fp) if fp_ok else {}
     return row
+
+
+def gguf_provenance(footprint: dict[str, Any] | None) -> dict[str, Any]:
+    """What a file's own metadata says about its making (general.*, quantize.imatrix.*)."""
+    return dict(((footprint or {}).get("details") or {}).get("provenance") or {})
+
+
+def file_facts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant made elsewhere (a pre-quantized file) or with an importance matrix: where
+    it came from, so "same name, different file" and "with or without imatrix" are visible."""
+    out = []
+    for r in rows:
+        cells = r["cells"]
+        any_rec = next(iter(cells.values()))
+        variant = any_rec.get("variant") or {}
+        artifact = next((c.get("artifact") for c in cells.values() if c.get("artifact")), {})
+        recipe = (artifact or {}).get("recipe") or {}
+        if not variant.get("source") and not recipe.get("imatrix"):
+            continue
+        keep = {k: v for k, v in r["provenance"].items()
+                if k.startswith("quantize.") or k in PROVENANCE_SHOWN}
+        out.append({"label": r["label"], "file": variant.get("source") or None,
+                    "sha256": (artifact or {}).get("sha256"), "metadata": keep,
+                    "imatrix": recipe.get("imatrix") or None})
+    return out
+
+
+PROVENANCE_SHOWN = ("general.name", "general.quantized_by", "general.author",
+                    "general.organization", "general.quantization_version",
+                    "general.source.url", "general.source.huggingface.repository",
+                    "general.file_type", "general.url")
 
 
 def extra_values(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -106,9 +106,10 @@ def execute(job: Job) -> dict[str, Any]:
         def load() -> Any:
             backend_mod = backend_module(v["backend"])
             t = time.perf_counter()
+            extra = {"kv_cache": v["kv_cache"]} if v.get("kv_cache") else {}
             backend = backend_mod.load(p, LoadOptions(
                 device=job.device, threads=threads, n_batch=v["batch"],
-                n_ubatch=v["ubatch"], n_gpu_layers=v["n_gpu_layers"]))
+                n_ubatch=v["ubatch"], n_gpu_layers=v["n_gpu_layers"], extra=extra))
             timings.setdefault("load_s", round(time.perf_counter() - t, 3))
             return backend
         return load

@@ -16,6 +16,7 @@ from qbench.backends import backend_info, backend_names, known_backend_info
 from qbench.errors import ConfigError, did_you_mean
 from qbench.metrics import metric_module, metric_names, shared_pass
 from qbench.options import from_table, positive
+from qbench.suite.identity import quant_label
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -74,7 +75,13 @@ class VariantGroup:
     quant: tuple[str, ...] | str
     models: tuple[str, ...] = ()     # restrict to these model ids; empty: every model
     source: str = ""                 # a pre-quantized file used as is (one quant only)
-    imatrix: str = ""                # calibration text (dataset name or path) for an imatrix
+    label: str = ""                  # names a pre-quantized file (e.g. its maker) in ids/report
+    # calibration text (dataset name or path) for an importance matrix; a list makes one
+    # variant per entry, "none" one without (imatrix = ["none", "wikitext-2"]: the pair)
+    imatrix: tuple[str, ...] | str = ""
+    # KV-cache types (llama.cpp type_k/type_v): one variant per entry (kv_cache = ["f16",
+    # "q8_0", "q4_0"]); quantizing V turns flash attention on
+    kv_cache: tuple[str, ...] | str = ""
     n_gpu_layers: int = -1           # -1: all layers when on a GPU
     batch: int = 2048                # llama.cpp n_batch (logical batch)
     ubatch: int = 512                # llama.cpp n_ubatch (physical batch)
@@ -101,6 +108,15 @@ class VariantSpec:
     calibration_samples: int = 32
     calibration_seq_len: int = 256
     metrics: tuple[str, ...] = ()    # empty: every metric of the suite
+    kv_cache: str = ""               # "": the backend's default (llama.cpp: f16)
+    tag: str = ""                    # the suite's label for a pre-quantized file
+
+    @property
+    def name(self) -> str:
+        """The variant as ids and the report name it: quant[@file or label][+imatrix=..][+kv=..]
+        (see qbench.suite.identity)."""
+        return quant_label(self.quant, self.source, tag=self.tag, imatrix=self.imatrix,
+                           kv_cache=self.kv_cache)
 
     def measures(self, metric: str) -> bool:
         """Whether this variant gets ``metric`` (footprint and sanity always run)."""
@@ -113,13 +129,18 @@ class VariantSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.backend}/{self.quant}" + (f"@{self.source}" if self.source else "")
+        """backend/quant[@whole source]...: for messages, where the whole path helps."""
+        return f"{self.backend}/" + quant_label(self.quant, self.source, tag=self.tag,
+                                                imatrix=self.imatrix, kv_cache=self.kv_cache,
+                                                whole_source=True)
 
     def params(self) -> dict[str, Any]:
         """What changes the variant's artifact or results (part of the cell key)."""
         params = {"backend": self.backend, "quant": self.quant, "source": self.source,
                   "imatrix": self.imatrix, "n_gpu_layers": self.n_gpu_layers,
                   "batch": self.batch, "ubatch": self.ubatch}
+        if self.kv_cache:   # only where set: every other variant's key stays as it was
+            params["kv_cache"] = self.kv_cache
         if self.calibrated:  # only where it changes the artifact: other keys stay stable
             params |= {"calibration": self.calibration or "wikitext-2",
                        "calibration_samples": self.calibration_samples,
@@ -161,7 +182,9 @@ class Suite:
         that backend, else that backend's first unquantized variant (so a transformers variant
         is compared with transformers fp32, on the same tokenizer and engine)."""
         backend = backend or model.base_backend
-        variants = [v for v in self.variants_for(model) if v.backend == backend and not v.source]
+        # the plain build: not a pre-quantized file, no imatrix, the default KV cache
+        variants = [v for v in self.variants_for(model) if v.backend == backend
+                    and not v.source and not v.imatrix and not v.kv_cache]
         if backend == model.base_backend:
             return next((v for v in variants if v.quant == model.base), None)
         floats = backend_info(backend).float_quants
@@ -258,7 +281,7 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                     ) -> tuple[VariantSpec, ...]:
     model_ids = {m.id for m in models}
     out: list[VariantSpec] = []
-    seen: dict[tuple[str, str, str, str], str] = {}
+    seen: dict[tuple[str, ...], str] = {}
     for i, table in enumerate(_array_of_tables(value, file, "variants")):
         key = f"variants[{i}]"
         group = from_table(VariantGroup, table, file=file, key=key)
@@ -277,34 +300,98 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
             if mid not in model_ids:
                 raise ConfigError(f"no model with id {mid!r}{did_you_mean(mid, model_ids)}",
                                   file=file, key=f"{key}.models")
+        imatrices = _imatrix_options(group, info, file=file, key=key)
+        kv_types = _kv_options(group, info, file=file, key=key)
+        if group.label and not group.source:
+            raise ConfigError("'label' names a pre-quantized file: set 'source' too",
+                              file=file, key=f"{key}.label")
+        if group.label and not SAFE_NAME.match(group.label):
+            raise ConfigError(f"expected 1-100 letters, digits, '.', '_' or '-', got "
+                              f"{group.label!r}", file=file, key=f"{key}.label")
+        start = len(out)
         for j, q in enumerate(quants):
             qkey = f"{key}.quant[{j}]" if not isinstance(group.quant, str) else f"{key}.quant"
             canon = info.canonical_quant(q)
             if canon is None:
                 raise ConfigError(info.unknown_quant(q), file=file, key=qkey)
-            if not group.source and info.needs_imatrix(canon) and not group.imatrix:
-                raise ConfigError(f"{canon} needs an importance matrix: set "
-                                  f"imatrix = \"wikitext-2\" (or a text file) in {key}",
-                                  file=file, key=qkey)
-            # per model: overlapping groups ([[variants]] for all models and one restricted
-            # with models = [...]) must not give a model the same variant twice
-            for mid in dict.fromkeys(group.models or tuple(m.id for m in models)):
-                ident = (mid, group.backend, canon, group.source)
-                if ident in seen:
-                    which = f" for model {mid!r}" if len(models) > 1 else ""
-                    raise ConfigError(f"duplicate variant {group.backend}/{canon}{which} "
-                                      f"(also {seen[ident]})", file=file, key=qkey)
-                seen[ident] = qkey
-            spec = VariantSpec(backend=group.backend, quant=canon, source=group.source,
-                               imatrix=group.imatrix, n_gpu_layers=group.n_gpu_layers,
-                               batch=group.batch, ubatch=group.ubatch, models=group.models,
-                               calibration=group.calibration,
-                               calibration_samples=group.calibration_samples,
-                               calibration_seq_len=group.calibration_seq_len,
-                               metrics=group.metrics)
-            out.append(spec)
-        _check_calibration(group, table, out[-len(quants):], file=file, key=key)
+            for imatrix in imatrices:
+                if not group.source and info.needs_imatrix(canon) and not imatrix:
+                    raise ConfigError(f"{canon} needs an importance matrix: set "
+                                      f"imatrix = \"wikitext-2\" (or a text file) in {key}",
+                                      file=file, key=qkey)
+                for kv in kv_types:
+                    spec = VariantSpec(backend=group.backend, quant=canon, source=group.source,
+                                       imatrix=imatrix, n_gpu_layers=group.n_gpu_layers,
+                                       batch=group.batch, ubatch=group.ubatch,
+                                       models=group.models, calibration=group.calibration,
+                                       calibration_samples=group.calibration_samples,
+                                       calibration_seq_len=group.calibration_seq_len,
+                                       metrics=group.metrics, kv_cache=kv, tag=group.label)
+                    _check_unique(spec, group, models, seen, file=file, key=qkey)
+                    out.append(spec)
+        _check_calibration(group, table, out[start:], file=file, key=key)
     return tuple(out)
+
+
+def _imatrix_options(group: VariantGroup, info: Any, *, file: str, key: str
+                     ) -> tuple[str, ...]:
+    """The group's imatrix settings, one per variant ("" = none)."""
+    given = (group.imatrix,) if isinstance(group.imatrix, str) else group.imatrix
+    if not given:
+        raise ConfigError("empty imatrix list (use \"none\" for a variant without one)",
+                          file=file, key=f"{key}.imatrix")
+    out = tuple("" if v.strip().lower() in ("", "none") else v for v in given)
+    if any(out) and not info.imatrix:
+        raise ConfigError(f"the {group.backend} backend takes no importance matrix",
+                          file=file, key=f"{key}.imatrix")
+    if any(out) and group.source:
+        raise ConfigError("an importance matrix is used when qbench builds a variant; a "
+                          "pre-quantized 'source' was made by someone else (its GGUF metadata "
+                          "says whether with an imatrix)", file=file, key=f"{key}.imatrix")
+    if len(set(out)) != len(out):
+        raise ConfigError("the imatrix list names a setting twice", file=file,
+                          key=f"{key}.imatrix")
+    return out
+
+
+def _kv_options(group: VariantGroup, info: Any, *, file: str, key: str) -> tuple[str, ...]:
+    """The group's KV-cache types, one per variant ("" = the backend's default)."""
+    given = (group.kv_cache,) if isinstance(group.kv_cache, str) else group.kv_cache
+    if not given:
+        raise ConfigError("empty kv_cache list", file=file, key=f"{key}.kv_cache")
+    if given == ("",):
+        return ("",)
+    if not info.kv_cache_types:
+        raise ConfigError(f"the {group.backend} backend has no KV-cache type setting in qbench "
+                          "(transformers' quantized cache applies to generation only, through "
+                          "optimum-quanto or HQQ, and is not measured here): remove kv_cache",
+                          file=file, key=f"{key}.kv_cache")
+    out = []
+    for v in given:
+        low = v.strip().lower()
+        if low not in info.kv_cache_types:
+            raise ConfigError(f"unknown KV-cache type '{v}'"
+                              f"{did_you_mean(low, sorted(info.kv_cache_types))}; expected one "
+                              f"of {', '.join(sorted(info.kv_cache_types))}",
+                              file=file, key=f"{key}.kv_cache")
+        out.append("" if low == info.kv_cache_default else low)   # the default is the plain
+    if len(set(out)) != len(out):
+        raise ConfigError("the kv_cache list names a type twice", file=file,
+                          key=f"{key}.kv_cache")
+    return tuple(out)
+
+
+def _check_unique(spec: VariantSpec, group: VariantGroup, models: tuple[ModelSpec, ...],
+                  seen: dict[tuple[str, ...], str], *, file: str, key: str) -> None:
+    """Per model, overlapping groups ([[variants]] for all models and one restricted with
+    models = [...]) must not give a model the same variant twice."""
+    for mid in dict.fromkeys(group.models or tuple(m.id for m in models)):
+        ident = (mid, spec.backend, spec.quant, spec.source, spec.imatrix, spec.kv_cache)
+        if ident in seen:
+            which = f" for model {mid!r}" if len(models) > 1 else ""
+            raise ConfigError(f"duplicate variant {spec.backend}/{spec.name}{which} "
+                              f"(also {seen[ident]})", file=file, key=key)
+        seen[ident] = key
 
 
 _CALIBRATION_KEYS = ("calibration", "calibration_samples", "calibration_seq_len")

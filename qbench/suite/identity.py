@@ -11,29 +11,51 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def quant_label(quant: str, source: str = "") -> str:
-    """The quant, plus the file's name when it is a pre-quantized file (two Q4_K_M from two
-    makers are two variants)."""
-    return quant + ("@" + source.rstrip("/").rsplit("/", 1)[-1] if source else "")
+def _short(ref: str) -> str:
+    """A dataset name as is; a file path as its file name without extension."""
+    name = ref.rstrip("/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "/" in ref or "." in name else name
 
 
-def cell_id(model_id: str, backend: str, quant: str, source: str, metric: str) -> str:
-    """model/backend/quant[@file]/metric."""
-    return f"{model_id}/{backend}/{quant_label(quant, source)}/{metric}"
+def quant_label(quant: str, source: str = "", *, tag: str = "", imatrix: str = "",
+                kv_cache: str = "", whole_source: bool = False) -> str:
+    """The variant's name: the quant; for a pre-quantized file its label (e.g. its maker) or
+    file name (two Q4_K_M from two makers are two variants); ``+imatrix=TEXT`` when built with
+    an importance matrix; ``+kv=TYPE`` with a non-default KV-cache type. A plain variant's
+    name is its quant alone, so ids and keys of existing results never change."""
+    name = quant
+    if source:
+        name += "@" + (tag or (source if whole_source else source.rstrip("/").rsplit("/", 1)[-1]))
+    if imatrix:
+        name += f"+imatrix={_short(imatrix)}"
+    if kv_cache:
+        name += f"+kv={kv_cache}"
+    return name
+
+
+def variant_name(variant: Mapping[str, Any], *, whole_source: bool = False) -> str:
+    """:func:`quant_label` of a stored variant (a record's ``variant``)."""
+    return quant_label(str(variant.get("quant", "?")), str(variant.get("source") or ""),
+                       tag=str(variant.get("tag") or ""), imatrix=str(variant.get("imatrix") or ""),
+                       kv_cache=str(variant.get("kv_cache") or ""), whole_source=whole_source)
+
+
+def cell_id(model_id: str, backend: str, variant_name: str, metric: str) -> str:
+    """model/backend/variant/metric."""
+    return f"{model_id}/{backend}/{variant_name}/{metric}"
 
 
 def record_cell_id(rec: Mapping[str, Any]) -> str:
     """The id of a stored record's cell, spelled as the plan spells it."""
     v = rec.get("variant") or {}
-    return cell_id(str(rec["model"]["id"]), str(v.get("backend")), str(v.get("quant", "?")),
-                   str(v.get("source") or ""), str(rec["metric"]))
+    return cell_id(str(rec["model"]["id"]), str(v.get("backend")), variant_name(v),
+                   str(rec["metric"]))
 
 
 def variant_label(variant: Mapping[str, Any]) -> str:
-    """A report row's variant: the quant, plus its whole source when pre-quantized (the
-    report shows where the file came from)."""
-    quant = str(variant.get("quant", "?"))
-    return quant + (f"@{variant['source']}" if variant.get("source") else "")
+    """A report row's variant: its name, with the whole source when pre-quantized and not
+    labelled (the report shows where the file came from)."""
+    return variant_name(variant, whole_source=True)
 
 
 def variant_key(rec: Mapping[str, Any]) -> tuple[str, str, str, str]:

@@ -106,8 +106,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return cell_id(self.model.id, self.variant.backend, self.variant.quant,
-                       self.variant.source, self.metric)
+        return cell_id(self.model.id, self.variant.backend, self.variant.name, self.metric)
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able spec stored with every result."""

@@ -38,11 +38,19 @@ class Options:
     gen_tokens: int = 128
     repetitions: int = 3
     seed: int = 0
+    # KV-cache depths to time pp and tg at, as llama-bench -d: each repetition fills the cache
+    # with d tokens (not timed) first. Depth 0 keeps the plain value names.
+    depths: tuple[int, ...] = (0,)
+    # effective GB/s of tg and % of this machine's measured bandwidth (measured once per
+    # machine, ~2 GiB of RAM for a few seconds, in a process of its own)
+    roofline: bool = True
 
     def validate(self, *, file: str, key: str) -> None:
+        from qbench.metrics.speed_hw import validate_depths
         positive(self.prompt_tokens, file=file, key=f"{key}.prompt_tokens", allow_zero=True)
         positive(self.gen_tokens, file=file, key=f"{key}.gen_tokens", allow_zero=True)
         positive(self.repetitions, file=file, key=f"{key}.repetitions")
+        validate_depths(self.depths, file=file, key=f"{key}.depths")
 
 
 def _random_tokens(rng: np.random.Generator, n: int, n_vocab: int, bos: int | None
@@ -62,12 +70,15 @@ def _summary(samples: list[float], n_tokens: int) -> dict[str, Any]:
 
 
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
+    from qbench.metrics import speed_hw as hw
+
     backend = ctx.backend
     n_batch = getattr(backend, "n_batch", 2048)
     rng = np.random.default_rng(options.seed)
     bos = backend.bos_id if backend.add_bos else None
-    n_ctx = options.prompt_tokens + options.gen_tokens + 1
-    backend.reset(n_ctx)
+    roof = (hw.roofline_setup(ctx, backend) if options.roofline
+            else {"available": False, "reason": "roofline = false"})
+    energy = hw.open_energy()
 
     def test_prompt(n: int) -> None:
         backend.decode_tokens(_random_tokens(rng, n, backend.n_vocab, bos), n_batch)
@@ -79,22 +90,59 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             token = int(rng.integers(0, backend.n_vocab))
 
     values: dict[str, Any] = {}
-    for label, n, test in (("pp", options.prompt_tokens, test_prompt),
-                           ("tg", options.gen_tokens, test_gen)):
-        if n <= 0:
-            continue
-        backend.reset(n_ctx)            # warm-up, as llama-bench: a prompt, then one token
-        if options.prompt_tokens:
-            test_prompt(options.prompt_tokens)
-        if options.gen_tokens:
-            test_gen(1)
-        samples = []
-        for _ in range(options.repetitions):
-            backend.reset()
-            t0 = time.perf_counter_ns()
-            test(n)
-            samples.append(n * 1e9 / (time.perf_counter_ns() - t0))
-        values[f"{label}_tokens_per_s"] = _summary(samples, n)
+    curve: list[dict[str, Any]] = []
+    bandwidth: list[dict[str, Any]] = []
+    test_names: list[str] = []
+    try:
+        for depth in sorted(options.depths):       # ascending: the cache only ever grows
+            n_ctx = hw.n_ctx_for(depth, options.prompt_tokens, options.gen_tokens)
+            backend.reset(n_ctx)
+            sfx = hw.suffix(depth)
+            point: dict[str, Any] = {"depth": depth}
+            for label, n, test in (("pp", options.prompt_tokens, test_prompt),
+                                   ("tg", options.gen_tokens, test_gen)):
+                if n <= 0:
+                    continue
+                test_names.append(f"{label}{n}{sfx}")
+                backend.reset(n_ctx)        # warm-up, as llama-bench: a prompt, then one token
+                if options.prompt_tokens:
+                    test_prompt(options.prompt_tokens)
+                if options.gen_tokens:
+                    test_gen(1)
+                samples = []
+                for _ in range(options.repetitions):
+                    backend.reset()
+                    if depth:
+                        test_prompt(depth)      # fill the cache to the depth: not timed
+                    energy.begin()
+                    t0 = time.perf_counter_ns()
+                    test(n)
+                    t1 = time.perf_counter_ns()
+                    energy.end(f"{label}{sfx}", n)
+                    samples.append(n * 1e9 / (t1 - t0))
+                summary = _summary(samples, n)
+                values[f"{label}_tokens_per_s{sfx}"] = summary
+                values |= energy.values(f"{label}{sfx}", label, depth)
+                point[f"{label}_tokens_per_s"] = summary["value"]
+                if label == "tg":
+                    bw_values, bw_details = hw.bandwidth_values(roof, summary, depth, n)
+                    values |= bw_values
+                    if bw_details:
+                        bandwidth.append(bw_details)
+                        point["tg_effective_gbs"] = bw_details["gbs"]
+                        point["tg_bandwidth_pct"] = bw_details["pct_of_measured"]
+            curve.append(point)
+    finally:
+        energy.close()
+    roof_details = {k: v for k, v in roof.items() if k != "available"} | {
+        "available": roof.get("available", False), "per_depth": bandwidth}
+    if bandwidth:
+        caveat = bandwidth[0]
+        roof_details |= {"weight_bytes_per_token": caveat["weight_bytes_per_token"],
+                         "kv_bytes_per_token": {str(b["depth"]): b["kv_bytes_per_token"]
+                                                for b in bandwidth},
+                         "cache_caveat": caveat["cache_caveat"], "caveat": caveat["caveat"]}
     return {"values": values,
-            "details": {"test_names": [f"pp{options.prompt_tokens}", f"tg{options.gen_tokens}"],
-                        "n_batch": n_batch, "repetitions": options.repetitions}}
+            "details": {"test_names": test_names, "n_batch": n_batch,
+                        "repetitions": options.repetitions, "depths": curve,
+                        "bandwidth": roof_details, "energy": energy.details()}}

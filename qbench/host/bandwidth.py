@@ -210,7 +210,9 @@ def this_hardware_id() -> str:
 
 
 def cache_path(cache_dir: Path, hw_id: str) -> Path:
-    return Path(cache_dir) / "host" / f"bandwidth-{hw_id}.json"
+    from qbench.host.cache import folder
+
+    return folder(Path(cache_dir), "host") / f"bandwidth-{hw_id}.json"
 
 
 def _load(path: Path) -> dict[str, Any] | None:

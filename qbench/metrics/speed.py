@@ -19,16 +19,28 @@ from qbench.metrics import MetricInfo
 from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
-    name="speed", version="1", primary="tg_tokens_per_s", higher_is_better=True,
+    name="speed", version="2", primary="tg_tokens_per_s", higher_is_better=True,
     gated={"pp_tokens_per_s": True},
+    # derived from tg tokens/s (gated) and counters shared with other processes: shown only
+    reported=("tg_effective_gbs", "tg_bandwidth_pct", "pp_joules_per_token",
+              "tg_joules_per_token"),
     hardware_bound=True,       # keyed by the hardware; compared only on the same hardware
     cost=lambda options: (0.75 * (options.prompt_tokens + 8.0 * options.gen_tokens)
-                          * (options.repetitions + 1.0) / ((512 + 8 * 128) * 4.0)),
+                          * (options.repetitions + 1.0) * max(len(options.depths), 1)
+                          / ((512 + 8 * 128) * 4.0)),
     methodology=(
         "llama-bench's method: ppN = a prompt of N random tokens (BOS first where the model uses "
         "BOS) processed in n_batch pieces; tgN = N single-token decode steps on random tokens. "
         "One warm-up (prompt + 1 token), KV cache cleared before every repetition, tokens/s per "
-        "repetition, reported as mean +/- sample standard deviation."),
+        "repetition, reported as mean +/- sample standard deviation. At depth d (llama-bench "
+        "-d) each repetition first fills the KV cache with d tokens, untimed. Effective "
+        "bandwidth of generation = bytes read per token (every weight tensor, the token "
+        "embedding only where the output layer reuses it, plus the KV cache at that depth) x "
+        "tg tokens/s, and its share of this machine's read bandwidth, measured once per machine "
+        "over a buffer far larger than the last-level cache (a model whose weights fit in that "
+        "cache is flagged: it can read faster than memory). Energy per token from NVML's or "
+        "RAPL's energy counter where readable (whole package or GPU, other processes "
+        "included); otherwise the reason is recorded."),
 )
 
 

@@ -141,6 +141,67 @@ def speed_vs_memory(rows: list[dict[str, Any]]) -> go.Figure | None:
     return fig
 
 
+def roofline(rows: list[dict[str, Any]]) -> go.Figure | None:
+    """tg tokens/s vs bytes read per token, with the memory roofline: at the machine's
+    measured bandwidth B, no variant can generate faster than B / (bytes per token)."""
+    pts = [r for r in rows if r.get("tg_tps") and r.get("bytes_per_token")]
+    if not pts:
+        return None
+    backends = sorted({r["backend"] for r in pts})
+    models = sorted({r["model"] for r in pts})
+    fig = go.Figure()
+    for backend, model, sel in _groups(pts):
+        fig.add_trace(go.Scatter(
+            x=[r["bytes_per_token"] / 1e6 for r in sel], y=[r["tg_tps"] for r in sel],
+            mode="markers+text", text=[esc(r["quant"]) for r in sel],
+            textposition="top center",
+            name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
+            marker={"size": 11, "color": colour(backend, backends),
+                    "symbol": _symbol(model, models)},
+            hovertext=[_hover(r, [f"{r['bytes_per_token'] / 1e6:.1f} MB read per token",
+                                  f"tg: {r['tg_tps']:.1f} tokens/s",
+                                  f"{r['tg_gbs']:.2f} GB/s" if r.get("tg_gbs") else "",
+                                  f"{r['tg_bw_pct']:.0f} % of measured"
+                                  if r.get("tg_bw_pct") is not None else ""]) for r in sel],
+            hoverinfo="text"))
+    measured = max((r["measured_gbs"] for r in pts if r.get("measured_gbs")), default=None)
+    if measured:
+        lo = min(r["bytes_per_token"] for r in pts) / 2
+        hi = max(r["bytes_per_token"] for r in pts) * 2
+        xs = [lo * (hi / lo) ** (i / 40) for i in range(41)]
+        fig.add_trace(go.Scatter(x=[x / 1e6 for x in xs], y=[measured * 1e9 / x for x in xs],
+                                 mode="lines", name=f"roofline: {measured:.1f} GB/s measured",
+                                 line={"dash": "dash", "color": "#444"}, hoverinfo="skip"))
+    fig.update_layout(title="Generation speed vs bytes read per token, with the memory "
+                      "roofline", xaxis_title="MB read per generated token (log)",
+                      yaxis_title="tg tokens/s (log; higher is better)", xaxis_type="log",
+                      yaxis_type="log", **_LAYOUT)
+    return fig
+
+
+def speed_vs_depth(rows: list[dict[str, Any]]) -> go.Figure | None:
+    """pp and tg tokens/s as the KV cache fills (llama-bench -d), one line per variant."""
+    pts = [r for r in rows if len(r.get("depth_curve") or []) > 1]
+    if not pts:
+        return None
+    backends = sorted({r["backend"] for r in pts})
+    fig = go.Figure()
+    for r in pts:
+        curve = sorted(r["depth_curve"], key=lambda p: p["depth"])
+        for kind, dash in (("tg", "solid"), ("pp", "dot")):
+            ys = [p.get(f"{kind}_tokens_per_s") for p in curve]
+            if not any(y is not None for y in ys):
+                continue
+            fig.add_trace(go.Scatter(
+                x=[p["depth"] for p in curve], y=ys, mode="lines+markers",
+                name=f"{esc(r['label'])} · {kind}",
+                line={"dash": dash, "color": colour(r["backend"], backends)}))
+    fig.update_layout(title="Speed as the context fills (tokens already in the KV cache)",
+                      xaxis_title="depth, tokens in the KV cache",
+                      yaxis_title="tokens/s (higher is better)", **_LAYOUT)
+    return fig
+
+
 def deltas_vs_base(rows: list[dict[str, Any]]) -> go.Figure | None:
     """dPPL % (± its error) per variant against its model's base, one bar per variant."""
     pts = [r for r in rows if not r["is_base"] and r.get("dppl_pct") is not None]
@@ -208,6 +269,8 @@ def suite_figures(rows: list[dict[str, Any]]) -> list[tuple[str, go.Figure | Non
                                      "weight", y_label="MMLU accuracy", higher_is_better=True,
                                      fmt_y=".3f")),
         ("speed-memory", speed_vs_memory(rows)),
+        ("roofline", roofline(rows)),
+        ("speed-depth", speed_vs_depth(rows)),
         ("delta-ppl", deltas_vs_base(rows)),
         ("delta-mmlu", mmlu_deltas(rows)),
     ]

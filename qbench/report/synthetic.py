@@ -137,11 +137,23 @@ def demo_records(model: str = "tiny-135m", suite: str = "demo", n_params: float 
                                     status="timeout", error="no result within 600 s",
                                     options={"prompt_tokens": 512, "gen_tokens": 128}))
         else:
+            weights = n_params * bpw / 8          # bytes read per generated token
+            gbs = weights * tg / 1e9
             recs.append(make_record(model, "llama.cpp", quant, "speed", **common, values={
                 "pp_tokens_per_s": _v(400.0 + 10 * bpw, sd=12.0, n=3),
-                "tg_tokens_per_s": _v(tg, sd=tg * 0.03, n=3)},
-                details={"test_names": ["pp512", "tg128"], "n_batch": 2048, "repetitions": 3},
-                options={"prompt_tokens": 512, "gen_tokens": 128, "repetitions": 3},
+                "tg_tokens_per_s": _v(tg, sd=tg * 0.03, n=3),
+                "tg_effective_gbs": _v(gbs), "tg_bandwidth_pct": _v(100 * gbs / 60.0)},
+                details={"test_names": ["pp512", "tg128"], "n_batch": 2048, "repetitions": 3,
+                         "depths": [{"depth": 0, "pp_tokens_per_s": 400.0 + 10 * bpw,
+                                     "tg_tokens_per_s": tg},
+                                    {"depth": 2048, "pp_tokens_per_s": 300.0 + 8 * bpw,
+                                     "tg_tokens_per_s": tg * 0.8}],
+                         "bandwidth": {"available": True, "reference": {"gbs": 60.0},
+                                       "per_depth": [{"depth": 0, "bytes_per_token": weights,
+                                                      "gbs": gbs}],
+                                       "cache_caveat": False}},
+                options={"prompt_tokens": 512, "gen_tokens": 128, "repetitions": 3,
+                         "depths": [0, 2048]},
                 memory=mem))
         degenerate = quant == "Q2_K"
         recs.append(make_record(model, "llama.cpp", quant, "sanity", **common,

@@ -121,6 +121,7 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     spv = (sp or {}).get("values", {}) if sp and sp["status"] == "ok" else {}
     row["pp_sd"] = (spv.get("pp_tokens_per_s") or {}).get("sd")
     row["tg_sd"] = (spv.get("tg_tokens_per_s") or {}).get("sd")
+    row.update(_roofline(sp))
 
     lm = cells.get("lm_eval")
     row["lm_eval"] = {k: (v.get("value"), v.get("stderr"), v.get("n"))
@@ -160,6 +161,25 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     row["source_label"] = variant.get("tag") or None
     row["provenance"] = gguf_provenance(fp) if fp_ok else {}
     return row
+
+
+def _roofline(sp: dict[str, Any] | None) -> dict[str, Any]:
+    """Effective bandwidth of generation (depth 0), the machine's measured bandwidth, bytes
+    read per token, the cache caveat, and the speed-vs-depth curve of an ok speed cell."""
+    out: dict[str, Any] = {"tg_gbs": None, "tg_bw_pct": None, "bytes_per_token": None,
+                           "measured_gbs": None, "cache_caveat": None, "depth_curve": []}
+    if not sp or sp.get("status") != "ok":
+        return out
+    out["tg_gbs"], _ = value_of(sp, "tg_effective_gbs")
+    out["tg_bw_pct"], _ = value_of(sp, "tg_bandwidth_pct")
+    details = sp.get("details") or {}
+    bw = details.get("bandwidth") or {}
+    first = next(iter(bw.get("per_depth") or []), {})
+    out["bytes_per_token"] = first.get("bytes_per_token")
+    out["measured_gbs"] = (bw.get("reference") or {}).get("gbs")
+    out["cache_caveat"] = bw.get("caveat") if bw.get("cache_caveat") else None
+    out["depth_curve"] = [p for p in details.get("depths") or [] if "depth" in p]
+    return out
 
 
 def gguf_provenance(footprint: dict[str, Any] | None) -> dict[str, Any]:

@@ -167,3 +167,30 @@ def test_a_run_without_report_never_imports_plotly(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert "RC 1 []" in proc.stdout, proc.stdout + proc.stderr   # refused (no model): no report
+
+
+def test_the_worker_reads_metric_options_as_strictly_as_the_suite_parser() -> None:
+    """A job whose options carry a key the metric does not know is refused, naming the key
+    (it used to be dropped silently, so a typo'd or newer option measured the defaults)."""
+    from qbench.errors import ConfigError
+    from qbench.run.job import Job
+    from qbench.run.worker import metric_options
+
+    cell = {"id": "m/llama.cpp/Q8_0/perplexity", "key": "k", "metric": "perplexity",
+            "options": {"dataset": "wikitext-2", "ctx": 256, "chunks": 4}}
+    job = Job(cell=cell, base_dir=".", cache_dir=".")
+    opts = metric_options(job)
+    assert (opts.ctx, opts.chunks) == (256, 4)
+    bad = job.replace(cell=cell | {"options": {**cell["options"], "ctxx": 512}})
+    with pytest.raises(ConfigError, match="unknown key 'ctxx'"):
+        metric_options(bad)
+
+
+def test_a_job_from_another_version_is_refused() -> None:
+    from qbench.errors import QbenchError
+    from qbench.run.job import Job
+
+    job = Job(cell={"id": "x", "key": "k"}, base_dir=".", cache_dir=".")
+    assert Job.from_json(job.to_json()) == job
+    with pytest.raises(QbenchError, match="does not know: future_field"):
+        Job.from_json(job.to_json()[:-1] + ', "future_field": 1}')

@@ -80,8 +80,12 @@ def test_llama_ladder_compares_built_and_published_imatrix_quants(data_dir, tmp_
     built = {v.quant for v in gguf if not v.source}
     published = {v.quant for v in gguf if v.source}
     assert {"F16", "Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"} <= built
-    assert built & published                      # same type both ways: imatrix or not
-    assert published - built                      # and IQ types only published files have
+    assert built & published                      # same type built here and published
+    imatrix_built = {v.quant for v in gguf if v.imatrix}
+    assert {"IQ4_XS", "IQ3_M", "IQ2_M"} <= imatrix_built          # the IQ rows, built here
+    assert {"IQ4_XS", "IQ3_M"} <= {v.quant for v in gguf if not v.source and not v.imatrix}
+    assert all(v.tag == "bartowski" for v in gguf if v.source)    # the maker is named
+    assert {v.kv_cache for v in gguf} >= {"", "q8_0", "q4_0"}      # the KV-cache rows
     assert {"perplexity", "kld", "mmlu"} <= set(suite.metrics)
     _has_transformers_ladder(suite)
 

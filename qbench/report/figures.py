@@ -103,6 +103,23 @@ def quality_vs_size(rows: list[dict[str, Any]], y: str, y_err: str | None, *, ti
     return fig
 
 
+def _tg_traces(fig: go.Figure, pts: list[dict[str, Any]], x: Any, hover: Any, *,
+               error: bool) -> None:
+    """One marker trace of tg tokens/s per backend and model, labelled by quant, at x(row)."""
+    backends = sorted({r["backend"] for r in pts})
+    models = sorted({r["model"] for r in pts})
+    for backend, model, sel in _groups(pts):
+        fig.add_trace(go.Scatter(
+            x=[x(r) for r in sel], y=[r["tg_tps"] for r in sel], mode="markers+text",
+            name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
+            text=[esc(r["quant"]) for r in sel], textposition="top center",
+            marker={"size": 11, "color": colour(backend, backends),
+                    "symbol": _symbol(model, models)},
+            error_y=({"type": "data", "array": [r.get("tg_sd") or 0 for r in sel],
+                      "visible": True} if error else None),
+            hovertext=[_hover(r, hover(r)) for r in sel], hoverinfo="text"))
+
+
 def speed_vs_memory(rows: list[dict[str, Any]]) -> go.Figure | None:
     """Generation speed vs the measured peak memory of the variant's process."""
     pts = []
@@ -112,24 +129,12 @@ def speed_vs_memory(rows: list[dict[str, Any]]) -> go.Figure | None:
             pts.append({**r, "_mem": mem, "_mem_kind": kind})
     if not pts:
         return None
-    backends = sorted({r["backend"] for r in pts})
-    models = sorted({r["model"] for r in pts})
     fig = go.Figure()
-    for backend, model, sel in _groups(pts):
-        fig.add_trace(go.Scatter(
-            x=[r["_mem"] for r in sel], y=[r["tg_tps"] for r in sel], mode="markers+text",
-            name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
-            text=[esc(r["quant"]) for r in sel], textposition="top center",
-            marker={"size": 11, "color": colour(backend, backends),
-                    "symbol": _symbol(model, models)},
-            error_y={"type": "data", "array": [r.get("tg_sd") or 0 for r in sel],
-                     "visible": True},
-            hovertext=[_hover(r, [
-                f"{r['_mem_kind']}: {r['_mem']:.0f} MiB",
-                f"tg: {r['tg_tps']:.1f} ± {r.get('tg_sd') or 0:.1f} tokens/s",
-                f"pp: {r['pp_tps']:.1f} tokens/s" if r.get("pp_tps") else "",
-                f"device: {esc(r.get('device') or '?')}"]) for r in sel],
-            hoverinfo="text"))
+    _tg_traces(fig, pts, lambda r: r["_mem"], lambda r: [
+        f"{r['_mem_kind']}: {r['_mem']:.0f} MiB",
+        f"tg: {r['tg_tps']:.1f} ± {r.get('tg_sd') or 0:.1f} tokens/s",
+        f"pp: {r['pp_tps']:.1f} tokens/s" if r.get("pp_tps") else "",
+        f"device: {esc(r.get('device') or '?')}"], error=True)
     front = pareto(pts, "_mem", "tg_tps", maximize_y=True)
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=[r["_mem"] for r in front], y=[r["tg_tps"] for r in front],
@@ -147,23 +152,13 @@ def roofline(rows: list[dict[str, Any]]) -> go.Figure | None:
     pts = [r for r in rows if r.get("tg_tps") and r.get("bytes_per_token")]
     if not pts:
         return None
-    backends = sorted({r["backend"] for r in pts})
-    models = sorted({r["model"] for r in pts})
     fig = go.Figure()
-    for backend, model, sel in _groups(pts):
-        fig.add_trace(go.Scatter(
-            x=[r["bytes_per_token"] / 1e6 for r in sel], y=[r["tg_tps"] for r in sel],
-            mode="markers+text", text=[esc(r["quant"]) for r in sel],
-            textposition="top center",
-            name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
-            marker={"size": 11, "color": colour(backend, backends),
-                    "symbol": _symbol(model, models)},
-            hovertext=[_hover(r, [f"{r['bytes_per_token'] / 1e6:.1f} MB read per token",
-                                  f"tg: {r['tg_tps']:.1f} tokens/s",
-                                  f"{r['tg_gbs']:.2f} GB/s" if r.get("tg_gbs") else "",
-                                  f"{r['tg_bw_pct']:.0f} % of measured"
-                                  if r.get("tg_bw_pct") is not None else ""]) for r in sel],
-            hoverinfo="text"))
+    _tg_traces(fig, pts, lambda r: r["bytes_per_token"] / 1e6, lambda r: [
+        f"{r['bytes_per_token'] / 1e6:.1f} MB read per token",
+        f"tg: {r['tg_tps']:.1f} tokens/s",
+        f"{r['tg_gbs']:.2f} GB/s" if r.get("tg_gbs") else "",
+        f"{r['tg_bw_pct']:.0f} % of measured" if r.get("tg_bw_pct") is not None else ""],
+        error=False)
     measured = max((r["measured_gbs"] for r in pts if r.get("measured_gbs")), default=None)
     if measured:
         lo = min(r["bytes_per_token"] for r in pts) / 2

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,14 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
         cmd = [find_tool("llama-imatrix"), "-m", str(base.path), "-f", str(calib), "-o",
                str(tmp), "--chunks", str(IMATRIX_CHUNKS), "-c", str(IMATRIX_CTX),
                "-t", str(threads or 1)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log = folder / "llama-imatrix.log"   # follow it: the tool prints its progress
+        print(f"computing the importance matrix: llama-imatrix on {IMATRIX_CHUNKS} x "
+              f"{IMATRIX_CTX} tokens (progress in {log})", file=sys.stderr, flush=True)
+        with log.open("wb") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
         if proc.returncode != 0 or not tmp.exists():
-            raise QbenchError(f"llama-imatrix failed (exit {proc.returncode}): "
-                              f"{proc.stderr[-800:]}")
+            tail = log.read_bytes()[-800:].decode("utf-8", "replace")
+            raise QbenchError(f"llama-imatrix failed (exit {proc.returncode}): {tail}")
         os.replace(tmp, out)
         sha = hashlib.sha256(out.read_bytes()).hexdigest()
         atomic_write_text(folder / "provenance.json", json.dumps(

@@ -113,7 +113,7 @@ def _build(version: str, flags: str, targets: list[str], folder: Path,
                               f"{program}, which is not on PATH; install it, or point "
                               "$QBENCH_LLAMA_CPP_BIN at prebuilt tools")
     say(f"building llama.cpp tools {', '.join(targets)} from llama-cpp-python {version} "
-        f"(once per machine, about 5-10 min on 2 cores) into {folder}")
+        f"(once per machine: about 5-10 min on 2 idle cores, longer on a busy machine) into {folder}")
     with tempfile.TemporaryDirectory(prefix=".build-", dir=folder.parent) as tmp:
         work = Path(tmp)
         _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",

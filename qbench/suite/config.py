@@ -246,17 +246,22 @@ def _array_of_tables(value: Any, file: str, key: str) -> list[dict[str, Any]]:
     return value
 
 
+def _registered_backend(name: str, *, file: str, key: str) -> Any:
+    """The backend's registry entry, or a ConfigError naming the known ones."""
+    info = known_backend_info(name)
+    if info is None:
+        raise ConfigError(f"unknown backend '{name}'{did_you_mean(name, backend_names())}; "
+                          f"available: {', '.join(backend_names())}", file=file, key=key)
+    return info
+
+
 def _parse_models(value: Any, file: str) -> tuple[ModelSpec, ...]:
     models: list[ModelSpec] = []
     seen: dict[str, int] = {}
     for i, table in enumerate(_array_of_tables(value, file, "models")):
         key = f"models[{i}]"
         model = from_table(ModelSpec, table, file=file, key=key)
-        info = known_backend_info(model.base_backend)
-        if info is None:
-            raise ConfigError(f"unknown backend '{model.base_backend}'"
-                              f"{did_you_mean(model.base_backend, backend_names())}",
-                              file=file, key=f"{key}.base_backend")
+        info = _registered_backend(model.base_backend, file=file, key=f"{key}.base_backend")
         base = info.canonical_quant(model.base)
         if base is None:
             raise ConfigError(info.unknown_quant(model.base), file=file, key=f"{key}.base")
@@ -285,11 +290,7 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
     for i, table in enumerate(_array_of_tables(value, file, "variants")):
         key = f"variants[{i}]"
         group = from_table(VariantGroup, table, file=file, key=key)
-        info = known_backend_info(group.backend)
-        if info is None:
-            raise ConfigError(f"unknown backend '{group.backend}'"
-                              f"{did_you_mean(group.backend, backend_names())}; available: "
-                              + ", ".join(backend_names()), file=file, key=f"{key}.backend")
+        info = _registered_backend(group.backend, file=file, key=f"{key}.backend")
         quants = (group.quant,) if isinstance(group.quant, str) else group.quant
         if not quants:
             raise ConfigError("empty quant list", file=file, key=f"{key}.quant")

@@ -29,8 +29,8 @@ from typing import Any
 from qbench.results.schema import Outcome
 from qbench.run.control import ParentEnd
 from qbench.run.job import Job
-from qbench.run.sampler import (VRAM_NOT_ATTRIBUTABLE, VRAM_NOT_REPORTED, MemoryWindow,
-                                _NvmlProbe, _Sampler)
+from qbench.run.sampler import (VRAM_NOT_ATTRIBUTABLE, VRAM_NOT_REPORTED, Boundary,
+                                MemoryWindow, _NvmlProbe, _Sampler)
 
 # the sampler lived here before it had a module of its own: its names stay reachable
 __all__ = ["CellRun", "Outcome", "run_cells", "run_in_child", "memory_note", "MemoryWindow",
@@ -41,6 +41,7 @@ _OOM_PATTERNS = re.compile(r"bad_alloc|out of memory|failed to allocate|cannot a
                            r"insufficient memory|MemoryError|CUDA error: out of memory",
                            re.IGNORECASE)
 OOM_SCAN_BYTES = 1 << 18   # llama.cpp prints a long backtrace after the allocation failure
+WAIT_SLICE_S = 0.1         # longest uninterruptible wait of the executor (see _next_event)
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,8 @@ def _follow(proc: subprocess.Popen[bytes], sampler: _Sampler, runs: Sequence[Cel
                         memory_limit_mb=memory_limit_mb, pid=proc.pid, **how)
 
     while True:
-        try:
-            event = sampler.events.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:            # past the deadline
+        event = _next_event(sampler, deadline)
+        if event is None:              # past the deadline
             _kill_tree(proc)
             proc.wait()
             if in_flight is not None:
@@ -162,6 +162,20 @@ def _follow(proc: subprocess.Popen[bytes], sampler: _Sampler, runs: Sequence[Cel
             if in_flight is not None:
                 yield in_flight, outcome(in_flight, sampler.window, returncode=code)
             return
+
+
+def _next_event(sampler: _Sampler, deadline: float) -> Boundary | None:
+    """The worker's next boundary, or None once ``deadline`` has passed. Waits in short slices:
+    a simulated interrupt (``_thread.interrupt_main``, Ray's cancel) only runs its handler
+    when this thread runs Python code, and a single long blocking wait would hold it off."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            return sampler.events.get(timeout=min(left, WAIT_SLICE_S))
+        except queue.Empty:
+            continue
 
 
 def _exit_code(proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, bool]:

@@ -116,8 +116,9 @@ def _one_worker(runs: Sequence[CellRun], memory_limit_mb: int, python: str
             if proc is not None:
                 _kill_tree(proc)  # stray grandchildren of finished cells
             if sampler is not None:
-                sampler.stop()
-            channel.close()
+                sampler.stop()         # it closes the channel as it ends
+            else:
+                channel.close()
 
 
 def _follow(proc: subprocess.Popen[bytes], sampler: _Sampler, runs: Sequence[CellRun],

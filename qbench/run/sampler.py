@@ -141,8 +141,12 @@ class _Sampler(threading.Thread):
             self._sample_until_stopped()
         finally:
             self._nvml.close()
-            if self.channel is not None and not self.channel.closed:
-                self.events.put(Boundary("eof"))    # never leave the executor waiting
+            if self.channel is not None:
+                if not self.channel.closed:
+                    self.events.put(Boundary("eof"))   # never leave the executor waiting
+                # closed here, by the only thread reading it: closed elsewhere, its fd number
+                # could be reused by the next worker's pipe while this thread still reads
+                self.channel.close()
 
     def _sample(self, root: psutil.Process) -> bool:
         """One sample into the current window; False when the tree's root is gone."""
@@ -196,6 +200,10 @@ class _Sampler(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
+        if self.ident is None:          # never started (interrupted right after the spawn)
+            if self.channel is not None:
+                self.channel.close()
+            return
         self.join(timeout=2)
 
 

@@ -297,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     _start(job)
     try:
         result, _ = measure(job)
+        atomic_write_text(result_path, json.dumps(result, default=str))
     finally:
-        close_session()
-    atomic_write_text(result_path, json.dumps(result, default=str))
+        close_session()        # after the result: a crash on the way out costs it nothing
     return 0
 
 

@@ -74,7 +74,7 @@ class Session:
             end = getattr(backend, "end_cell", None)
             if end is not None:
                 end()
-        gc.collect()   # the cell's cycles go now, not inside the next cell's window
+        release_free_memory()   # the cell's garbage goes now, not into the next one's window
 
     def close(self) -> None:
         for name in sorted(self._loaded, key=lambda n: n != "base"):   # the base first
@@ -83,7 +83,19 @@ class Session:
             except Exception as exc:  # noqa: BLE001 - the results are written: say, go on
                 print(f"qbench: closing the {name} backend failed: {exc!r}", file=sys.stderr)
         self._memo.clear()
-        gc.collect()
+        release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Collect cycles, then hand the C heap's free pages back to the system (glibc's
+    ``malloc_trim``): memory a cell freed would otherwise stay resident and count in the next
+    cell's window. Best effort (other C libraries: the collection only)."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _current: Session | None = None

@@ -265,3 +265,101 @@ dataset = "wikitext-2"
     assert per_variant == [("F16", m) for m in expected] + [("Q8_0", m) for m in expected]
     # only consecutive cells of one variant move: a narrowed plan keeps its variant order
     assert [c.variant.quant for c in run_order(cells[::-1])] == ["Q8_0"] * 6 + ["F16"] * 6
+
+
+def test_a_crash_is_diagnosed_with_the_banner_an_earlier_cell_logged(tmp_path, monkeypatch):
+    """llama.cpp prints its build (system info) when it loads, into the log of the cell that
+    loaded it; a later cell of the same worker that crashes is still explained (AMX here)."""
+    from qbench.host import buildflags
+    from qbench.run.child import CellRun, MemoryWindow, _outcome
+    from qbench.run.job import Job
+    monkeypatch.setattr(buildflags, "has_amx", lambda: True)
+    job = Job(cell={"id": "m/llama.cpp/Q4_K_M/sanity", "key": "k",
+                    "variant": {"backend": "llama.cpp"}}, base_dir=".", cache_dir=".")
+    logs = [tmp_path / "speed.log", tmp_path / "sanity.log"]
+    logs[0].write_text("qbench cell m/llama.cpp/Q4_K_M/speed key j\n"
+                       "llama.cpp system info: CPU : AVX2 = 1 | AMX_INT8 = 1 |\n")
+    logs[1].write_text("qbench cell m/llama.cpp/Q4_K_M/sanity key k\n"
+                       "Fatal Python error: Segmentation fault\n")
+    runs = [CellRun(job, logs[0], 60), CellRun(job, logs[1], 60)]
+
+    def crash(position: int) -> str:
+        out = _outcome(runs, position, tmp_path / "no-result.json", window=MemoryWindow(),
+                       wall=1.0, memory_limit_mb=0, pid=1, returncode=-11)
+        assert (out.status, out.signal) == ("crashed", "SIGSEGV")
+        return out.error
+
+    assert crash(1).endswith(buildflags.AMX_HINT)
+    assert crash(1).startswith("the cell process died of SIGSEGV")
+    logs[0].write_text("qbench cell m/llama.cpp/Q4_K_M/speed key j\n")   # no banner anywhere
+    assert crash(1) == "the cell process died of SIGSEGV"
+
+
+def test_stopping_mid_batch_ends_the_worker(tmp_path, monkeypatch):
+    """The consumer stops (Ctrl-C in the runner, a closed generator) while the worker goes on
+    to its next cell: the worker's process tree is ended before control returns."""
+    from qbench.run.child import CellRun, run_cells
+    from qbench.run.job import Job
+    monkeypatch.setenv("QBENCH_FAULT", "*/sanity=hang")
+
+    def job(metric: str) -> Job:
+        return Job(cell={"id": f"m/llama.cpp/F16/{metric}", "key": metric, "metric": metric,
+                         "model": {"id": "m", "source": str(tmp_path / "missing.gguf")},
+                         "variant": {"backend": "llama.cpp", "quant": "F16", "is_base": True},
+                         "options": {}}, base_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+
+    runs = [CellRun(job(m), tmp_path / f"{m}.log", PATIENCE_S) for m in ("speed", "sanity")]
+    cells = run_cells(runs)
+    index, first = next(cells)        # a failure qbench understands: the worker goes on
+    assert index == 0 and first.status == "failed"
+    assert first.error.startswith("model file not found")
+    worker = psutil.Process(first.result["timings"]["worker_pid"])
+    cells.close()
+    assert not worker.is_running()
+
+
+def test_session_keeps_what_a_variant_needs_between_cells():
+    """Prepared once (a user error remembered), loaded once, lent but never closed by a cell,
+    reset between cells (a backend whose reset fails is reloaded), closed at the end."""
+    from qbench.errors import SourceError
+    from qbench.run.session import Borrowed, Session
+
+    class Fake:
+        def __init__(self, name: str, fail_end: bool = False) -> None:
+            self.name, self.fail_end, self.ends, self.closed = name, fail_end, 0, False
+
+        def end_cell(self) -> None:
+            self.ends += 1
+            if self.fail_end:
+                raise RuntimeError("reset failed")
+
+        def close(self) -> None:
+            self.closed = True
+
+    session = Session("v")
+    calls: list[str] = []
+
+    def prepare() -> str:
+        calls.append("prepare")
+        raise SourceError("model file not found: m.gguf")
+
+    for _ in range(2):
+        with pytest.raises(SourceError, match="model file not found"):
+            session.once("variant", prepare)
+    assert calls == ["prepare"]
+
+    loads: list[Fake] = []
+
+    def load(name: str, **kw: bool):
+        return lambda: loads.append(Fake(name, **kw)) or loads[-1]
+
+    variant = session.loaded("variant", load("variant"))
+    assert session.loaded("variant", load("variant")) is variant and len(loads) == 1
+    base = Borrowed(session.loaded("base", load("base", fail_end=True)))
+    base.close()                              # a metric "closing" the base it borrowed
+    assert base.name == "base" and not loads[1].closed
+    assert session.held() == ["base", "variant"]
+    session.end_cell()
+    assert variant.ends == 1 and loads[1].closed and session.held() == ["variant"]
+    session.close()
+    assert variant.closed and session.held() == []

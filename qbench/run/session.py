@@ -69,11 +69,22 @@ class Session:
         return sorted(self._loaded)
 
     def end_cell(self) -> None:
-        """Drop what the cell built on the loaded backends; keep their weights."""
-        for backend in self._loaded.values():
+        """Drop what the cell built on the loaded backends; keep their weights. A backend that
+        fails to is closed instead (the next cell loads it afresh): the cell's result stands."""
+        for name, backend in list(self._loaded.items()):
             end = getattr(backend, "end_cell", None)
-            if end is not None:
+            if end is None:
+                continue
+            try:
                 end()
+            except Exception as exc:  # noqa: BLE001 - not this cell's failure
+                print(f"qbench: resetting the {name} backend failed ({exc!r}); it is "
+                      "loaded again for the next cell", file=sys.stderr)
+                del self._loaded[name]
+                try:
+                    backend.close()
+                except Exception:  # noqa: BLE001
+                    pass
         release_free_memory()   # the cell's garbage goes now, not into the next one's window
 
     def close(self) -> None:

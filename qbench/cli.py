@@ -302,7 +302,8 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
     "plan": ("List the cells (model/backend/quant/metric) a run would measure and which are "
              "already stored, without running anything.",
              "qbench plan suites/smoke.toml --only 'smollm2-135m/llama.cpp/*'"),
-    "run": ("Measure every cell of the suite not already stored, each in its own process, "
+    "run": ("Measure every cell of the suite not already stored (a variant's cells share one "
+            "worker process and one model load; a cell that crashes or hangs ends alone), "
             "storing each result the moment it is known (kill it at any time; run again to "
             "resume), then write the HTML report. Exit 2 if any cell failed. "
             "--summary-md \"$GITHUB_STEP_SUMMARY\" puts a table of the run on a CI job's page; "

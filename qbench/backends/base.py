@@ -66,3 +66,9 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional (looked up with getattr, so a backend without it still works):
+    # ``end_cell() -> None``: the worker runs a variant's cells on one loaded backend and calls
+    # it between them. Drop what a cell built (a llama.cpp context sized for that cell, a KV
+    # cache, cached GPU blocks), keep the weights, so the next cell starts as on a fresh load
+    # (same numbers, and its memory is its own).
+

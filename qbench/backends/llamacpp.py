@@ -295,6 +295,15 @@ class LlamaCppBackend:
             "gpu_offload_supported": gpu_available(),
         }
 
+    def end_cell(self) -> None:
+        """Free the context: the next cell creates the one it needs, as after a fresh load
+        (contexts only grow here, and a larger one would change its memory and speed)."""
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        self._ctx_shape = (0, 0)
+        self._pos = 0
+
     def close(self) -> None:
         if self.ctx is not None:
             llama_cpp.llama_free(self.ctx)

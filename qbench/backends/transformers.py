@@ -430,6 +430,13 @@ class TransformersBackend:
             info["torch_max_allocated_mb"] = torch_max_allocated_mb()
         return info
 
+    def end_cell(self) -> None:
+        """Drop the KV cache and torch's cached GPU blocks (the next cell's VRAM is its own)."""
+        self.reset()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
         self._cache = None
         self._last = None

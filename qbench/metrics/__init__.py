@@ -53,6 +53,9 @@ class MetricInfo:
     hardware_bound: bool = False
     # the cell loads only the variant (never the base): its peak memory is the variant's own
     own_memory: bool = True
+    # the cell loads the variant at all (footprint reads the file only): a worker running a
+    # variant's cells runs those that load nothing first (qbench.run.batching)
+    loads_model: bool = True
     # relative cost of one cell with these options, per billion parameters at 16 bits
     # (sharding balances on it; only ratios matter)
     cost: Callable[[Any], float] | None = None

@@ -30,6 +30,9 @@ class CellContext:
     companions: dict[str, dict[str, Any]] = field(default_factory=dict)
     cell_key: str = ""             # this cell's key (names what it shares with others)
     backend_name: str = ""         # the variant's backend (its registry entry)
+    # the backend is the worker's, lent for this cell: the variant's next cell reuses it, so
+    # closing the context only lets go of it (the worker closes it after its last cell)
+    shared_backend: bool = False
 
     @property
     def backend(self) -> Backend:
@@ -40,15 +43,15 @@ class CellContext:
         return self._backend
 
     def load_base(self) -> Backend:
-        """Load the model's base variant (the caller closes it)."""
+        """Load the model's base variant (the caller closes it; a shared one stays loaded)."""
         if self._load_base is None:
             raise RuntimeError("this cell has no base variant")
         return self._load_base()
 
     def close(self) -> None:
-        if self._backend is not None:
+        if self._backend is not None and not self.shared_backend:
             self._backend.close()
-            self._backend = None
+        self._backend = None
 
 
 def value(v: float | None, stderr: float | None = None, n: int | None = None,

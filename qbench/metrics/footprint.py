@@ -18,7 +18,7 @@ from qbench.metrics.context import CellContext
 
 INFO = MetricInfo(
     name="footprint", version="1", primary="file_size_mb", higher_is_better=False,
-    implicit=True, own_memory=False,
+    implicit=True, own_memory=False, loads_model=False,
     # sizes change when a recipe changes, on purpose: reported by compare, never gated
     reported=("file_size_mb", "bpw"),
     cost=lambda options: 0.02,

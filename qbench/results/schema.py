@@ -31,6 +31,9 @@ class Memory(TypedDict, total=False):
     peak_vram_mb: float | None    # NVML per-process, sampled; None without a GPU
     torch_max_allocated_mb: float | None
     vram_note: str | None         # why peak_vram_mb is None where NVML works (container PIDs)
+    # set when the cell was not the first of its worker process: what its window may include
+    # besides the cell's own memory (the variant loaded earlier, a base still held)
+    note: str | None
 
 
 class CellRecord(TypedDict):
@@ -96,6 +99,7 @@ class Outcome:
     peak_vram_mb: float | None = None   # None: not measured (no NVML) or not attributable
     wall_s: float = 0.0
     vram_note: str | None = None     # why peak_vram_mb is None on a machine with NVML
+    memory_note: str | None = None   # what else the cell's memory window may include
 
 
 def make_record(spec: dict[str, Any], outcome: Outcome, run_id: str, started: str,
@@ -119,7 +123,7 @@ def make_record(spec: dict[str, Any], outcome: Outcome, run_id: str, started: st
                    "torch_max_allocated_mb": (res.get("torch_max_allocated_mb") or
                                               res.get("backend", {}).get(
                                                   "torch_max_allocated_mb")),
-                   "vram_note": outcome.vram_note},
+                   "vram_note": outcome.vram_note, "note": outcome.memory_note},
         "timings": {"started": started, "wall_s": round(outcome.wall_s, 3),
                     **res.get("timings", {})},
         "env": env,

@@ -1,3 +1,4 @@
-"""Running a plan: the typed job, executors (local, Ray), the child process and its memory sampler,
-the worker, run summaries, install checks (doctor).
+"""Running a plan: the typed job, executors (local, Ray), which cells share a worker (batching),
+the worker processes (child) with their memory sampler and boundary channel, the worker and what
+it keeps between cells (session), run summaries, install checks (doctor).
 """

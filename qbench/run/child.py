@@ -1,182 +1,278 @@
-"""Run one cell in its own process and turn whatever happens into an outcome.
+"""Run cells in worker processes and turn whatever happens to each into its outcome.
 
-Like optimum-benchmark's process launcher: the child returns JSON or dies; a side thread samples
-the child's process tree for resident memory (psutil) and per-process VRAM (NVML), so llama.cpp's
-CUDA buffers, invisible to torch's counters, are counted too. Segfaults, aborts, OOM kills and
-timeouts become statuses with the signal and the tail of the cell's log; the run goes on.
+Like optimum-benchmark's process launcher: the worker writes each cell's result as JSON or dies,
+and a side thread samples the process tree's memory (:mod:`qbench.run.sampler`). One worker
+runs the cells it is given one after the other (the cells of one variant: one start-up, one
+model load, see :mod:`qbench.run.worker`) and says where each begins and ends
+(:mod:`qbench.run.control`). Isolation stays per cell: a segfault, an abort, an OOM kill or a
+timeout is the outcome of the cell in flight, with the signal and the tail of that cell's own
+log, and the cells after it go on in a fresh process. Each cell has its own timeout, counted
+from its start (the first cell's from the spawn: it also pays for start-up and preparation).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from qbench.results.schema import Outcome
+from qbench.run.control import ParentEnd
 from qbench.run.job import Job
+from qbench.run.sampler import (VRAM_NOT_ATTRIBUTABLE, VRAM_NOT_REPORTED, Boundary,
+                                MemoryWindow, _NvmlProbe, _Sampler)
 
+# the sampler lived here before it had a module of its own: its names stay reachable
+__all__ = ["CellRun", "Outcome", "run_cells", "run_in_child", "memory_note", "MemoryWindow",
+           "VRAM_NOT_ATTRIBUTABLE", "VRAM_NOT_REPORTED", "_NvmlProbe", "_Sampler"]
 
 TAIL_CHARS = 3000
 _OOM_PATTERNS = re.compile(r"bad_alloc|out of memory|failed to allocate|cannot allocate memory|"
                            r"insufficient memory|MemoryError|CUDA error: out of memory",
                            re.IGNORECASE)
 OOM_SCAN_BYTES = 1 << 18   # llama.cpp prints a long backtrace after the allocation failure
+WAIT_SLICE_S = 0.1         # longest uninterruptible wait of the executor (see _next_event)
 
 
-VRAM_NOT_ATTRIBUTABLE = (
-    "VRAM not attributable: NVML reports GPU processes, but under PIDs this process cannot see "
-    "(a container's PID namespace) and none of them is this cell's process tree; run with the "
-    "host's PID namespace (docker --pid=host) to measure per-process VRAM")
-VRAM_NOT_REPORTED = ("VRAM not reported: NVML lists this cell's processes without their memory "
-                     "use (usedGpuMemory unavailable, e.g. under MIG or in some containers)")
+@dataclass(frozen=True)
+class CellRun:
+    """One cell for a worker: its job, its own log file, how long it may take."""
+
+    job: Job
+    log_path: Path
+    timeout_s: float
 
 
-class _Sampler(threading.Thread):
-    """Samples RSS (psutil) and NVML per-process GPU memory of a process tree.
+def run_in_child(job: Job, *, log_path: Path, timeout_s: float,
+                 memory_limit_mb: int = 0, python: str = sys.executable) -> Outcome:
+    """Run one cell in a worker process of its own; never raises for anything the cell does."""
+    [(_, outcome)] = list(run_cells([CellRun(job, log_path, timeout_s)],
+                                    memory_limit_mb=memory_limit_mb, python=python))
+    return outcome
 
-    NVML is opened in the thread, not in the constructor: the executor builds the sampler
-    between spawning a cell and waiting on it, and nothing slow belongs in that window."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.interval = interval
-        self.peak_rss = 0
-        self._peak_ours: int | None = None   # max over samples that found the tree's processes
-        self._seen: set[str] = set()         # sample kinds seen (see _NvmlProbe.sample)
-        self._halt = threading.Event()
-        self._nvml: _NvmlProbe | None = None
+def run_cells(runs: Sequence[CellRun], *, memory_limit_mb: int = 0,
+              python: str = sys.executable) -> Iterator[tuple[int, Outcome]]:
+    """Run ``runs`` in order, in one worker process while it stays fit; yield (index, outcome)
+    as each cell ends. A cell that crashes, hangs or leaves its process unfit (see
+    :func:`qbench.run.worker.measure`) ends that process, and the rest go on in a fresh one.
+    Never raises for anything a cell does; Ctrl-C (or closing the generator) ends the worker's
+    process tree first."""
+    start = 0
+    while start < len(runs):
+        reported = 0
+        for i, outcome in _one_worker(runs[start:], memory_limit_mb, python):
+            reported = i + 1
+            yield start + i, outcome
+        start += max(reported, 1)   # a worker always reports its first cell (in flight at spawn)
 
-    @property
-    def peak_vram(self) -> int | None:
-        """Peak bytes on GPUs of the tree; 0 when NVML saw GPU processes that were all
-        someone else's, or none at all; None without NVML or when nothing was attributable."""
-        if self._peak_ours is not None:
-            return self._peak_ours
-        if self._seen and self._seen <= {"idle", "others"}:
-            return 0
-        return None
 
-    @property
-    def vram_note(self) -> str | None:
-        """Why there is no VRAM figure though NVML works (None when measured or no NVML)."""
-        if self.peak_vram is not None:
-            return None
-        if "no-size" in self._seen:
-            return VRAM_NOT_REPORTED
-        if "unknown" in self._seen:
-            return VRAM_NOT_ATTRIBUTABLE
-        return None
-
-    def run(self) -> None:
-        self._nvml = _NvmlProbe()
+def _one_worker(runs: Sequence[CellRun], memory_limit_mb: int, python: str
+                ) -> Iterator[tuple[int, Outcome]]:
+    """Spawn one worker for ``runs`` and report its cells until it ends."""
+    for run in runs:
+        run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
+        results = [Path(tmp) / f"result-{i}.json" for i in range(len(runs))]
+        channel = ParentEnd()
+        events_fd, ack_fd = channel.child_fds()
+        spec_path = Path(tmp) / "cells.json"
+        spec_path.write_text(json.dumps({"events_fd": events_fd, "ack_fd": ack_fd, "cells": [
+            {"job": run.job.replace(parent_pid=os.getpid(), memory_limit_mb=memory_limit_mb
+                                    ).to_json(),
+             "result": str(result), "log": str(run.log_path)}
+            for run, result in zip(runs, results)]}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc: subprocess.Popen[bytes] | None = None
+        sampler: _Sampler | None = None
         try:
-            self._sample_until_stopped()
+            t_spawn = time.monotonic()
+            with runs[0].log_path.open("wb") as log:   # the worker moves to each cell's own log
+                proc = subprocess.Popen(
+                    [python, "-m", "qbench.run.worker", "--cells", str(spec_path)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,   # its own process group: a timeout kills the tree
+                    pass_fds=(events_fd, ack_fd))
+            channel.spawned()
+            sampler = _Sampler(proc.pid, channel=channel)
+            sampler.start()
+            yield from _follow(proc, sampler, runs, results, t_spawn, memory_limit_mb)
+        except BaseException:  # Ctrl-C, the consumer stopping: take the cells down with us
+            if proc is not None:
+                _kill_tree(proc)
+                proc.wait()
+            raise
         finally:
-            self._nvml.close()
+            if proc is not None:
+                _kill_tree(proc)  # stray grandchildren of finished cells
+            if sampler is not None:
+                sampler.stop()         # it closes the channel as it ends
+            else:
+                channel.close()
 
-    def _sample_until_stopped(self) -> None:
-        assert self._nvml is not None
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.Error:
+
+def _follow(proc: subprocess.Popen[bytes], sampler: _Sampler, runs: Sequence[CellRun],
+            results: list[Path], t_spawn: float, memory_limit_mb: int
+            ) -> Iterator[tuple[int, Outcome]]:
+    """The outcomes of a worker's cells, as its boundaries arrive (see qbench.run.control)."""
+    in_flight: int | None = 0          # the first cell is in flight from the spawn
+    began = t_spawn
+    deadline = t_spawn + runs[0].timeout_s
+
+    def outcome(i: int, window: MemoryWindow, **how: Any) -> Outcome:
+        return _outcome(runs, i, results[i], window=window, wall=time.monotonic() - began,
+                        memory_limit_mb=memory_limit_mb, pid=proc.pid, **how)
+
+    while True:
+        event = _next_event(sampler, deadline)
+        if event is None:              # past the deadline
+            _kill_tree(proc)
+            proc.wait()
+            if in_flight is not None:
+                yield in_flight, outcome(in_flight, sampler.window, timed_out=True)
+            return                     # between cells: the rest go to a fresh worker
+        if event.kind == "begin":
+            in_flight = event.index
+            if event.index > 0:
+                began, deadline = event.at, event.at + runs[event.index].timeout_s
+        elif event.kind == "end":
+            i = event.index
+            assert event.window is not None
+            if i == len(runs) - 1:     # its last cell: the worker exits now
+                code, killed = _exit_code(proc, deadline)
+                out = outcome(i, event.window, returncode=code, killed_after=killed)
+            else:
+                out = outcome(i, event.window)
+            in_flight = None
+            yield i, out
+            if i == len(runs) - 1:
+                return
+            deadline = time.monotonic() + runs[i + 1].timeout_s   # its teardown included
+        else:                          # end of file: the worker has ended
+            code, _ = _exit_code(proc, deadline)
+            if in_flight is not None:
+                yield in_flight, outcome(in_flight, sampler.window, returncode=code)
             return
-        while not self._halt.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-                pids = {p.pid for p in procs}
-                rss = 0
-                for p in procs:
-                    try:
-                        rss += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak_rss = max(self.peak_rss, rss)
-                sample = self._nvml.sample(pids)
-                if sample is not None:
-                    vram, kind = sample
-                    self._seen.add(kind)
-                    if kind == "ours" and vram is not None:
-                        self._peak_ours = max(self._peak_ours or 0, vram)
-            except psutil.Error:
-                break
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=2)
 
 
-class _NvmlProbe:
-    """Per-process GPU memory from NVML; inert (None) without NVML or GPUs."""
-
-    def __init__(self) -> None:
-        self.handles: list[Any] = []
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            self.nv = pynvml
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                            for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # no pynvml, no driver, no GPU
-            self.handles = []
-
-    def _processes(self) -> dict[tuple[int, int], int | None]:
-        """(device, pid) -> bytes (None: not reported) of every GPU process NVML lists; a
-        process in both the compute and graphics lists is counted once."""
-        sizes: dict[tuple[int, int], list[int]] = {}
-        for i, h in enumerate(self.handles):
-            for query in (self.nv.nvmlDeviceGetComputeRunningProcesses,
-                          self.nv.nvmlDeviceGetGraphicsRunningProcesses):
-                try:
-                    procs = query(h)
-                except Exception:  # noqa: BLE001 - a query a device does not support
-                    continue
-                for p in procs:
-                    sizes.setdefault((i, p.pid), []).extend(
-                        [p.usedGpuMemory] if p.usedGpuMemory is not None else [])
-        return {k: max(v) if v else None for k, v in sizes.items()}
-
-    def sample(self, pids: set[int]) -> tuple[int | None, str] | None:
-        """(bytes used by ``pids``, kind of sample), or None without NVML. Kinds: "ours" (the
-        tree's processes found and measured), "no-size" (found, but NVML gives no sizes),
-        "idle" (no GPU process at all), "others" (GPU processes, all visible here and none
-        ours: the tree uses no GPU), "unknown" (GPU processes under PIDs not visible here and
-        none ours: NVML's PIDs are another PID namespace's, so nothing can be attributed)."""
-        if not self.handles:
+def _next_event(sampler: _Sampler, deadline: float) -> Boundary | None:
+    """The worker's next boundary, or None once ``deadline`` has passed. Waits in short slices:
+    a simulated interrupt (``_thread.interrupt_main``, Ray's cancel) only runs its handler
+    when this thread runs Python code, and a single long blocking wait would hold it off."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return None
-        procs = self._processes()
-        if not procs:
-            return 0, "idle"
-        mine = [v for (_, pid), v in procs.items() if pid in pids]
-        if mine:
-            sizes = [v for v in mine if v is not None]
-            return (sum(sizes), "ours") if sizes else (None, "no-size")
-        if any(not psutil.pid_exists(pid) for _, pid in procs):
-            return None, "unknown"
-        return 0, "others"
+        try:
+            return sampler.events.get(timeout=min(left, WAIT_SLICE_S))
+        except queue.Empty:
+            continue
 
-    def used_by(self, pids: set[int]) -> int | None:
-        """Bytes of GPU memory used by ``pids`` (None: no NVML, or not attributable)."""
-        sample = self.sample(pids)
-        return None if sample is None else sample[0]
 
-    def close(self) -> None:
-        if self.handles:
-            try:
-                self.nv.nvmlShutdown()
-            except Exception:
-                pass
+def _exit_code(proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, bool]:
+    """(return code, killed by us) of a worker expected to exit by ``deadline``."""
+    try:
+        return proc.wait(timeout=max(0.0, deadline - time.monotonic())), False
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        return proc.wait(), True
+
+
+def _outcome(runs: Sequence[CellRun], position: int, result_path: Path, *,
+             window: MemoryWindow, wall: float, memory_limit_mb: int, pid: int,
+             returncode: int | None = None, timed_out: bool = False,
+             killed_after: bool = False) -> Outcome:
+    """Cell ``position`` of a worker as an outcome. ``returncode`` None: the worker lives on
+    (the cell reported its end); otherwise how the worker ended while (or just after) the cell
+    ran. ``killed_after``: the worker wrote the result but did not exit, so qbench ended it."""
+    run = runs[position]
+    log_path = run.log_path
+    result: dict[str, Any] = {}
+    if result_path.exists():
+        try:
+            result = json.loads(result_path.read_text())
+        except ValueError:
+            result = {}
+    result["timings"] = {**(result.get("timings") or {}), "worker_pid": pid,
+                         "process_cell": position + 1}
+    tail = _tail(log_path)
+    out = Outcome(status="failed", stderr_tail=tail or None, wall_s=wall, result=result,
+                  peak_rss_mb=max(window.peak_rss / 2**20, result.get("peak_rss_self_mb") or 0),
+                  peak_vram_mb=None if window.peak_vram is None else window.peak_vram / 2**20,
+                  vram_note=window.vram_note, memory_note=memory_note(position, result, window))
+    failed = returncode is not None and returncode < 0 and not killed_after
+    if timed_out:
+        out.status = "timeout"
+        out.error = f"timed out after {run.timeout_s:g} s; its process tree was killed"
+        out.signal = "SIGKILL"
+    elif failed and result.get("status") == "ok":
+        # the measurement was complete and written; the process died on its way out
+        out.status = "ok"
+        out.error = (f"note: the cell process died of {_signal_name(-returncode)} after "
+                     "writing its result")
+    elif failed:
+        sig = _signal_name(-returncode)
+        out.status = "crashed"
+        out.signal = sig
+        out.error = f"the cell process died of {sig}"
+        if sig == "SIGKILL":
+            out.error += " (not sent by qbench: most likely the kernel's OOM killer)"
+        elif _OOM_PATTERNS.search(_tail(log_path, OOM_SCAN_BYTES)):
+            out.error += " after an allocation failure: out of memory"
+            if memory_limit_mb:
+                out.error += f" (memory_limit_mb = {memory_limit_mb})"
+        # the backend's banner (e.g. llama.cpp's system info) is in the log of the cell that
+        # loaded it, which may be an earlier one of this worker
+        earlier = "".join(_head(r.log_path) for r in runs[:position])
+        hint = _diagnosis(run.job, earlier + _head(log_path) + tail, sig)
+        if hint:
+            out.error += hint
+    elif result.get("status"):
+        out.status = result["status"]
+        out.error = result.get("error")
+        if out.status == "ok":
+            out.stderr_tail = None
+            if killed_after:
+                out.error = ("note: the worker process did not exit after writing its result; "
+                             "qbench ended it")
+        elif (out.status == "failed" and "out of memory" not in (out.error or "")
+              and _OOM_PATTERNS.search(_tail(log_path, OOM_SCAN_BYTES))):
+            out.error = (f"{out.error}: out of memory (the cell log shows an allocation failure"
+                         + (f"; memory_limit_mb = {memory_limit_mb}" if memory_limit_mb else "")
+                         + ")")
+    else:
+        out.error = f"the cell process exited with code {returncode} and wrote no result"
+        if _OOM_PATTERNS.search(tail):
+            out.error += ": out of memory"
+    return out
+
+
+def memory_note(position: int, result: dict[str, Any], window: MemoryWindow) -> str | None:
+    """What a cell's peak may include besides the cell's own memory; None for the first cell
+    of a worker, measured over the whole process as a one-cell process always was."""
+    if position == 0:
+        return None
+    held = result.get("held")
+    note = (f"cell {position + 1} of its worker process, after {position} of this variant's "
+            "cells: peak over this cell's own window")
+    if window.first_rss is not None:
+        note += f"; {window.first_rss / 2**20:.0f} MiB were held at its start"
+        if held is not None and "variant" in held:
+            note += (", the variant's weights among them (their load's transient peak is not "
+                     "in this window)")
+    if held is not None and "base" in held:
+        note += "; the base variant, loaded by an earlier cell, was still held and counts"
+    return note
 
 
 def _tail(path: Path, n: int = TAIL_CHARS) -> str:
@@ -208,90 +304,6 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def run_in_child(job: Job, *, log_path: Path, timeout_s: float,
-                 memory_limit_mb: int = 0, python: str = sys.executable) -> Outcome:
-    """Run ``python -m qbench.run.worker`` on ``job``; never raises for anything the cell does."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
-        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job = job.replace(parent_pid=os.getpid(), memory_limit_mb=memory_limit_mb)
-        job_path.write_text(job.to_json())
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        t0 = time.monotonic()
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [python, "-m", "qbench.run.worker", str(job_path), str(result_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)  # its own process group: a timeout kills the tree
-            sampler = _Sampler(proc.pid)
-            sampler.start()
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_tree(proc)
-                proc.wait()
-            except BaseException:  # Ctrl-C / kill of the parent: take the cell down with us
-                _kill_tree(proc)
-                proc.wait()
-                sampler.stop()
-                raise
-            finally:
-                _kill_tree(proc)  # stray grandchildren of a finished cell
-            sampler.stop()
-        wall = time.monotonic() - t0
-        tail = _tail(log_path)
-        result: dict[str, Any] = {}
-        if result_path.exists():
-            try:
-                result = json.loads(result_path.read_text())
-            except ValueError:
-                result = {}
-    out = Outcome(status="failed", stderr_tail=tail or None, wall_s=wall, result=result,
-                  peak_rss_mb=max(sampler.peak_rss / 2**20, result.get("peak_rss_self_mb", 0)),
-                  peak_vram_mb=None if sampler.peak_vram is None else sampler.peak_vram / 2**20,
-                  vram_note=sampler.vram_note)
-    if timed_out:
-        out.status = "timeout"
-        out.error = f"timed out after {timeout_s:g} s; its process tree was killed"
-        out.signal = "SIGKILL"
-    elif proc.returncode < 0 and result.get("status") == "ok":
-        # the measurement was complete and written; the process died on its way out
-        out.status = "ok"
-        out.error = (f"note: the cell process died of {_signal_name(-proc.returncode)} after "
-                     "writing its result")
-    elif proc.returncode < 0:
-        sig = _signal_name(-proc.returncode)
-        out.status = "crashed"
-        out.signal = sig
-        out.error = f"the cell process died of {sig}"
-        if sig == "SIGKILL":
-            out.error += " (not sent by qbench: most likely the kernel's OOM killer)"
-        elif _OOM_PATTERNS.search(_tail(log_path, OOM_SCAN_BYTES)):
-            out.error += " after an allocation failure: out of memory"
-            if memory_limit_mb:
-                out.error += f" (memory_limit_mb = {memory_limit_mb})"
-        hint = _diagnosis(job, _head(log_path) + tail, sig)
-        if hint:
-            out.error += hint
-    elif result:
-        out.status = result.get("status", "failed")
-        out.error = result.get("error")
-        if out.status == "ok":
-            out.stderr_tail = None
-        elif (out.status == "failed" and "out of memory" not in (out.error or "")
-              and _OOM_PATTERNS.search(_tail(log_path, OOM_SCAN_BYTES))):
-            out.error = (f"{out.error}: out of memory (the cell log shows an allocation failure"
-                         + (f"; memory_limit_mb = {memory_limit_mb}" if memory_limit_mb else "")
-                         + ")")
-    else:
-        out.error = f"the cell process exited with code {proc.returncode} and wrote no result"
-        if _OOM_PATTERNS.search(tail):
-            out.error += ": out of memory"
-    return out
 
 
 def _diagnosis(job: Job, log_text: str, signal_name: str) -> str | None:

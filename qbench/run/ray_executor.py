@@ -2,7 +2,11 @@
 
 Ray does the scheduling (qbench has no scheduler of its own): each work item becomes one task
 that asks for the CPUs and GPUs its cell needs, so a node runs as many cells at once as its
-GPUs allow. Inside the task the cell still runs in its own child process
+GPUs allow. One cell per task, on purpose: the local executor's batching (a variant's cells in
+one worker, one model load) would make a task hold its GPU for the whole variant and take
+scheduling freedom away from Ray; with cells spread over a cluster the repeated load is the
+price of that freedom (a task per variant is possible later: run_cells takes a list). Inside
+the task the cell still runs in its own child process
 (:func:`qbench.run.child.run_in_child`): a segfault, an OOM kill or a timeout of the cell is that
 cell's outcome, exactly as with the local executor, and the Ray worker lives on. Outcomes come
 back to the driver as plain dicts and are stored there, so results land in the same store as a

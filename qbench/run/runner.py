@@ -1,5 +1,5 @@
-"""`qbench run`: plan the suite, skip finished cells, run the rest one process each, store each
-outcome the moment it is known, and show progress.
+"""`qbench run`: plan the suite, skip finished cells, run the rest (the local executor: one worker
+process per variant), store each cell's outcome the moment it is known, and show progress.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from qbench.host import envinfo
 from qbench.metrics import known_metric_info
 from qbench.results.schema import FAILED, make_record
 from qbench.results.store import Store
+from qbench.run.batching import run_order
 from qbench.run.executors import Executor, LocalExecutor, WorkItem
 from qbench.run.job import Job
 from qbench.suite.config import Suite
@@ -109,6 +110,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                 summary.recorded_failures.append(cell.id)
         else:
             todo.append(cell)
+    todo = run_order(todo)   # each variant's cells in the order its worker runs them
     manifest: dict[str, Any] = {"run_id": run_id, "suite": suite.name,
                                 "suite_file": str(suite.path), "started": _now(),
                                 "cells_planned": len(cells), "cached": summary.cached,

@@ -1,8 +1,13 @@
-"""The cell process: ``python -m qbench.run.worker JOB.json RESULT.json``.
+"""The worker process: ``python -m qbench.run.worker --cells SPEC.json`` (or, for one cell,
+``JOB.json RESULT.json``).
 
-It builds (or finds in the cache) the variant's file, loads the backend, runs one metric and
-writes a JSON result. A crash here (segfault, OOM kill, hang) takes down only this process; the
-executor records it as the cell's outcome.
+It runs the cells it is given (the executor gives it the cells of one variant) one after the
+other: builds (or finds in the cache) the variant's file and loads the backend once, for the
+first cell that needs them (qbench.run.session), runs each cell's metric and writes each cell's
+JSON result the moment it is done. Each cell writes into its own log; its start and end are
+announced to the executor (qbench.run.control), which times it and measures its memory. A crash
+here (segfault, OOM kill, hang) takes down only this process: the executor records it as the
+outcome of the cell in flight and runs the cells after it in a fresh worker.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +34,11 @@ from qbench.metrics import metric_module
 from qbench.metrics.context import CellContext
 from qbench.options import from_table
 from qbench.quantize.request import Prepared, PrepareRequest
+from qbench.run import peak
+from qbench.run.control import WorkerEnd
 from qbench.run.faults import inject
 from qbench.run.job import Job
+from qbench.run.session import Borrowed, Session, close_session, held, session_for
 
 
 def metric_options(job: Job) -> Any:
@@ -53,7 +62,8 @@ def prepare_artifact(req: PrepareRequest) -> Prepared:
 
 
 def _base_for(job: Job, req: PrepareRequest, variant_path: Path, variant_artifact: dict[str, Any],
-              needs_base: bool) -> tuple[Path | None, dict[str, Any] | None, bool]:
+              needs_base: bool, session: Session
+              ) -> tuple[Path | None, dict[str, Any] | None, bool]:
     """The base variant's file for a metric that compares with it, or for the companions this
     cell serves: (path, artifact with how the base runs, companions still on)."""
     if job.base_variant is None or not (needs_base or job.companions):
@@ -62,7 +72,8 @@ def _base_for(job: Job, req: PrepareRequest, variant_path: Path, variant_artifac
         path, artifact = variant_path, variant_artifact
     else:
         try:
-            path, artifact = prepare_artifact(req.for_variant(job.base_variant))
+            path, artifact = session.once(
+                "base", lambda: prepare_artifact(req.for_variant(job.base_variant)))
         except Exception as exc:
             if needs_base:
                 if not isinstance(exc, QbenchError):
@@ -81,28 +92,48 @@ def _base_for(job: Job, req: PrepareRequest, variant_path: Path, variant_artifac
     return path, dict(artifact) | {"runtime": runtime}, bool(job.companions)
 
 
+def _variant_identity(job: Job) -> dict[str, Any]:
+    """What a session is kept for: the same model, variant and base, run the same way."""
+    return {"model": job.model, "variant": job.variant, "base": job.base_variant,
+            "device": job.device, "threads": job.threads, "cache_dir": job.cache_dir,
+            "base_dir": job.base_dir, "data_dir": job.data_dir}
+
+
+def _prepare(job: Job) -> tuple[PrepareRequest, Path, dict[str, Any]]:
+    """The variant's file (made or found in the cache) and the request that made it."""
+    cache_dir = Path(job.cache_dir)
+    base_dir = Path(job.base_dir)
+    source = resolve(job.model["source"], base_dir=base_dir, cache_dir=cache_dir)
+    model_sha = sha256_file(source.path, cache_dir)
+    req = PrepareRequest(variant=job.variant, model=job.model, model_file=source.path,
+                         model_sha=model_sha, base_dir=base_dir,
+                         data_dir=Path(job.data_dir) if job.data_dir else None,
+                         cache_dir=cache_dir, threads=int(job.threads or 0))
+    path, artifact = prepare_artifact(req)
+    artifact["model_source"] = {"ref": source.origin, "path": str(source.path),
+                                "sha256": model_sha, "revision": source.revision}
+    return req, path, artifact
+
+
 def execute(job: Job) -> dict[str, Any]:
-    """Prepare the variant (and the base where needed), run the metric, return its result."""
+    """Prepare the variant (and the base where needed), run the metric, return its result.
+
+    What is prepared and loaded is kept in this process's session (qbench.run.session) for
+    the variant's next cells: ``timings`` has ``load_s`` only in the cell that loaded."""
+    session = session_for(_variant_identity(job))
     cache_dir = Path(job.cache_dir)
     base_dir = Path(job.base_dir)
     data_dir = Path(job.data_dir) if job.data_dir else None
     threads = int(job.threads or 0)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    source = resolve(job.model["source"], base_dir=base_dir, cache_dir=cache_dir)
-    model_sha = sha256_file(source.path, cache_dir)
-    req = PrepareRequest(variant=job.variant, model=job.model, model_file=source.path,
-                         model_sha=model_sha, base_dir=base_dir, data_dir=data_dir,
-                         cache_dir=cache_dir, threads=threads)
-    path, artifact = prepare_artifact(req)
-    artifact["model_source"] = {"ref": source.origin, "path": str(source.path),
-                                "sha256": model_sha, "revision": source.revision}
+    req, path, artifact = session.once("variant", lambda: _prepare(job))
     module = metric_module(job.metric)
     base_path, base_artifact, serving = _base_for(job, req, path, artifact,
-                                                  module.INFO.needs_base)
+                                                  module.INFO.needs_base, session)
     timings["prepare_s"] = round(time.perf_counter() - t0, 3)
 
-    def loader(v: dict[str, Any], p: Path) -> Any:
+    def loader(name: str, v: dict[str, Any], p: Path) -> Callable[[], Any]:
         def load() -> Any:
             backend_mod = backend_module(v["backend"])
             t = time.perf_counter()
@@ -110,47 +141,30 @@ def execute(job: Job) -> dict[str, Any]:
             backend = backend_mod.load(p, LoadOptions(
                 device=job.device, threads=threads, n_batch=v["batch"],
                 n_ubatch=v["ubatch"], n_gpu_layers=v["n_gpu_layers"], extra=extra))
-            timings.setdefault("load_s", round(time.perf_counter() - t, 3))
+            timings.setdefault("load_s" if name == "variant" else "base_load_s",
+                               round(time.perf_counter() - t, 3))
             return backend
-        return load
+        return lambda: session.loaded(name, load)
 
+    load_base = (loader("base", job.base_variant, base_path)
+                 if base_path is not None and job.base_variant else None)
     ctx = CellContext(cell_id=job.cell_id, model_id=job.model["id"], artifact_path=path,
                       artifact=artifact, base_dir=base_dir, data_dir=data_dir,
                       cache_dir=cache_dir, is_base=job.variant["is_base"],
-                      base_artifact=base_artifact, _load=loader(job.variant, path),
-                      _load_base=(loader(job.base_variant, base_path)
-                                  if base_path is not None and job.base_variant else None),
+                      base_artifact=base_artifact, _load=loader("variant", job.variant, path),
+                      _load_base=(lambda: Borrowed(load_base())) if load_base else None,
                       companions=job.companions if serving else {}, cell_key=job.key,
-                      backend_name=job.variant["backend"])
+                      backend_name=job.variant["backend"], shared_backend=True)
     t1 = time.perf_counter()
     try:
         out = module.run(ctx, metric_options(job))
         backend_info = ctx._backend.describe() if ctx._backend is not None else {}
     finally:
         ctx.close()
+        session.end_cell()
     timings["metric_s"] = round(time.perf_counter() - t1, 3)
     return {"status": "ok", "values": out.get("values", {}), "details": out.get("details", {}),
             "artifact": artifact, "backend": backend_info, "timings": timings}
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _torch_max_allocated_mb() -> float | None:
-    """Peak memory torch allocated on all CUDA devices in this cell (MiB), failed cells too
-    (an OOM's peak is evidence). None when torch was never imported or never touched CUDA:
-    importing torch just to ask would cost a GGUF cell seconds."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
-    try:
-        cuda = torch.cuda
-        if not cuda.is_available() or not cuda.is_initialized():
-            return None
-        return sum(cuda.max_memory_allocated(i) for i in range(cuda.device_count())) / 2**20
-    except Exception:  # noqa: BLE001 - a broken CUDA runtime must not cost the result
-        return None
 
 
 def _die_with_parent(parent: int) -> None:
@@ -184,15 +198,19 @@ def _limit_memory(limit_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    job_path, result_path = Path(argv[0]), Path(argv[1])
-    faulthandler.enable()  # a segfault prints the Python stack into the cell log
-    job = Job.from_json(job_path.read_text())
-    if job.parent_pid:
-        _die_with_parent(int(job.parent_pid))
-    _limit_memory(int(job.memory_limit_mb or 0))
+def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
+    """Run one cell in this process: (its result, whether this process may run another).
+
+    A failure qbench understands (a QbenchError: a missing file, a refused option; a skip)
+    leaves the process as it was. Anything else (a MemoryError, an unexpected exception in a
+    library) may have left it half-broken, so the worker stops after writing this result and
+    the variant's next cells go on in a fresh process: the isolation a process per cell gave."""
+    session_held = held()
+    exact = position > 0 and peak.reset_peak_rss()
+    if position > 0:
+        peak.reset_torch_peak()
     print(f"qbench cell {job.cell_id} key {job.key}", file=sys.stderr, flush=True)
+    fit = True
     try:
         inject(job.cell_id)
         result = execute(job)
@@ -202,16 +220,87 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "skipped", "error": str(exc)}
     except MemoryError:
         result = {"status": "failed", "error": "out of memory (MemoryError in the cell)"}
+        fit = False
     except QbenchError as exc:
         result = {"status": "failed", "error": str(exc)}
     except Exception as exc:  # any other failure is this cell's outcome, not the run's
         tb = traceback.format_exc(limit=-8)
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": tb}
         print(tb, file=sys.stderr)
-    result["peak_rss_self_mb"] = _peak_rss_mb()
-    if (torch_peak := _torch_max_allocated_mb()) is not None:
+        fit = False
+    # the kernel's peak: over the process for its first cell, since the reset for a later one
+    if (self_peak := peak.peak_rss_mb(since_reset=exact) if position == 0 or exact
+            else None) is not None:
+        result["peak_rss_self_mb"] = self_peak
+    if (torch_peak := peak.torch_max_allocated_mb()) is not None:
         result["torch_max_allocated_mb"] = round(torch_peak, 1)
-    atomic_write_text(result_path, json.dumps(result, default=str))
+    result["held"] = session_held
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return result, fit
+
+
+def _switch_log(path: Path) -> None:
+    """Send this process's stdout and stderr (Python's, the C libraries', faulthandler's) to
+    ``path``, the next cell's own log. Subprocesses a cell started keep the log they had."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)   # C stdio buffers (llama.cpp prints through them)
+    except (OSError, AttributeError):
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def _start(job: Job) -> None:
+    """What every worker does once: crash reports into the log, end with the parent, cap."""
+    faulthandler.enable()  # a segfault prints the Python stack into the cell log
+    if job.parent_pid:
+        _die_with_parent(int(job.parent_pid))
+    _limit_memory(int(job.memory_limit_mb or 0))
+
+
+def run_cells(spec: dict[str, Any]) -> None:
+    """The cells in ``spec`` (written by qbench.run.child) one after the other, each into its
+    own log and result file, each announced on the boundary channel (qbench.run.control)."""
+    cells = spec["cells"]
+    jobs = [Job.from_json(c["job"]) for c in cells]
+    channel = WorkerEnd(int(spec["events_fd"]), int(spec["ack_fd"]))
+    _start(jobs[0])
+    try:
+        for i, (cell, job) in enumerate(zip(cells, jobs)):
+            if i > 0:
+                _switch_log(Path(cell["log"]))
+            channel.begin(i)
+            result, fit = measure(job, position=i)
+            atomic_write_text(Path(cell["result"]), json.dumps(result, default=str))
+            channel.end(i)
+            if not fit:
+                break
+    finally:
+        close_session()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--cells SPEC.json`` (the executor's form), or ``JOB.json RESULT.json`` (one cell)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[0] == "--cells":
+        run_cells(json.loads(Path(argv[1]).read_text()))
+        return 0
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    job = Job.from_json(job_path.read_text())
+    _start(job)
+    try:
+        result, _ = measure(job)
+        atomic_write_text(result_path, json.dumps(result, default=str))
+    finally:
+        close_session()        # after the result: a crash on the way out costs it nothing
     return 0
 
 

@@ -137,19 +137,19 @@ BUILTIN: dict[str, BackendInfo] = {
 @cache
 def _registered() -> dict[str, BackendInfo]:
     """Built-in backends, then those other installed packages register (sorted by name)."""
-    from qbench.host.plugins import entry_points_of, load_target
+    from qbench.host.plugins import with_plugins
 
-    out = dict(BUILTIN)
-    for name, target in sorted(entry_points_of(ENTRY_POINT_GROUP).items()):
-        if name in out:
-            raise QbenchError(f"the backend name {name!r} registered by a plugin ({target}) "
-                              "is already qbench's own: rename it")
-        info = load_target(target)
-        if not isinstance(info, BackendInfo) or info.name != name:
-            raise QbenchError(f"entry point {name} = {target!r} (group {ENTRY_POINT_GROUP}) "
-                              f"must name a BackendInfo with name={name!r}")
-        out[name] = info
-    return out
+    return with_plugins(ENTRY_POINT_GROUP, BUILTIN, "backend", _plugin_info)
+
+
+def _plugin_info(name: str, target: str) -> BackendInfo:
+    from qbench.host.plugins import load_target
+
+    info = load_target(target)
+    if not isinstance(info, BackendInfo) or info.name != name:
+        raise QbenchError(f"entry point {name} = {target!r} (group {ENTRY_POINT_GROUP}) "
+                          f"must name a BackendInfo with name={name!r}")
+    return info
 
 
 def backend_names() -> tuple[str, ...]:

@@ -7,8 +7,13 @@ as pluggy-based tools such as simonw/llm do); nothing is imported until a plugin
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
+
+from qbench.errors import QbenchError
+
+T = TypeVar("T")
 
 
 def entry_points_of(group: str) -> dict[str, str]:
@@ -23,3 +28,17 @@ def load_target(target: str) -> Any:
     for part in filter(None, attribute.split(".")):
         obj = getattr(obj, part)
     return obj
+
+
+def with_plugins(group: str, builtin: Mapping[str, T], kind: str,
+                 convert: Callable[[str, str], T]) -> dict[str, T]:
+    """``builtin``, then every entry point of ``group`` (sorted by name) as
+    ``convert(name, target)``. A plugin may not take a built-in name: results would then
+    mean two different things under one name."""
+    out = dict(builtin)
+    for name, target in sorted(entry_points_of(group).items()):
+        if name in out:
+            raise QbenchError(f"the {kind} name {name!r} registered by a plugin ({target}) "
+                              "is already qbench's own: rename it")
+        out[name] = convert(name, target)
+    return out

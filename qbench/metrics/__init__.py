@@ -86,15 +86,9 @@ BUILTIN: dict[str, str] = {
 @cache
 def _registered() -> dict[str, str]:
     """Built-in metrics, then those other installed packages register (sorted by name)."""
-    from qbench.host.plugins import entry_points_of
+    from qbench.host.plugins import with_plugins
 
-    modules = dict(BUILTIN)
-    for name, target in sorted(entry_points_of(ENTRY_POINT_GROUP).items()):
-        if name in modules:
-            raise QbenchError(f"the metric name {name!r} registered by a plugin "
-                              f"({target}) is already qbench's own: rename it")
-        modules[name] = target
-    return modules
+    return with_plugins(ENTRY_POINT_GROUP, BUILTIN, "metric", lambda _name, target: target)
 
 
 def metric_names() -> tuple[str, ...]:

@@ -151,6 +151,25 @@ def test_deltas_prefer_paired_kld_error(demo_rows: list[dict]) -> None:
     assert awq["dppl_err"] > q4["dppl_err"]
 
 
+def test_dppl_bars_draw_the_tables_asymmetric_95_interval(demo_rows: list[dict]) -> None:
+    """The ΔPPL figure's bars end where the table's interval ends (computed on ln ratio, so the
+    upper arm is longer than the lower), not at ± one standard error."""
+    fig = dict(suite_figures(demo_rows))["delta-ppl"]
+    checked = 0
+    for tr in fig.data:
+        err = tr.error_y
+        assert err.symmetric is False
+        for x, y, up, down in zip(tr.x, tr.y, err.array, err.arrayminus):
+            row = next(r for r in demo_rows if f"{r['model']} {r['quant']}" == x
+                       and not r["is_base"] and r["backend"] == tr.name)
+            assert y + up == pytest.approx(row["dppl_ci_high"])
+            assert y - down == pytest.approx(row["dppl_ci_low"])
+            if row["dppl_pct"] > 1:
+                assert up > down
+            checked += 1
+    assert checked >= 3
+
+
 def test_mmlu_paired_against_base(demo_rows: list[dict]) -> None:
     q2 = next(r for r in demo_rows if r["quant"] == "Q2_K")
     p = q2["mmlu_paired"]

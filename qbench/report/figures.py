@@ -198,7 +198,8 @@ def speed_vs_depth(rows: list[dict[str, Any]]) -> go.Figure | None:
 
 
 def deltas_vs_base(rows: list[dict[str, Any]]) -> go.Figure | None:
-    """dPPL % (± its error) per variant against its model's base, one bar per variant."""
+    """ΔPPL % per variant against its model's base, one bar each, with the table's 95 %
+    interval (computed on ln(PPL ratio), so asymmetric; paired where the data are)."""
     pts = [r for r in rows if not r["is_base"] and r.get("dppl_pct") is not None]
     if not pts:
         return None
@@ -206,18 +207,33 @@ def deltas_vs_base(rows: list[dict[str, Any]]) -> go.Figure | None:
     fig = go.Figure()
     for backend in backends:
         sel = [r for r in pts if r["backend"] == backend]
+        up, down = zip(*(_interval_arms(r) for r in sel))
         fig.add_trace(go.Bar(
             x=[esc(f"{r['model']} {r['quant']}") for r in sel], y=[r["dppl_pct"] for r in sel],
             name=esc(backend), marker_color=colour(backend, backends),
-            error_y={"type": "data", "array": [r.get("dppl_err") or 0 for r in sel],
-                     "visible": True},
-            hovertext=[_hover(r, [f"ΔPPL {r['dppl_pct']:+.2f} % ± {r.get('dppl_err') or 0:.2f}",
-                                  esc(r.get("dppl_how") or ""),
+            error_y={"type": "data", "symmetric": False, "visible": True,
+                     "array": list(up), "arrayminus": list(down)},
+            hovertext=[_hover(r, [f"ΔPPL {r['dppl_pct']:+.2f} %" + _interval_text(r),
+                                  esc(r.get("dppl_paired") or r.get("dppl_how") or ""),
                                   f"vs {esc(r.get('base_label') or '?')}"]) for r in sel],
             hoverinfo="text"))
-    fig.update_layout(title="Perplexity change vs the base variant (± 1 standard error)",
+    fig.update_layout(title="Perplexity change vs the base variant (bars: 95 % interval, "
+                            "paired where the data are)",
                       yaxis_title="ΔPPL % (lower is better)", barmode="group", **_LAYOUT)
     return fig
+
+
+def _interval_arms(r: dict[str, Any]) -> tuple[float, float]:
+    """Upper and lower error-bar lengths of ``r``'s ΔPPL interval (0, 0 when it has none)."""
+    lo, hi = r.get("dppl_ci_low"), r.get("dppl_ci_high")
+    if lo is None or hi is None:
+        return 0.0, 0.0
+    return hi - r["dppl_pct"], r["dppl_pct"] - lo
+
+
+def _interval_text(r: dict[str, Any]) -> str:
+    lo, hi = r.get("dppl_ci_low"), r.get("dppl_ci_high")
+    return "" if lo is None or hi is None else f", 95 % interval [{lo:+.2f}, {hi:+.2f}]"
 
 
 def mmlu_deltas(rows: list[dict[str, Any]]) -> go.Figure | None:

@@ -88,6 +88,10 @@ def test_kv_cache_on_f16_weights_is_not_the_base(write_suite, tmp_path):
     ('backend = "llama.cpp"\nquant = "Q4_1"\nsource = "m.gguf"\nimatrix = "calib.txt"',
      "imatrix", "pre-quantized 'source' was made by someone else"),
     ('backend = "llama.cpp"\nquant = ["Q8_0"]\nlabel = "maker"', "label", "set 'source' too"),
+    ('backend = "llama.cpp"\nquant = ["Q4_K_M"]\nimatrix_chunks = 32', "imatrix_chunks",
+     "set imatrix = "),
+    ('backend = "llama.cpp"\nquant = ["Q4_K_M"]\nimatrix = "calib.txt"\nimatrix_chunks = 0',
+     "imatrix_chunks", "expected 1-10,000 chunks of 512 tokens, got 0"),
 ])
 def test_bad_axes_are_refused_by_validate(write_suite, tmp_path, group, key, words):
     with pytest.raises(ConfigError) as err:
@@ -106,6 +110,31 @@ def test_two_makers_files_of_one_type_are_two_labelled_variants(write_suite, tmp
                    'source = "b/q.gguf"\nlabel = "maker-b"\n')
     assert _ids(suite, tmp_path) == ["m/llama.cpp/F16", "m/llama.cpp/Q4_K_M@maker-a",
                                      "m/llama.cpp/Q4_K_M@maker-b"]
+
+
+def test_imatrix_chunks_change_the_recipe_in_the_key_and_the_default_changes_nothing(
+        write_suite, tmp_path):
+    group = '[[variants]]\nbackend = "llama.cpp"\nquant = ["Q4_K_M"]\nimatrix = "calib.txt"\n'
+
+    def kld_cell(extra: str):
+        suite = _suite(write_suite, tmp_path, group + extra)
+        cells = expand(suite, PlanContext(base_dir=tmp_path, data_dir=None,
+                                          cache_dir=tmp_path / "cache", env={}))
+        return next(c for c in cells if c.id == "m/llama.cpp/Q4_K_M+imatrix=calib/kld")
+
+    plain, default, fewer = kld_cell(""), kld_cell("imatrix_chunks = 100\n"), kld_cell(
+        "imatrix_chunks = 32\n")
+    assert plain.key == default.key and plain.inputs["imatrix"]["chunks"] == IMATRIX_CHUNKS
+    assert fewer.key != plain.key and fewer.inputs["imatrix"]["chunks"] == 32
+    assert fewer.variant.imatrix_chunks == 32
+
+
+def test_fewer_imatrix_chunks_read_a_shorter_tail():
+    text = "".join(f"line {i} of the text\n" for i in range(200_000))
+    full, _ = calibration_slice(text)
+    piece, region = calibration_slice(text, 10)
+    assert text.endswith(piece) and len(piece) <= 10 * IMATRIX_CTX * 6 < len(full)
+    assert region["start_char"] == len(text) - len(piece)
 
 
 def test_imatrix_calibration_is_cut_from_the_end():

@@ -31,17 +31,25 @@ from qbench.quantize.llama_tools import find_tool, tool_version
 from qbench.quantize.request import PrepareRequest
 
 IMATRIX_CHUNKS = 100  # llama-imatrix --chunks: 100 x 512 tokens, the common published setting
+MAX_IMATRIX_CHUNKS = 10_000
 IMATRIX_CTX = 512
 CHARS_PER_TOKEN = 6   # a generous bound for English BPE text: the slice holds enough tokens
-# how the imatrix is computed from its text: part of the artifact key and of the cell key
-IMATRIX_RECIPE: dict[str, Any] = {"chunks": IMATRIX_CHUNKS, "ctx": IMATRIX_CTX,
-                                  "region": "tail", "chars_per_token": CHARS_PER_TOKEN}
 
 
-def calibration_slice(text: str) -> tuple[str, dict[str, Any]]:
+def imatrix_recipe(chunks: int = IMATRIX_CHUNKS) -> dict[str, Any]:
+    """How the imatrix is computed from its text: part of the artifact key and of the cell key
+    (a suite's ``imatrix_chunks`` changes both; the default leaves earlier keys as they were)."""
+    return {"chunks": chunks, "ctx": IMATRIX_CTX, "region": "tail",
+            "chars_per_token": CHARS_PER_TOKEN}
+
+
+IMATRIX_RECIPE: dict[str, Any] = imatrix_recipe()
+
+
+def calibration_slice(text: str, chunks: int = IMATRIX_CHUNKS) -> tuple[str, dict[str, Any]]:
     """The end of ``text`` that llama-imatrix reads (at most chunks x ctx x CHARS_PER_TOKEN
     characters, from a line start), and where it lies."""
-    want = IMATRIX_CHUNKS * IMATRIX_CTX * CHARS_PER_TOKEN
+    want = chunks * IMATRIX_CTX * CHARS_PER_TOKEN
     start = max(0, len(text) - want)
     if start:
         nl = text.find("\n", start)
@@ -59,11 +67,12 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
     text = load_text(req.variant["imatrix"], req.data_dir, req.base_dir)
     base = build_variant(req.model_file, req.model_sha, req.model["base"], req.model["base"],
                          cache_dir=cache_dir, threads=threads)
-    piece, region = calibration_slice(text.text)
+    chunks = int(req.variant.get("imatrix_chunks") or IMATRIX_CHUNKS)
+    piece, region = calibration_slice(text.text, chunks)
     tools = tool_version()
     recipe = {"base_sha256": base.sha256, "calibration_sha256": text.sha256,
               "slice_sha256": region["slice_sha256"], "tools": tools["build"],
-              **IMATRIX_RECIPE}
+              **imatrix_recipe(chunks)}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
     folder = cache_folder(cache_dir, "imatrix") / digest
     out = folder / "imatrix.dat"
@@ -75,10 +84,10 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
         atomic_write_text(calib, piece)
         tmp = folder / f".imatrix.{os.getpid()}.tmp"
         cmd = [find_tool("llama-imatrix"), "-m", str(base.path), "-f", str(calib), "-o",
-               str(tmp), "--chunks", str(IMATRIX_CHUNKS), "-c", str(IMATRIX_CTX),
+               str(tmp), "--chunks", str(chunks), "-c", str(IMATRIX_CTX),
                "-t", str(threads or 1)]
         log = folder / "llama-imatrix.log"   # follow it: the tool prints its progress
-        print(f"computing the importance matrix: llama-imatrix on {IMATRIX_CHUNKS} x "
+        print(f"computing the importance matrix: llama-imatrix on {chunks} x "
               f"{IMATRIX_CTX} tokens (progress in {log})", file=sys.stderr, flush=True)
         with log.open("wb") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)

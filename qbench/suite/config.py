@@ -79,6 +79,7 @@ class VariantGroup:
     # calibration text (dataset name or path) for an importance matrix; a list makes one
     # variant per entry, "none" one without (imatrix = ["none", "wikitext-2"]: the pair)
     imatrix: tuple[str, ...] | str = ""
+    imatrix_chunks: int = 100        # llama-imatrix --chunks (x 512 tokens) of that text
     # KV-cache types (llama.cpp type_k/type_v): one variant per entry (kv_cache = ["f16",
     # "q8_0", "q4_0"]); quantizing V turns flash attention on
     kv_cache: tuple[str, ...] | str = ""
@@ -100,6 +101,7 @@ class VariantSpec:
     quant: str
     source: str = ""
     imatrix: str = ""
+    imatrix_chunks: int = 100
     n_gpu_layers: int = -1
     batch: int = 2048
     ubatch: int = 512
@@ -301,7 +303,7 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
             if mid not in model_ids:
                 raise ConfigError(f"no model with id {mid!r}{did_you_mean(mid, model_ids)}",
                                   file=file, key=f"{key}.models")
-        imatrices = _imatrix_options(group, info, file=file, key=key)
+        imatrices = _imatrix_options(group, info, "imatrix_chunks" in table, file=file, key=key)
         kv_types = _kv_options(group, info, file=file, key=key)
         if group.label and not group.source:
             raise ConfigError("'label' names a pre-quantized file: set 'source' too",
@@ -322,7 +324,8 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                                       file=file, key=qkey)
                 for kv in kv_types:
                     spec = VariantSpec(backend=group.backend, quant=canon, source=group.source,
-                                       imatrix=imatrix, n_gpu_layers=group.n_gpu_layers,
+                                       imatrix=imatrix, imatrix_chunks=group.imatrix_chunks,
+                                       n_gpu_layers=group.n_gpu_layers,
                                        batch=group.batch, ubatch=group.ubatch,
                                        models=group.models, calibration=group.calibration,
                                        calibration_samples=group.calibration_samples,
@@ -334,9 +337,10 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
     return tuple(out)
 
 
-def _imatrix_options(group: VariantGroup, info: Any, *, file: str, key: str
-                     ) -> tuple[str, ...]:
-    """The group's imatrix settings, one per variant ("" = none)."""
+def _imatrix_options(group: VariantGroup, info: Any, chunks_given: bool, *, file: str,
+                     key: str) -> tuple[str, ...]:
+    """The group's imatrix settings, one per variant ("" = none); ``imatrix_chunks`` only
+    beside an imatrix, within llama-imatrix's sane range."""
     given = (group.imatrix,) if isinstance(group.imatrix, str) else group.imatrix
     if not given:
         raise ConfigError("empty imatrix list (use \"none\" for a variant without one)",
@@ -352,6 +356,14 @@ def _imatrix_options(group: VariantGroup, info: Any, *, file: str, key: str
     if len(set(out)) != len(out):
         raise ConfigError("the imatrix list names a setting twice", file=file,
                           key=f"{key}.imatrix")
+    if chunks_given and not any(out):
+        raise ConfigError("'imatrix_chunks' sets how much calibration text llama-imatrix "
+                          "reads: set imatrix = \"wikitext-2\" (or a text file) too",
+                          file=file, key=f"{key}.imatrix_chunks")
+    from qbench.quantize.imatrix import IMATRIX_CTX, MAX_IMATRIX_CHUNKS
+    if not 1 <= group.imatrix_chunks <= MAX_IMATRIX_CHUNKS:
+        raise ConfigError(f"expected 1-{MAX_IMATRIX_CHUNKS:,} chunks of {IMATRIX_CTX} tokens, "
+                          f"got {group.imatrix_chunks}", file=file, key=f"{key}.imatrix_chunks")
     return out
 
 

@@ -179,9 +179,9 @@ def variant_inputs(variant: VariantSpec, ctx: PlanContext, file: str = "") -> di
     if variant.source:
         inputs["source_sha256"] = identity("source", input_identity, variant.source)
     elif variant.imatrix and backend_info(variant.backend).imatrix:
-        from qbench.quantize.imatrix import IMATRIX_RECIPE
+        from qbench.quantize.imatrix import imatrix_recipe
         inputs["imatrix"] = {"text": identity("imatrix", text_identity, variant.imatrix),
-                             **IMATRIX_RECIPE}
+                             **imatrix_recipe(variant.imatrix_chunks)}
     if variant.calibrated:
         inputs["calibration_text"] = identity("calibration", text_identity,
                                               variant.calibration or "wikitext-2")

@@ -363,3 +363,34 @@ def test_session_keeps_what_a_variant_needs_between_cells():
     assert variant.ends == 1 and loads[1].closed and session.held() == ["variant"]
     session.close()
     assert variant.closed and session.held() == []
+
+
+def test_a_cell_that_built_the_variants_file_hands_the_next_cells_a_fresh_process(
+        tmp_path, monkeypatch):
+    """An AWQ build left ~700 MiB of heap that the next cell (speed) counted as its own: a cell
+    during which a build appeared in the cache ends its worker; one that found the file cached
+    does not, nor does a build that lands elsewhere than the build folders."""
+    from qbench.host.cache import folder
+    from qbench.run import worker
+    from qbench.run.job import Job
+
+    cache = tmp_path / "cache"
+    job = Job(cell={"id": "m/transformers/awq-w4g64/footprint", "key": "k",
+                    "metric": "footprint", "variant": {"backend": "transformers"}},
+              base_dir=str(tmp_path), cache_dir=str(cache))
+    made: list[Path] = []
+
+    def execute(_job: Job) -> dict:
+        for path in made:
+            path.mkdir(parents=True, exist_ok=True)
+        return {"status": "ok", "values": {}}
+
+    monkeypatch.setattr(worker, "execute", execute)
+    made[:] = [folder(cache, "artifacts") / "0123abcd"]
+    result, fit = worker.measure(job)
+    assert result["status"] == "ok" and fit is False          # built here: next cells elsewhere
+    assert worker.measure(job, position=1)[1] is True          # cached now: the worker goes on
+    made[:] = [folder(cache, "imatrix") / "4567ef"]
+    assert worker.measure(job, position=1)[1] is False         # an importance matrix too
+    made[:] = [folder(cache, "inspect") / "memo"]
+    assert worker.measure(job, position=1)[1] is True          # a memo is not a build

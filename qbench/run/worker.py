@@ -28,6 +28,7 @@ from typing import Any
 from qbench.backends import backend_function, backend_module
 from qbench.backends.base import LoadOptions
 from qbench.errors import MissingExtraError, NotApplicable, QbenchError
+from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import atomic_write_text
 from qbench.inputs.sources import resolve, sha256_file
 from qbench.metrics import metric_module
@@ -204,8 +205,11 @@ def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
     A failure qbench understands (a QbenchError: a missing file, a refused option; a skip)
     leaves the process as it was. Anything else (a MemoryError, an unexpected exception in a
     library) may have left it half-broken, so the worker stops after writing this result and
-    the variant's next cells go on in a fresh process: the isolation a process per cell gave."""
+    the variant's next cells go on in a fresh process: the isolation a process per cell gave.
+    So does a cell that built the variant's file (a cache miss): the build's leftover heap
+    would otherwise count in the next cells' memory."""
     session_held = held()
+    builds_before = built_entries(job)
     exact = position > 0 and peak.reset_peak_rss()
     if position > 0:
         peak.reset_torch_peak()
@@ -235,9 +239,32 @@ def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
     if (torch_peak := peak.torch_max_allocated_mb()) is not None:
         result["torch_max_allocated_mb"] = round(torch_peak, 1)
     result["held"] = session_held
+    if fit and (built := sorted(built_entries(job) - builds_before)):
+        # an AWQ/GPTQ build or an HF conversion leaves hundreds of MiB of heap behind (measured:
+        # 1,167 MiB held at the next cell's start against 467 for a fresh process); the next
+        # cells' memory windows, the speed cell's above all, must not carry it
+        print(f"qbench: this cell built {', '.join(built)}; the variant's next cells run in a "
+              "fresh process, so their memory is their own", file=sys.stderr)
+        fit = False
     sys.stdout.flush()
     sys.stderr.flush()
     return result, fit
+
+
+BUILD_KINDS = ("artifacts", "imatrix")   # where variant files and importance matrices are built
+
+
+def built_entries(job: Job) -> set[str]:
+    """The builds in the cache now (variant files, importance matrices): one that appears
+    during a cell was made in this process, which may keep the heap the build used."""
+    out: set[str] = set()
+    for kind in BUILD_KINDS:
+        try:
+            names = os.listdir(cache_folder(Path(job.cache_dir), kind))
+        except OSError:
+            continue
+        out.update(f"{kind}/{name}" for name in names if not name.endswith(".lock"))
+    return out
 
 
 def _switch_log(path: Path) -> None:

@@ -379,3 +379,41 @@ def test_model_traffic_falls_back_to_the_file_size(tmp_path):
     bad.write_bytes(b"GGUF")
     t = roofline.model_traffic(bad, {"size_bytes": 99}, object(), None)
     assert t["weight_bytes_per_token"] == 99 and "GGUF not readable" in t["notes"][0]
+
+
+def _at(gbs: float, load: float, when: str) -> dict[str, Any]:
+    return _record(gbs) | {"load_avg": [load, load, load], "cpus": 2, "when": when}
+
+
+def test_a_busy_measurement_is_provisional_and_the_higher_figure_is_kept(tmp_path):
+    """Load only lowers the figure (measured here: 5.7 GB/s at load 5.8, 17.6 at load 1.3): a
+    record taken with the load above the cores is measured again once it is old enough, the
+    higher kept; a quiet one is final."""
+    now = bw._dt.datetime.now(bw._dt.timezone.utc)
+    old = (now - bw._dt.timedelta(seconds=bw.REMEASURE_BUSY_AFTER_S + 60)).isoformat()
+    recent = now.isoformat()
+    runs = iter([_at(5.7, 5.8, old), _at(17.6, 1.3, recent), _at(3.0, 9.0, recent)])
+    first = bw.measured_bandwidth(tmp_path, hw_id="hw", measure_fn=lambda: next(runs))
+    assert first["gbs"] == 5.7 and bw.busy(first)
+    assert any("busy" in n for n in first["notes"])
+    second = bw.measured_bandwidth(tmp_path, hw_id="hw", measure_fn=lambda: next(runs))
+    assert second["gbs"] == 17.6 and second["cached"] is False and not bw.busy(second)
+    third = bw.measured_bandwidth(tmp_path, hw_id="hw", measure_fn=lambda: next(runs))
+    assert third["gbs"] == 17.6 and third["cached"] is True     # quiet: never measured again
+
+
+def test_a_lower_remeasurement_keeps_the_higher_record_and_waits_again(tmp_path):
+    now = bw._dt.datetime.now(bw._dt.timezone.utc)
+    old = (now - bw._dt.timedelta(seconds=bw.REMEASURE_BUSY_AFTER_S + 60)).isoformat()
+    calls = []
+
+    def measure() -> dict[str, Any]:
+        calls.append(1)
+        return _at(8.0, 6.0, old) if len(calls) == 1 else _at(4.0, 7.0, now.isoformat())
+
+    bw.measured_bandwidth(tmp_path, hw_id="hw", measure_fn=measure)
+    kept = bw.measured_bandwidth(tmp_path, hw_id="hw", measure_fn=measure)
+    assert kept["gbs"] == 8.0 and len(calls) == 2
+    assert "4.00 GB/s, lower" in kept["notes"][-1]
+    again = bw.measured_bandwidth(tmp_path, hw_id="hw", measure_fn=measure)
+    assert again["gbs"] == 8.0 and again["cached"] is True and len(calls) == 2   # checked recently

@@ -89,8 +89,8 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
         log = folder / "llama-imatrix.log"   # follow it: the tool prints its progress
         print(f"computing the importance matrix: llama-imatrix on {chunks} x "
               f"{IMATRIX_CTX} tokens (progress in {log})", file=sys.stderr, flush=True)
-        with log.open("wb") as out:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+        with log.open("wb") as log_file:
+            proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         if proc.returncode != 0 or not tmp.exists():
             tail = log.read_bytes()[-800:].decode("utf-8", "replace")
             raise QbenchError(f"llama-imatrix failed (exit {proc.returncode}): {tail}")

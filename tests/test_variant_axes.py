@@ -174,3 +174,49 @@ def test_provenance_of_a_published_file(smollm2_ref, tmp_path):
     # the memo holds it too (a second read comes from the cache)
     memo = next((tmp_path / "c" / "inspect").glob("*-v2.json"))
     assert json.loads(memo.read_text())["provenance"] == prov
+
+
+def test_build_imatrix_runs_the_tool_once_and_records_where_its_text_came_from(tmp_path,
+                                                                               monkeypatch):
+    """The whole build path with a stand-in llama-imatrix (a script that checks its arguments
+    and writes the -o file): the matrix lands in the cache with its provenance and log, and a
+    second request finds it there without running the tool."""
+    import stat
+
+    from qbench.quantize import gguf, imatrix
+    from qbench.quantize.request import PrepareRequest
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    tool = bin_dir / "llama-imatrix"
+    tool.write_text("#!/bin/sh\n"
+                    f"echo \"$@\" >> {calls}\n"
+                    "echo 'computing over chunks'\n"
+                    "while [ $# -gt 0 ]; do\n"
+                    "  case $1 in -o) shift; printf 'IMAT' > \"$1\" ;; esac; shift\n"
+                    "done\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("QBENCH_LLAMA_CPP_BIN", str(bin_dir))
+    monkeypatch.setattr(imatrix, "tool_version", lambda: {"build": "fake", "llama_cpp_python": "x"})
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF")
+    monkeypatch.setattr(imatrix, "build_variant",
+                        lambda *a, **k: gguf.Artifact(base, "basesha", {}))
+    text = "".join(f"line {i} of the calibration text\n" for i in range(50_000))
+    (tmp_path / "calib.txt").write_text(text)
+    req = PrepareRequest(variant={"quant": "Q4_K_M", "imatrix": "calib.txt",
+                                  "imatrix_chunks": 4},
+                         model={"id": "m", "base": "F16"}, model_file=base, model_sha="m",
+                         base_dir=tmp_path, data_dir=None, cache_dir=tmp_path / "cache",
+                         threads=1)
+    path, sha = imatrix.build_imatrix(req)
+    assert path.read_bytes() == b"IMAT" and path.name == "imatrix.dat"
+    args = calls.read_text().split()
+    assert args[args.index("--chunks") + 1] == "4" and args[args.index("-c") + 1] == "512"
+    prov = imatrix.provenance(path)
+    assert prov["chunks"] == 4 and prov["imatrix_sha256"] == sha and prov["base_sha256"] == "basesha"
+    assert "the end" in prov["region"]
+    assert "computing over chunks" in (path.parent / "llama-imatrix.log").read_text()
+    assert imatrix.build_imatrix(req) == (path, sha)
+    assert len(calls.read_text().splitlines()) == 1          # cached: the tool ran once

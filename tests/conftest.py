@@ -14,6 +14,8 @@ import fnmatch
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -50,6 +52,25 @@ def write_suite(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+TOY_PLUGIN = REPO / "tests" / "plugins" / "qbench_toyplugin"
+
+
+@pytest.fixture(scope="session")
+def toy_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/plugins/qbench_toyplugin pip-installed (no dependencies, no network) into a folder
+    of its own, once per session: put it on PYTHONPATH to give a qbench process the plugin."""
+    root = tmp_path_factory.mktemp("plugin")
+    src = root / "src"
+    shutil.copytree(TOY_PLUGIN, src)   # pip builds in the source folder: keep the repo clean
+    site = root / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                           "--no-build-isolation", "--no-index", "--target", str(site),
+                           str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any(site.glob("qbench_toyplugin-*.dist-info/entry_points.txt"))
+    return site
 
 
 @pytest.fixture

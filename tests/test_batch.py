@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +28,6 @@ from qbench.suite.config import load_suite
 from qbench.suite.plan import PlanContext, expand
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN = REPO / "tests" / "plugins" / "qbench_toyplugin"
 PATIENCE_S = 300          # only reached when something is broken
 HANG_BOUND_S = 60         # the per-cell timeout of the hang test: every other cell's hang bound
 
@@ -71,17 +69,9 @@ chunks = 4
 
 
 @pytest.fixture(scope="module")
-def toy_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The toy plugin pip-installed (no dependencies, no network) into a folder of its own."""
-    root = tmp_path_factory.mktemp("plugin")
-    src = root / "src"
-    shutil.copytree(PLUGIN, src)
-    site = root / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                           "--no-build-isolation", "--no-index", "--target", str(site),
-                           str(src)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return site
+def toy_site(toy_plugin_site: Path) -> Path:
+    """The toy plugin, pip-installed once per session (tests/conftest.py)."""
+    return toy_plugin_site
 
 
 def run_suite(work: Path, site: Path, *, quants: list[str], metrics: str = THREE_CELLS,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN = REPO / "tests" / "plugins" / "qbench_toyplugin"
 QBENCH = [sys.executable, "-m", "qbench.cli"]
 
 SUITE = """
@@ -52,18 +50,9 @@ max_tokens = 8
 
 
 @pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The plugin pip-installed (no dependencies, no network) into a folder of its own."""
-    root = tmp_path_factory.mktemp("plugin")
-    src = root / "src"
-    shutil.copytree(PLUGIN, src)   # pip builds in the source folder: keep the repo clean
-    site = root / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                           "--no-build-isolation", "--no-index", "--target", str(site),
-                           str(src)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert any(site.glob("qbench_toyplugin-*.dist-info/entry_points.txt"))
-    return site
+def plugin_site(toy_plugin_site: Path) -> Path:
+    """The plugin, pip-installed once per session (tests/conftest.py)."""
+    return toy_plugin_site
 
 
 @pytest.fixture(scope="module")

@@ -485,6 +485,41 @@ def test_split_gguf_is_inspected_across_its_shards(tmp_path):
         inspect_gguf(first)
 
 
+def test_split_gguf_traffic_facts_add_up_across_shards(tmp_path):
+    """The roofline's facts come from the same reader pass as the type mix, summed over shards."""
+    pytest.importorskip("gguf")
+    from qbench.quantize.gguf import inspect_gguf
+
+    first, second = tmp_path / "m-00001-of-00002.gguf", tmp_path / "m-00002-of-00002.gguf"
+    _tiny_gguf(first, {"token_embd.weight": (4, 8)}, "llama")
+    _tiny_gguf(second, {"output.weight": (4, 8), "blk.0.ffn_up_exps.weight": (2, 4, 8)}, "llama")
+    traffic = inspect_gguf(first)["traffic"]
+    assert (traffic["embed_bytes"], traffic["output_bytes"], traffic["expert_bytes"]) == (
+        128, 128, 256)
+    assert traffic["has_output"] is True
+
+
+def test_a_build_keeps_the_summary_it_checked_the_file_with(tmp_path, monkeypatch):
+    """gguf's reader takes seconds per pass on a large vocabulary: the build reads its new file
+    once (to refuse a broken one), and the footprint and roofline then find that summary."""
+    pytest.importorskip("gguf")
+    from qbench.quantize import gguf as qgguf
+
+    cache = tmp_path / "cache"
+    art = qgguf._cached(cache, {"tool": "test", "n": 1},
+                        lambda out: _tiny_gguf(out, {"token_embd.weight": (4, 8)}, "llama"))
+    assert art.path.is_file()
+
+    def no_second_pass(path):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(qgguf, "tensor_summary", no_second_pass)
+    summary = qgguf.inspect_gguf(art.path, cache)
+    assert summary["n_params"] == 32 and summary["traffic"]["embed_bytes"] == 128
+    with pytest.raises(AssertionError, match="read again"):   # without the cache: a real read
+        qgguf.inspect_gguf(art.path)
+
+
 def test_missing_variant_input_names_the_suite_key(suite_dir):
     from qbench.errors import ConfigError
 

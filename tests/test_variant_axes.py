@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qbench.errors import ConfigError
-from qbench.quantize import gguf_types
+from qbench.quantize import gguf, gguf_types
 from qbench.quantize.imatrix import IMATRIX_CHUNKS, IMATRIX_CTX, calibration_slice
 from qbench.suite.config import load_suite
 from qbench.suite.plan import PlanContext, expand
@@ -172,7 +172,7 @@ def test_provenance_of_a_published_file(smollm2_ref, tmp_path):
     assert prov["general.quantization_version"] == 2
     assert not any(k.startswith("tokenizer.") for k in prov)
     # the memo holds it too (a second read comes from the cache)
-    memo = next((tmp_path / "c" / "inspect").glob("*-v2.json"))
+    memo = next((tmp_path / "c" / "inspect").glob(f"*-v{gguf.SUMMARY_VERSION}.json"))
     assert json.loads(memo.read_text())["provenance"] == prov
 
 

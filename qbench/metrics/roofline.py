@@ -12,21 +12,17 @@ plus the KV cache of every earlier position: ``2 x n_layer x n_kv_heads x head_d
 bytes per element`` (K and V; f16 = 2 bytes, llama.cpp's default cache type). During a tgN run
 at depth d, step i attends to d + i + 1 positions, so the mean is d + (N + 1) / 2.
 
-GGUF: tensor bytes and shape from :func:`qbench.quantize.gguf.inspect_gguf`'s summary, plus one
-pass of gguf's reader for the embedding/output/expert tensors and the key/value head widths
-(memoised next to the summary). transformers: the loaded model's own parameters and buffers
+GGUF: tensor bytes, shape, the embedding/output/expert tensors and the key/value head widths
+from :func:`qbench.quantize.gguf.inspect_gguf`'s summary (one pass of gguf's reader, memoised). transformers: the loaded model's own parameters and buffers
 (a bitsandbytes model is smaller in memory than its file), else the file size.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 KV_BYTES_F16 = 2
-_EMBED_NAMES = ("token_embd.weight",)
-_OUTPUT_NAMES = ("output.weight",)
 
 
 def kv_bytes_per_position(n_layer: int, n_kv_heads: int, head_dim_k: int,
@@ -49,65 +45,14 @@ def mean_tg_positions(depth: int, gen_tokens: int) -> float:
 
 
 # -- GGUF ------------------------------------------------------------------------------------
-def gguf_tensor_facts(path: Path) -> dict[str, Any]:
-    """The few tensors and fields the summary does not keep: embedding/output bytes, expert
-    tensors' bytes, key/value widths and expert counts."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    embed = output = experts = 0
-    has_output = False
-    for t in reader.tensors:
-        if t.name in _EMBED_NAMES:
-            embed += int(t.n_bytes)
-        elif t.name in _OUTPUT_NAMES:
-            output += int(t.n_bytes)
-            has_output = True
-        elif "_exps" in t.name:
-            experts += int(t.n_bytes)
-    arch = _field(reader, "general.architecture")
-
-    def f(key: str) -> Any:
-        return _field(reader, f"{arch}.{key}") if arch else None
-
-    return {"embed_bytes": embed, "output_bytes": output, "has_output": has_output,
-            "expert_bytes": experts, "expert_count": f("expert_count"),
-            "expert_used_count": f("expert_used_count"),
-            "key_length": f("attention.key_length"), "value_length": f("attention.value_length"),
-            "head_count_kv": f("attention.head_count_kv")}
-
-
-def _field(reader: Any, key: str) -> Any:
-    """A metadata value as Python (int, str, or a list for per-layer arrays); None if absent."""
-    fld = reader.fields.get(key)
-    return None if fld is None else fld.contents()
-
-
 def gguf_traffic(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Bytes read per token (weights) and KV bytes per cached position of a GGUF file."""
-    from qbench.inputs.sources import sha256_file
+    """Bytes read per token (weights) and KV bytes per cached position of a GGUF file, from
+    the summary :func:`qbench.quantize.gguf.inspect_gguf` keeps (its ``traffic`` facts come from
+    the same pass of gguf's reader as the type mix)."""
     from qbench.quantize.gguf import inspect_gguf
 
     summary = inspect_gguf(path, cache_dir)
-    memo = None
-    facts = None
-    if cache_dir is not None:
-        memo = cache_dir / "inspect" / f"{sha256_file(path, cache_dir)}.traffic.json"
-        try:
-            facts = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            facts = None
-    if facts is None:
-        from qbench.inputs.sources import split_shards
-        shards = split_shards(path) or [path]
-        parts = [gguf_tensor_facts(s) for s in shards]
-        facts = parts[0] | {k: sum(p[k] for p in parts) for k in (
-            "embed_bytes", "output_bytes", "expert_bytes")} | {
-            "has_output": any(p["has_output"] for p in parts)}
-        if memo is not None:
-            from qbench.host.fsutil import atomic_write_text
-            atomic_write_text(memo, json.dumps(facts))
-    return traffic_from_gguf(summary, facts)
+    return traffic_from_gguf(summary, summary["traffic"])
 
 
 def traffic_from_gguf(summary: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:

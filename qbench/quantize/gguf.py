@@ -47,8 +47,7 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
         check_gguf(shard)
     memo = None
     if cache_dir is not None:
-        memo = (cache_folder(cache_dir, "inspect")
-                / f"{sha256_file(path, cache_dir)}-v{SUMMARY_VERSION}.json")
+        memo = _summary_memo(cache_dir, sha256_file(path, cache_dir))
         if memo.exists():
             try:
                 return json.loads(memo.read_text())
@@ -60,6 +59,11 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     if memo is not None:
         atomic_write_text(memo, json.dumps(summary))
     return summary
+
+
+def _summary_memo(cache_dir: Path, sha256: str) -> Path:
+    """Where the summary of the file with content ``sha256`` is kept."""
+    return cache_folder(cache_dir, "inspect") / f"{sha256}-v{SUMMARY_VERSION}.json"
 
 
 def _shard_summary(path: Path) -> dict[str, Any]:
@@ -89,7 +93,10 @@ def _merge_shards(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "n_tensors": sum(p["n_tensors"] for p in parts), "n_params": n_params,
         "tensor_bytes": n_bytes, "bpw": 8.0 * n_bytes / n_params if n_params else None,
         "types": dict(sorted(hist.items(), key=lambda kv: -kv[1]["params"])),
-        "data_end": parts[0]["data_end"]}
+        "data_end": parts[0]["data_end"],
+        "traffic": parts[0]["traffic"] | {k: sum(p["traffic"][k] for p in parts) for k in (
+            "embed_bytes", "output_bytes", "expert_bytes")} | {
+            "has_output": any(p["traffic"]["has_output"] for p in parts)}}
 
 
 def tensor_summary(path: Path) -> dict[str, Any]:
@@ -122,14 +129,45 @@ def tensor_summary(path: Path) -> dict[str, Any]:
             "block_count", "embedding_length", "attention.head_count",
             "attention.head_count_kv", "context_length")} if arch else {},
         "provenance": provenance_fields(reader),
+        "traffic": traffic_facts(reader, arch),
     }
+
+
+_EMBED_NAMES = ("token_embd.weight",)
+_OUTPUT_NAMES = ("output.weight",)
+
+
+def traffic_facts(reader: Any, arch: str | None) -> dict[str, Any]:
+    """What the speed roofline needs beyond the type mix (qbench.metrics.roofline), taken in
+    the same pass of gguf's reader (a pass costs seconds on a large vocabulary): embedding /
+    output / expert tensors' bytes, expert counts, key/value widths."""
+    embed = output = experts = 0
+    has_output = False
+    for t in reader.tensors:
+        if t.name in _EMBED_NAMES:
+            embed += int(t.n_bytes)
+        elif t.name in _OUTPUT_NAMES:
+            output += int(t.n_bytes)
+            has_output = True
+        elif "_exps" in t.name:
+            experts += int(t.n_bytes)
+
+    def f(key: str) -> Any:
+        fld = reader.fields.get(f"{arch}.{key}") if arch else None
+        return None if fld is None else fld.contents()
+
+    return {"embed_bytes": embed, "output_bytes": output, "has_output": has_output,
+            "expert_bytes": experts, "expert_count": f("expert_count"),
+            "expert_used_count": f("expert_used_count"),
+            "key_length": f("attention.key_length"), "value_length": f("attention.value_length"),
+            "head_count_kv": f("attention.head_count_kv")}
 
 
 # which metadata tells who made a file and how: general.* (name, author, quantized_by, source
 # URLs, quantization_version, ...) and the imatrix llama-quantize records (file, dataset,
 # entries, chunks). Large arrays (tokenizer, tensors) are not provenance.
 PROVENANCE_PREFIXES = ("general.", "quantize.")
-SUMMARY_VERSION = 2     # memoised summaries of an older shape are recomputed
+SUMMARY_VERSION = 3     # memoised summaries of an older shape are recomputed (3: traffic)
 
 
 def provenance_fields(reader: Any) -> dict[str, Any]:
@@ -211,12 +249,14 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
         t0 = time.perf_counter()
         try:
             build(tmp)
-            inspect_gguf(tmp)
+            summary = inspect_gguf(tmp)      # a broken build never lands in the cache
             os.replace(tmp, final)
         finally:
             if tmp.exists():
                 tmp.unlink()
-        out_sha = sha256_file(final)
+        out_sha = sha256_file(final, cache_dir)
+        # kept: the footprint and the roofline would otherwise read the new file again
+        atomic_write_text(_summary_memo(cache_dir, out_sha), json.dumps(summary))
         atomic_write_text(meta, json.dumps(
             recipe | {"output_sha256": out_sha, "build_s": round(time.perf_counter() - t0, 2)},
             indent=1))

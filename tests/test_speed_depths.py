@@ -39,12 +39,19 @@ class FakeBackend:
         self.pos = 0
         self.n_ctx = 0
         self.resets: list[int | None] = []
+        self.sizes: list[int] = []
         self.decodes: list[tuple[int, int]] = []        # (first position, tokens)
 
     def reset(self, n_ctx: int | None = None) -> None:
         self.resets.append(n_ctx)
         if n_ctx is not None:
             self.n_ctx = max(self.n_ctx, n_ctx)
+        self.pos = 0
+
+    def size_context(self, n_ctx: int) -> None:
+        """As llama.cpp's backend: an empty cache of exactly n_ctx positions."""
+        self.sizes.append(n_ctx)
+        self.n_ctx = n_ctx
         self.pos = 0
 
     def decode_tokens(self, tokens: list[int], n_batch: int) -> None:
@@ -107,6 +114,15 @@ def cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 OPTS = dict(prompt_tokens=64, gen_tokens=16, repetitions=2)
 
 
+def test_each_test_runs_in_a_context_sized_as_llama_bench_sizes_it(cell):
+    """llama-bench: n_ctx = n_prompt + n_gen + n_depth of the test (a tg test has no prompt);
+    a cache sized for both tests made tg at depth 512 read 14 % slow against it. The fake
+    refuses to decode past the size, so each warm-up must be of its test's kind too."""
+    ctx, backend = cell()
+    speed.run(ctx, speed.Options(**OPTS, depths=(0, 512)))
+    assert backend.sizes == [0 + 64 + 1, 0 + 16 + 1, 512 + 64 + 1, 512 + 16 + 1]
+
+
 def test_depth_zero_keeps_todays_names_and_numbers(cell):
     ctx, _ = cell()
     out = speed.run(ctx, speed.Options(**OPTS))
@@ -128,9 +144,8 @@ def test_depths_fill_the_cache_untimed_then_time_at_depth(cell):
     assert v["tg_tokens_per_s@d512"]["value"] == pytest.approx(tokens_per_s(512, 16))
     assert v["tg_tokens_per_s"]["value"] == pytest.approx(tokens_per_s(0, 16))
     assert v["tg_tokens_per_s@d512"]["value"] < v["tg_tokens_per_s"]["value"]
-    # depth 0 first (sized as today: prompt + gen + 1), then the cache grows for 512
-    sized = [n for n in backend.resets if n is not None]
-    assert sized[0] == 64 + 16 + 1 and max(sized) == 512 + 64 + 16 + 1
+    # depth 0 first, whatever order the suite gave (each test sized for itself)
+    assert backend.sizes == [64 + 1, 16 + 1, 512 + 64 + 1, 512 + 16 + 1]
     fills = [d for d in backend.decodes if d == (0, 512)]
     assert len(fills) == 2 * OPTS["repetitions"]       # one fill per repetition, pp and tg
     assert out["details"]["test_names"] == ["pp64", "tg16", "pp64@d512", "tg16@d512"]

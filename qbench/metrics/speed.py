@@ -19,7 +19,7 @@ from qbench.metrics import MetricInfo
 from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
-    name="speed", version="2", primary="tg_tokens_per_s", higher_is_better=True,
+    name="speed", version="3", primary="tg_tokens_per_s", higher_is_better=True,
     gated={"pp_tokens_per_s": True},
     # derived from tg tokens/s (gated) and counters shared with other processes: shown only
     reported=("tg_effective_gbs", "tg_bandwidth_pct", "pp_joules_per_token",
@@ -31,8 +31,9 @@ INFO = MetricInfo(
     methodology=(
         "llama-bench's method: ppN = a prompt of N random tokens (BOS first where the model uses "
         "BOS) processed in n_batch pieces; tgN = N single-token decode steps on random tokens. "
-        "One warm-up (prompt + 1 token), KV cache cleared before every repetition, tokens/s per "
-        "repetition, reported as mean +/- sample standard deviation. At depth d (llama-bench "
+        "Per test, a context of depth + that test's tokens (as llama-bench sizes it), one warm-up "
+        "of the test's kind (the prompt, or 1 token), KV cache cleared before every repetition, "
+        "tokens/s per repetition, reported as mean +/- sample standard deviation. At depth d (llama-bench "
         "-d) each repetition first fills the KV cache with d tokens, untimed. Effective "
         "bandwidth of generation = bytes read per token (every weight tensor, the token "
         "embedding only where the output layer reuses it, plus the KV cache at that depth) x "
@@ -92,6 +93,9 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             else {"available": False, "reason": "roofline = false"})
     energy = hw.open_energy()
 
+    # a backend whose cache has a fixed size takes it exactly; others just start empty
+    size_context = getattr(backend, "size_context", backend.reset)
+
     def test_prompt(n: int) -> None:
         backend.decode_tokens(_random_tokens(rng, n, backend.n_vocab, bos), n_batch)
 
@@ -106,9 +110,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     bandwidth: list[dict[str, Any]] = []
     test_names: list[str] = []
     try:
-        for depth in sorted(options.depths):       # ascending: the cache only ever grows
-            n_ctx = hw.n_ctx_for(depth, options.prompt_tokens, options.gen_tokens)
-            backend.reset(n_ctx)
+        for depth in sorted(options.depths):
             sfx = hw.suffix(depth)
             point: dict[str, Any] = {"depth": depth}
             for label, n, test in (("pp", options.prompt_tokens, test_prompt),
@@ -116,10 +118,13 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
                 if n <= 0:
                     continue
                 test_names.append(f"{label}{n}{sfx}")
-                backend.reset(n_ctx)        # warm-up, as llama-bench: a prompt, then one token
-                if options.prompt_tokens:
-                    test_prompt(options.prompt_tokens)
-                if options.gen_tokens:
+                # as llama-bench: a context sized for this test alone, and a warm-up of its
+                # own kind (a prompt for pp, one token for tg)
+                size_context(hw.n_ctx_for(depth, n if label == "pp" else 0,
+                                          n if label == "tg" else 0))
+                if label == "pp":
+                    test_prompt(n)
+                else:
                     test_gen(1)
                 samples = []
                 for _ in range(options.repetitions):

@@ -32,9 +32,9 @@ def validate_depths(depths: Sequence[int], *, file: str, key: str) -> None:
 
 
 def n_ctx_for(depth: int, prompt_tokens: int, gen_tokens: int) -> int:
-    """The KV cache a depth needs: the filled depth, then the longer of the tests on top
-    (pp and tg run separately, each from the same depth) plus one position of slack, as the
-    depth-0 metric always sized it (prompt + gen + 1)."""
+    """The context one speed test runs in: the filled depth plus the test's own tokens (a pp
+    test passes gen_tokens=0, a tg test prompt_tokens=0), as llama-bench sizes it
+    (n_prompt + n_gen + n_depth), plus one position of slack."""
     return depth + prompt_tokens + gen_tokens + 1
 
 

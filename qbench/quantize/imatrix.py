@@ -43,9 +43,6 @@ def imatrix_recipe(chunks: int = IMATRIX_CHUNKS) -> dict[str, Any]:
             "chars_per_token": CHARS_PER_TOKEN}
 
 
-IMATRIX_RECIPE: dict[str, Any] = imatrix_recipe()
-
-
 def calibration_slice(text: str, chunks: int = IMATRIX_CHUNKS) -> tuple[str, dict[str, Any]]:
     """The end of ``text`` that llama-imatrix reads (at most chunks x ctx x CHARS_PER_TOKEN
     characters, from a line start), and where it lies."""

@@ -125,6 +125,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if args.executor == "ray":
         from qbench.run.ray_executor import RayExecutor
         executor = RayExecutor(address=args.ray_address, num_gpus_per_cell=args.gpus_per_cell)
+    elif args.no_prepare_ahead:
+        from qbench.run.executors import LocalExecutor
+        executor = LocalExecutor(prepare_ahead=False)
     suite, ctx, store = _suite_context(args)
     _check_inputs(suite, ctx)
     with store.lock():
@@ -261,7 +264,7 @@ def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     blocked = [c for c in checks if not c.ok and c.blocking]
     if blocked:
-        console.print(f"[red]the default suite cannot run here[/red]: "
+        console.print("[red]the default suite cannot run here[/red]: "
                       + "; ".join(c.name for c in blocked))
         return EXIT_USER
     console.print("[green]ready[/green]: qbench run suites/smoke.toml")
@@ -391,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
     sp.add_argument("--gpus-per-cell", type=float, default=0,
                     help="GPUs a GPU cell asks Ray for (default 1; 0.5: two cells share one)")
+    sp.add_argument("--no-prepare-ahead", action="store_true",
+                    help="local CPU runs: do not make the next variant's file while this "
+                    "variant's accuracy cells run (one thing at a time, as before)")
     sp.add_argument("--rerun-failed", action="store_true", help="rerun failed/crashed cells")
     sp.add_argument("--report-dir", default="reports", help="where the HTML goes")
     sp.add_argument("--no-report", action="store_true")

@@ -358,8 +358,10 @@ def test_session_keeps_what_a_variant_needs_between_cells():
 def test_a_cell_that_built_the_variants_file_hands_the_next_cells_a_fresh_process(
         tmp_path, monkeypatch):
     """An AWQ build left ~700 MiB of heap that the next cell (speed) counted as its own: a cell
-    during which a build appeared in the cache ends its worker; one that found the file cached
-    does not, nor does a build that lands elsewhere than the build folders."""
+    during which this process built a file or an importance matrix ends its worker; one that
+    found the file cached does not, nor does a build another process made meanwhile (the next
+    variant prepared ahead: its heap is not in this process)."""
+    from qbench.host import cache as host_cache
     from qbench.host.cache import folder
     from qbench.run import worker
     from qbench.run.job import Job
@@ -368,19 +370,44 @@ def test_a_cell_that_built_the_variants_file_hands_the_next_cells_a_fresh_proces
     job = Job(cell={"id": "m/transformers/awq-w4g64/footprint", "key": "k",
                     "metric": "footprint", "variant": {"backend": "transformers"}},
               base_dir=str(tmp_path), cache_dir=str(cache))
-    made: list[Path] = []
+    builds: list[tuple[str, str]] = []
+    elsewhere: list[Path] = []
 
     def execute(_job: Job) -> dict:
-        for path in made:
+        for kind, name in builds:
+            host_cache.note_built(kind, name)
+        for path in elsewhere:
             path.mkdir(parents=True, exist_ok=True)
         return {"status": "ok", "values": {}}
 
     monkeypatch.setattr(worker, "execute", execute)
-    made[:] = [folder(cache, "artifacts") / "0123abcd"]
+    monkeypatch.setattr(host_cache, "_built_here", [])
+    builds[:] = [("artifacts", "0123abcd")]
     result, fit = worker.measure(job)
     assert result["status"] == "ok" and fit is False          # built here: next cells elsewhere
+    builds[:] = []
     assert worker.measure(job, position=1)[1] is True          # cached now: the worker goes on
-    made[:] = [folder(cache, "imatrix") / "4567ef"]
+    builds[:] = [("imatrix", "4567ef")]
     assert worker.measure(job, position=1)[1] is False         # an importance matrix too
-    made[:] = [folder(cache, "inspect") / "memo"]
-    assert worker.measure(job, position=1)[1] is True          # a memo is not a build
+    builds[:] = []
+    elsewhere[:] = [folder(cache, "artifacts") / "89ab"]
+    assert worker.measure(job, position=1)[1] is True          # another process's build
+
+
+def test_the_build_functions_record_a_miss_and_not_a_hit(tmp_path, monkeypatch):
+    """What the worker's check reads: the GGUF cache records the build it made, once."""
+    from qbench.host import cache as host_cache
+    from qbench.quantize import gguf
+
+    monkeypatch.setattr(host_cache, "_built_here", [])
+    monkeypatch.setattr(gguf, "inspect_gguf", lambda path: {"tensors": []})
+
+    def build(tmp: Path) -> None:
+        tmp.write_bytes(b"GGUF fake")
+
+    recipe = {"output_type": "Q4_0", "input_sha256": "ab"}
+    first = gguf._cached(tmp_path, recipe, build)
+    again = gguf._cached(tmp_path, recipe, build)
+    assert first.path == again.path and first.path.read_bytes() == b"GGUF fake"
+    assert len(host_cache.built_here()) == 1
+    assert host_cache.built_here()[0].startswith("artifacts/")

@@ -18,6 +18,7 @@ KINDS = {
     "tools": "llama.cpp's HF-to-GGUF converter, installed on first use",
     "host": "measurements of this machine (memory bandwidth), once per hardware id",
 }
+BUILD_KINDS = ("artifacts", "imatrix")   # where variant files and importance matrices are built
 HASH_MEMO = "sha256.json"   # a file's stamp (path, size, mtime) -> its sha256
 FOLDERS = {"kld": "kld-base"}
 
@@ -27,6 +28,21 @@ def folder(cache_dir: Path, kind: str) -> Path:
     if kind not in KINDS:
         raise KeyError(f"unknown cache kind {kind!r} (known: {', '.join(KINDS)})")
     return cache_dir / FOLDERS.get(kind, kind)
+
+
+_built_here: list[str] = []
+
+
+def note_built(kind: str, name: str) -> None:
+    """Record that this process built ``kind``/``name`` (a cache miss it paid for)."""
+    _built_here.append(f"{kind}/{name}")
+
+
+def built_here() -> tuple[str, ...]:
+    """What this process has built so far, in order: a worker compares it before and after
+    a cell (a build leaves its heap behind), and a build another process made while the cell
+    ran, such as the next variant's prepared ahead (qbench.run.prefetch), is not in it."""
+    return tuple(_built_here)
 
 
 def usage(cache_dir: Path) -> dict[str, int]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from qbench.errors import QbenchError, SourceError
 from qbench.host.cache import folder as cache_folder
+from qbench.host.cache import note_built
 from qbench.host.fsutil import atomic_write_text, file_lock
 from qbench.inputs.sources import check_gguf, sha256_file, split_shards
 from qbench.quantize.gguf_types import FLOAT_TYPES, FTYPES
@@ -260,6 +261,7 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
         atomic_write_text(meta, json.dumps(
             recipe | {"output_sha256": out_sha, "build_s": round(time.perf_counter() - t0, 2)},
             indent=1))
+        note_built("artifacts", digest)
         return Artifact(final, out_sha, recipe)
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from qbench.errors import MissingExtraError, QbenchError, SourceError
 from qbench.host.cache import folder as cache_folder
+from qbench.host.cache import note_built
 from qbench.host.fsutil import atomic_write_text, file_lock
 from qbench.inputs.sources import GGUF_MAGIC, sha256_file
 from qbench.quantize import hf_types
@@ -324,6 +325,7 @@ def _cached_dir(cache_dir: Path, recipe: dict[str, Any],
         stored = recipe | extra | {"output_sha256": out_sha,
                                    "build_s": round(time.perf_counter() - t0, 2)}
         atomic_write_text(meta, json.dumps(stored, indent=1, sort_keys=True))
+        note_built("artifacts", digest)
         return final, out_sha, stored
 
 

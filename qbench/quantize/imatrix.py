@@ -24,6 +24,7 @@ from typing import Any
 
 from qbench.errors import QbenchError
 from qbench.host.cache import folder as cache_folder
+from qbench.host.cache import note_built
 from qbench.host.fsutil import atomic_write_text, file_lock
 from qbench.inputs.datasets import load_text
 from qbench.quantize.gguf import build_variant
@@ -97,6 +98,7 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
             recipe | {"calibration": text.origin, "dataset": req.variant["imatrix"],
                       **{k: v for k, v in region.items() if k != "slice_sha256"},
                       "imatrix_sha256": sha, "tools": tools, "command": cmd}, indent=1))
+        note_built("imatrix", digest)
     return out, hashlib.sha256(out.read_bytes()).hexdigest()
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from qbench.backends import backend_function, backend_module
 from qbench.backends.base import LoadOptions
 from qbench.errors import MissingExtraError, NotApplicable, QbenchError
-from qbench.host.cache import folder as cache_folder
+from qbench.host.cache import built_here
 from qbench.host.fsutil import atomic_write_text
 from qbench.inputs.sources import resolve, sha256_file
 from qbench.metrics import metric_module
@@ -209,7 +209,7 @@ def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
     So does a cell that built the variant's file (a cache miss): the build's leftover heap
     would otherwise count in the next cells' memory."""
     session_held = held()
-    builds_before = built_entries(job)
+    builds_before = len(built_here())
     exact = position > 0 and peak.reset_peak_rss()
     if position > 0:
         peak.reset_torch_peak()
@@ -239,7 +239,7 @@ def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
     if (torch_peak := peak.torch_max_allocated_mb()) is not None:
         result["torch_max_allocated_mb"] = round(torch_peak, 1)
     result["held"] = session_held
-    if fit and (built := sorted(built_entries(job) - builds_before)):
+    if fit and (built := built_here()[builds_before:]):
         # an AWQ/GPTQ build or an HF conversion leaves hundreds of MiB of heap behind (measured:
         # 1,167 MiB held at the next cell's start against 467 for a fresh process); the next
         # cells' memory windows, the speed cell's above all, must not carry it
@@ -249,22 +249,6 @@ def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
     sys.stdout.flush()
     sys.stderr.flush()
     return result, fit
-
-
-BUILD_KINDS = ("artifacts", "imatrix")   # where variant files and importance matrices are built
-
-
-def built_entries(job: Job) -> set[str]:
-    """The builds in the cache now (variant files, importance matrices): one that appears
-    during a cell was made in this process, which may keep the heap the build used."""
-    out: set[str] = set()
-    for kind in BUILD_KINDS:
-        try:
-            names = os.listdir(cache_folder(Path(job.cache_dir), kind))
-        except OSError:
-            continue
-        out.update(f"{kind}/{name}" for name in names if not name.endswith(".lock"))
-    return out
 
 
 def _switch_log(path: Path) -> None:

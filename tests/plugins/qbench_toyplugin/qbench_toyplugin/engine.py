@@ -63,6 +63,10 @@ def _quantize(table: np.ndarray, bits: float) -> np.ndarray:
 
 def prepare(req: PrepareRequest) -> Prepared:
     quant = req.variant["quant"]
+    trace = os.environ.get("TOY_PREPARE_TRACE")   # for tests: which process prepared what
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(json.dumps({"quant": quant, "pid": os.getpid()}) + "\n")
     table = _quantize(_table(req.model_file.read_bytes()), BITS[quant])
     drift = float(os.environ.get("TOY_DRIFT") or 0)
     if drift and quant != "f32":

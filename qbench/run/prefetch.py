@@ -1,0 +1,93 @@
+"""Prepare the next variant's file while this variant's accuracy cells run.
+
+On a CPU run, about half of a suite of fresh variants is building their files (llama-quantize's
+IQ types take 27-42 s each for SmolLM2 on 2 cores, an AWQ build 150 s) and the other half is
+scoring them, one after the other, with the cores 1.6 of 2 busy on average. The executor may
+start one helper process (``python -m qbench.run.prefetch JOB.json``) that makes the next
+variant's file, and the importance matrix it needs, in the cache, while the current variant's
+cells that read no clock run (perplexity, KLD, MMLU, sanity). The helper only fills the cache,
+under the same locks as a cell: the next variant's first cell then finds the file there, or
+waits on the lock for the build to end. Nothing of a cell's record comes from the helper: if
+it fails, the cell builds the file itself and records its own error.
+
+What it never overlaps: a hardware-bound cell (speed), since the helper would take the cores
+it times. The executor starts the helper only once the current variant's hardware-bound cells
+are done, and waits for it to end before the next variant's worker starts. Only on the CPU: on
+a GPU an AWQ/GPTQ build or an imatrix would share the device's memory with the cell being
+measured.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qbench.run.job import Job
+
+
+class Prefetch:
+    """One helper process preparing one variant (the parent's side)."""
+
+    def __init__(self, job: Job, log_path: Path, *, python: str = sys.executable) -> None:
+        self.cell_id = job.cell_id
+        self.started = time.monotonic()
+        self._tmp = tempfile.TemporaryDirectory(prefix="qbench-prefetch-")
+        job_path = Path(self._tmp.name) / "job.json"
+        job_path.write_text(job.replace(parent_pid=os.getpid()).to_json())
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [python, "-m", "qbench.run.prefetch", str(job_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout_s: float) -> int | None:
+        """Wait for the helper (at most ``timeout_s``; then it is ended: the cell builds the
+        file itself). Its exit code, None if it had to be ended."""
+        try:
+            return self.proc.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            return None
+        finally:
+            self._tmp.cleanup()
+
+    def cancel(self) -> None:
+        """End the helper's process tree (llama-quantize with it); a half-made file stays a
+        temporary file the next build removes under its lock."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self._tmp.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare the job's variant in the cache; 0 when its file is there now."""
+    from qbench.run.worker import _prepare, _start
+
+    argv = sys.argv[1:] if argv is None else argv
+    job = Job.from_json(Path(argv[0]).read_text())
+    _start(job)
+    print(f"qbench: preparing {job.cell_id}'s variant ahead of its cells", file=sys.stderr,
+          flush=True)
+    try:
+        _prepare(job)
+    except Exception as exc:   # the cell itself will meet this and record it
+        print(f"qbench: preparing ahead failed ({type(exc).__name__}: {exc}); the variant's "
+              "first cell will build it and record what happens", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

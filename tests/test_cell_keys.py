@@ -567,3 +567,36 @@ def test_kld_base_cache_is_keyed_by_how_the_base_ran(tmp_path):
     assert len(paths) == 4
     assert base_cache_path(tmp_path, "sha-b", "sha-t", opts, dict(cpu)) == \
         base_cache_path(tmp_path, "sha-b", "sha-t", opts, cpu)
+
+
+def test_the_plain_reader_reads_what_ggufs_reader_reads(tmp_path):
+    """The view over the memory map changes how fast, not what: every field's parts and every
+    tensor's type, size, offset and data agree with gguf's own reader."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+    from qbench.quantize.gguf import plain_reader
+
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_token_list([f"tok{i}" for i in range(500)])
+    writer.add_token_scores([float(i) for i in range(500)])
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.normal(size=(500, 64)).astype(np.float16))
+    writer.add_tensor("output_norm.weight", rng.normal(size=64).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours, theirs = plain_reader(path), GGUFReader(str(path))
+    assert type(ours.data) is np.ndarray and isinstance(theirs.data, np.memmap)
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields) > 5
+    for name, field in theirs.fields.items():
+        assert len(ours.fields[name].parts) == len(field.parts)
+        assert all(np.array_equal(a, b) for a, b in zip(ours.fields[name].parts, field.parts))
+    assert [(t.name, t.tensor_type, int(t.n_bytes), int(t.data_offset)) for t in ours.tensors] \
+        == [(t.name, t.tensor_type, int(t.n_bytes), int(t.data_offset)) for t in theirs.tensors]
+    assert ours.tensors[0].tensor_type == GGMLQuantizationType.F16
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))

@@ -100,12 +100,31 @@ def _merge_shards(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "has_output": any(p["traffic"]["has_output"] for p in parts)}}
 
 
+def plain_reader(path: Path) -> Any:
+    """gguf's GGUFReader over a plain ndarray view of its memory map. The reader slices its
+    array once per part of every field: for a 49k-token vocabulary that is ~250k slices, and
+    slicing an ``np.memmap`` runs memmap's ``__array_finalize__`` each time, which took half of
+    a 4.7-5.3 s read here (1.8-2.0 s with the view; the same fields and tensors). The view
+    shares the mapping (nothing is copied) and the file is only read."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    class PlainGGUFReader(GGUFReader):
+        @property
+        def data(self) -> Any:
+            return self._plain
+
+        @data.setter
+        def data(self, value: Any) -> None:
+            self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainGGUFReader(str(path))
+
+
 def tensor_summary(path: Path) -> dict[str, Any]:
     """What the file really holds: tensor types by count, parameters and bytes; bits per weight
     over all tensors (as llama-quantize prints); the file's declared ftype."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = plain_reader(path)
     hist: dict[str, dict[str, int]] = {}
     n_params = n_bytes = 0
     for t in reader.tensors:

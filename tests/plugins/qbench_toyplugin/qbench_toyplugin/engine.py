@@ -66,7 +66,7 @@ def prepare(req: PrepareRequest) -> Prepared:
     trace = os.environ.get("TOY_PREPARE_TRACE")   # for tests: which process prepared what
     if trace:
         with open(trace, "a") as fh:
-            fh.write(json.dumps({"quant": quant, "pid": os.getpid()}) + "\n")
+            fh.write(json.dumps({"quant": quant, "pid": os.getpid(), "nice": os.nice(0)}) + "\n")
     table = _quantize(_table(req.model_file.read_bytes()), BITS[quant])
     drift = float(os.environ.get("TOY_DRIFT") or 0)
     if drift and quant != "f32":

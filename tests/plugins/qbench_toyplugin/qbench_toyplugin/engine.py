@@ -61,12 +61,20 @@ def _quantize(table: np.ndarray, bits: float) -> np.ndarray:
     return (lo + np.round((table - lo) / step) * step).astype(np.float32)
 
 
+def _autogroup() -> str | None:
+    try:
+        return open("/proc/self/autogroup").read().strip()
+    except OSError:
+        return None
+
+
 def prepare(req: PrepareRequest) -> Prepared:
     quant = req.variant["quant"]
     trace = os.environ.get("TOY_PREPARE_TRACE")   # for tests: which process prepared what
     if trace:
         with open(trace, "a") as fh:
-            fh.write(json.dumps({"quant": quant, "pid": os.getpid(), "nice": os.nice(0)}) + "\n")
+            fh.write(json.dumps({"quant": quant, "pid": os.getpid(), "nice": os.nice(0),
+                                 "autogroup": _autogroup()}) + "\n")
     table = _quantize(_table(req.model_file.read_bytes()), BITS[quant])
     drift = float(os.environ.get("TOY_DRIFT") or 0)
     if drift and quant != "f32":

@@ -265,3 +265,20 @@ def test_depths_default_and_parse():
 
 def test_suffix():
     assert speed_hw.suffix(0) == "" and speed_hw.suffix(512) == "@d512"
+
+
+def test_the_depth_benchmark_says_when_its_rounds_cannot_resolve_five_percent():
+    """benchmarks/speed_depth.py's verdict on the paired per-round ratios: agreement needs
+    every round within 5 %, a difference every round outside on one side; rounds that
+    disagree (the measured tg@d512: 0.908, 1.083, 1.115) resolve nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "speed_depth", Path(__file__).resolve().parent.parent / "benchmarks" / "speed_depth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.verdict([1.0, 0.96, 1.049]).startswith("within 5 %")
+    assert bench.verdict([0.90, 0.93, 0.94]).startswith("differs")
+    assert bench.verdict([1.06, 1.2, 1.07]).startswith("differs")
+    assert bench.verdict([0.908, 1.083, 1.115]) == "not resolved in 3 rounds (rounds disagree)"
+    assert bench.verdict([1.0, 1.06]).startswith("not resolved")

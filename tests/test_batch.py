@@ -411,3 +411,10 @@ def test_the_build_functions_record_a_miss_and_not_a_hit(tmp_path, monkeypatch):
     assert first.path == again.path and first.path.read_bytes() == b"GGUF fake"
     assert len(host_cache.built_here()) == 1
     assert host_cache.built_here()[0].startswith("artifacts/")
+
+    def broken(tmp: Path) -> None:      # a failed build leaves its heap behind all the same
+        raise RuntimeError("llama_model_quantize failed")
+
+    with pytest.raises(RuntimeError):
+        gguf._cached(tmp_path, recipe | {"output_type": "Q2_K"}, broken)
+    assert len(host_cache.built_here()) == 2

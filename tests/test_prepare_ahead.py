@@ -39,8 +39,9 @@ def item(variant: str, metric: str, device: str = "cpu") -> WorkItem:
 class Script:
     """A scripted worker (outcomes in order) and a recording helper, sharing one event log."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_start: bool = False) -> None:
         self.events: list[str] = []
+        self.limits: list[int] = []
         script = self
 
         def run_cells(runs: list[Any], memory_limit_mb: int = 0):
@@ -50,16 +51,18 @@ class Script:
 
         class Helper:
             def __init__(self, job: Job, log_path: Path) -> None:
+                if fail_start:
+                    raise OSError("Resource temporarily unavailable")
                 self.cell_id = job.cell_id
-                self.started = 0.0
+                script.limits.append(job.memory_limit_mb)
                 script.events.append(f"start {job.cell_id.split('/')[2]}")
 
             def running(self) -> bool:
                 return True
 
-            def finish(self, timeout_s: float) -> int:
+            def finish(self, timeout_s: float) -> dict:
                 script.events.append(f"finish {self.cell_id.split('/')[2]}")
-                return 0
+                return {"exit": 0, "prepare_s": 1.5, "waited_s": 0.0}
 
             def cancel(self) -> None:
                 script.events.append(f"cancel {self.cell_id.split('/')[2]}")
@@ -101,6 +104,18 @@ def test_no_helper_beside_a_gpu_cell_nor_with_a_process_per_cell_nor_when_asked(
     # a variant whose last cell is hardware-bound leaves nothing to overlap
     list(LocalExecutor().run([item("A", "footprint"), item("A", "speed"), item("B", "speed")]))
     assert not any(e.startswith("start") for e in script.events)
+
+
+def test_a_helper_that_cannot_start_costs_nothing_and_gets_the_memory_cap(monkeypatch):
+    items = [item(v, m) for v in ("A", "B") for m in ("footprint", "perplexity")]
+    script = Script(monkeypatch, fail_start=True)
+    out = list(LocalExecutor().run(items))
+    assert [o.status for _, o in out] == ["ok"] * 4             # every cell ran and reported
+    assert not any(e.startswith(("start", "finish")) for e in script.events)
+    capped = [WorkItem(i.cell, i.job, i.log_path, i.timeout_s, 2048) for i in items]
+    script = Script(monkeypatch)
+    list(LocalExecutor().run(capped))
+    assert script.limits == [2048]           # the helper's build is capped like the worker's
 
 
 def test_stopping_the_run_ends_the_helper(monkeypatch):
@@ -183,7 +198,8 @@ def test_a_real_run_prepares_ahead_in_a_helper_and_measures_the_same(toy_plugin_
     if Path("/proc/self/autogroup").exists():     # the helper's session weighs little too
         assert all(p["autogroup"].endswith("nice 19") for p in helpers), helpers
     first = {r["variant"]["quant"]: r for r in recs.values() if r["metric"] == "footprint"}
-    assert first["q8"]["timings"]["prepared_ahead"]["exit"] == 0
+    ahead = first["q8"]["timings"]["prepared_ahead"]
+    assert ahead["exit"] == 0 and ahead["prepare_s"] >= 0 and ahead["waited_s"] >= 0
     assert "prepared_ahead" not in first["f32"]["timings"]
     logs = {p.stem for p in (tmp_path / "ahead" / "results").rglob("prepare-ahead/*.log")}
     assert logs == {first["q8"]["key"], first["q4"]["key"]}     # the helpers' own logs

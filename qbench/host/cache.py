@@ -18,7 +18,6 @@ KINDS = {
     "tools": "llama.cpp's HF-to-GGUF converter, installed on first use",
     "host": "measurements of this machine (memory bandwidth), once per hardware id",
 }
-BUILD_KINDS = ("artifacts", "imatrix")   # where variant files and importance matrices are built
 HASH_MEMO = "sha256.json"   # a file's stamp (path, size, mtime) -> its sha256
 FOLDERS = {"kld": "kld-base"}
 
@@ -34,7 +33,9 @@ _built_here: list[str] = []
 
 
 def note_built(kind: str, name: str) -> None:
-    """Record that this process built ``kind``/``name`` (a cache miss it paid for)."""
+    """Record that this process builds ``kind``/``name`` (a cache miss it pays for; called
+    before building, so a build that fails counts too). A backend that builds into the cache
+    calls it for the worker to start the variant's next cells in a fresh process."""
     _built_here.append(f"{kind}/{name}")
 
 

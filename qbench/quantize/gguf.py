@@ -107,7 +107,7 @@ def plain_reader(path: Path) -> Any:
     a 4.7-5.3 s read here (1.8-2.0 s with the view; the same fields and tensors). The view
     shares the mapping (nothing is copied) and the file is only read."""
     import numpy as np
-    from gguf import GGUFReader
+    from gguf.gguf_reader import GGUFReader   # not gguf.GGUFReader: hf's conversion swaps it
 
     class PlainGGUFReader(GGUFReader):
         @property
@@ -267,6 +267,7 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
             stale.unlink(missing_ok=True)
         tmp = folder / f".model.{os.getpid()}.tmp.gguf"
         t0 = time.perf_counter()
+        note_built("artifacts", digest)      # the attempt: a failed build leaves its heap too
         try:
             build(tmp)
             summary = inspect_gguf(tmp)      # a broken build never lands in the cache
@@ -280,7 +281,6 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
         atomic_write_text(meta, json.dumps(
             recipe | {"output_sha256": out_sha, "build_s": round(time.perf_counter() - t0, 2)},
             indent=1))
-        note_built("artifacts", digest)
         return Artifact(final, out_sha, recipe)
 
 

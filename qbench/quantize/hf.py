@@ -314,6 +314,7 @@ def _cached_dir(cache_dir: Path, recipe: dict[str, Any],
             shutil.rmtree(stale, ignore_errors=True)
         tmp = folder / f".model.{os.getpid()}.tmp"
         t0 = time.perf_counter()
+        note_built("artifacts", digest)      # the attempt: a failed build leaves its heap too
         try:
             extra = build(tmp) or {}
             check_model_dir(tmp)
@@ -325,7 +326,6 @@ def _cached_dir(cache_dir: Path, recipe: dict[str, Any],
         stored = recipe | extra | {"output_sha256": out_sha,
                                    "build_s": round(time.perf_counter() - t0, 2)}
         atomic_write_text(meta, json.dumps(stored, indent=1, sort_keys=True))
-        note_built("artifacts", digest)
         return final, out_sha, stored
 
 

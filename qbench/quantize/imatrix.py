@@ -78,6 +78,9 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
         if out.exists():
             return out, hashlib.sha256(out.read_bytes()).hexdigest()
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".imatrix.*.tmp"):   # a computation killed earlier (lock held)
+            stale.unlink(missing_ok=True)
+        note_built("imatrix", digest)        # the attempt: a failed one counts as well
         calib = folder / "calibration.txt"
         atomic_write_text(calib, piece)
         tmp = folder / f".imatrix.{os.getpid()}.tmp"
@@ -98,7 +101,6 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
             recipe | {"calibration": text.origin, "dataset": req.variant["imatrix"],
                       **{k: v for k, v in region.items() if k != "slice_sha256"},
                       "imatrix_sha256": sha, "tools": tools, "command": cmd}, indent=1))
-        note_built("imatrix", digest)
     return out, hashlib.sha256(out.read_bytes()).hexdigest()
 
 

@@ -8,7 +8,7 @@ as Ray tasks on a cluster, one per cell.
 
 from __future__ import annotations
 
-import time
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +68,7 @@ class LocalExecutor:
             for g, group in enumerate(groups):
                 waited = None
                 if ahead is not None:        # the helper made this variant's file: let it end
-                    t0 = time.monotonic()
-                    code = ahead.finish(group[0].timeout_s)
-                    waited = {"helper_s": round(time.monotonic() - ahead.started, 2),
-                              "waited_s": round(time.monotonic() - t0, 2), "exit": code}
+                    waited = ahead.finish(group[0].timeout_s)
                     ahead = None
                 nxt = groups[g + 1][0] if g + 1 < len(groups) else None
                 may_start = (self.prepare_ahead and nxt is not None
@@ -89,13 +86,24 @@ class LocalExecutor:
                     timed_left -= hardware_bound(item)
                     if may_start and timed_left == 0 and index < len(group) - 1:
                         assert nxt is not None
-                        ahead = Prefetch(nxt.job, ahead_log(nxt))
                         may_start = False
+                        ahead = start_helper(nxt)
                     running_at_start = ahead is not None and ahead.running()
                     yield item, outcome
         finally:
             if ahead is not None:     # Ctrl-C or the consumer stopping: no build left behind
                 ahead.cancel()
+
+
+def start_helper(item: WorkItem) -> Prefetch | None:
+    """The helper for ``item``'s variant, with the worker's memory cap; None if it cannot be
+    started (a speed-up is never worth a cell's result: the cell builds its file itself)."""
+    try:
+        return Prefetch(item.job.replace(memory_limit_mb=item.memory_limit_mb), ahead_log(item))
+    except OSError as exc:
+        print(f"qbench: could not prepare {item.cell.id}'s variant ahead ({exc}); its first "
+              "cell will", file=sys.stderr)
+        return None
 
 
 def ahead_log(item: WorkItem) -> Path:

@@ -24,6 +24,7 @@ measured.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from qbench.run.job import Job
 
@@ -45,48 +47,67 @@ NICENESS = 19
 
 
 def yield_to_cells() -> None:
-    """Lower this process (and what it starts) to NICENESS, its session's scheduling group too.
-    With the kernel's autogroups (sched_autogroup_enabled = 1, the default of most desktop and
-    VM kernels), niceness weighs only within a session, and the helper, like each worker, is a
-    session of its own: at niceness 19 alone, a helper computing an importance matrix still took
-    half the cores, and the perplexity pass beside it ran 2.4x slower. The autogroup's own nice
-    value (``/proc/self/autogroup``) is what weighs between sessions."""
+    """Lower this process (and what it starts) to NICENESS, its session's scheduling group too,
+    and offer it first to the kernel's OOM killer. With the kernel's autogroups
+    (sched_autogroup_enabled = 1, the default of most desktop and VM kernels), niceness weighs
+    only within a session, and the helper, like each worker, is a session of its own: at
+    niceness 19 alone, a helper computing an importance matrix still took half the cores, and
+    the perplexity pass beside it ran 2.4x slower. The autogroup's own nice value
+    (``/proc/self/autogroup``) is what weighs between sessions. Called first, before any
+    import starts a thread: on Linux a thread's niceness is its own, inherited at creation."""
     os.nice(NICENESS - os.nice(0))
-    try:
-        Path("/proc/self/autogroup").write_text(str(NICENESS))
-    except OSError:    # no autogroups here: the process's niceness is what counts
-        pass
+    for path, value in (("/proc/self/autogroup", NICENESS), ("/proc/self/oom_score_adj", 1000)):
+        try:
+            Path(path).write_text(str(value))
+        except OSError:    # no autogroups here, or not allowed: the niceness still holds
+            pass
 
 
 class Prefetch:
-    """One helper process preparing one variant (the parent's side)."""
+    """One helper process preparing one variant (the parent's side). Starting it raises
+    OSError if the process cannot be started (the caller goes on without it)."""
 
     def __init__(self, job: Job, log_path: Path, *, python: str = sys.executable) -> None:
         self.cell_id = job.cell_id
         self.started = time.monotonic()
         self._tmp = tempfile.TemporaryDirectory(prefix="qbench-prefetch-")
-        job_path = Path(self._tmp.name) / "job.json"
-        job_path.write_text(job.replace(parent_pid=os.getpid()).to_json())
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [python, "-m", "qbench.run.prefetch", str(job_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        self._report = Path(self._tmp.name) / "report.json"
+        try:
+            job_path = Path(self._tmp.name) / "job.json"
+            job_path.write_text(job.replace(parent_pid=os.getpid()).to_json())
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("wb") as log:
+                self.proc = subprocess.Popen(
+                    [python, "-m", "qbench.run.prefetch", str(job_path), str(self._report)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
 
     def running(self) -> bool:
         return self.proc.poll() is None
 
-    def finish(self, timeout_s: float) -> int | None:
-        """Wait for the helper (at most ``timeout_s``; then it is ended: the cell builds the
-        file itself). Its exit code, None if it had to be ended."""
+    def finish(self, timeout_s: float) -> dict[str, Any]:
+        """Wait for the helper, at most what is left of ``timeout_s`` counted from its start
+        (the cell's own limit, "quantization included"); past it the helper is ended and the
+        cell builds the file itself. What the helper did: its exit code (None: ended by us),
+        the seconds it spent preparing, as it measured them, and how long the run waited."""
+        t0 = time.monotonic()
         try:
-            return self.proc.wait(timeout=max(0.0, timeout_s))
+            code: int | None = self.proc.wait(
+                timeout=max(0.0, timeout_s - (t0 - self.started)))
         except subprocess.TimeoutExpired:
-            self.cancel()
-            return None
+            code = None
+        waited = time.monotonic() - t0
+        self.cancel()     # its process group too: nothing it started outlives it
+        try:
+            prepare_s = json.loads(self._report.read_text()).get("prepare_s")
+        except (OSError, ValueError):
+            prepare_s = None
         finally:
             self._tmp.cleanup()
+        return {"exit": code, "prepare_s": prepare_s, "waited_s": round(waited, 2)}
 
     def cancel(self) -> None:
         """End the helper's process tree (llama-quantize with it); a half-made file stays a
@@ -100,21 +121,25 @@ class Prefetch:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prepare the job's variant in the cache; 0 when its file is there now."""
+    """Prepare the job's variant in the cache (JOB.json, REPORT.json); 0 when its file is
+    there now."""
+    yield_to_cells()
     from qbench.run.worker import _prepare, _start
 
     argv = sys.argv[1:] if argv is None else argv
     job = Job.from_json(Path(argv[0]).read_text())
-    _start(job)
-    yield_to_cells()
+    _start(job)         # ends with qbench run; the worker's memory cap (memory_limit_mb)
     print(f"qbench: preparing {job.cell_id}'s variant ahead of its cells", file=sys.stderr,
           flush=True)
+    t0 = time.perf_counter()
     try:
         _prepare(job)
     except Exception as exc:   # the cell itself will meet this and record it
         print(f"qbench: preparing ahead failed ({type(exc).__name__}: {exc}); the variant's "
               "first cell will build it and record what happens", file=sys.stderr)
         return 1
+    if len(argv) > 1:
+        Path(argv[1]).write_text(json.dumps({"prepare_s": round(time.perf_counter() - t0, 2)}))
     return 0
 
 

@@ -100,13 +100,11 @@ class Prefetch:
         except subprocess.TimeoutExpired:
             code = None
         waited = time.monotonic() - t0
-        self.cancel()     # its process group too: nothing it started outlives it
         try:
             prepare_s = json.loads(self._report.read_text()).get("prepare_s")
         except (OSError, ValueError):
             prepare_s = None
-        finally:
-            self._tmp.cleanup()
+        self.cancel()     # its process group too: nothing it started outlives it
         return {"exit": code, "prepare_s": prepare_s, "waited_s": round(waited, 2)}
 
     def cancel(self) -> None:

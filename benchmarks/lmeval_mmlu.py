@@ -16,7 +16,11 @@ its KV cache): the shared data has no MMLU dev split, so the shots are the first
 questions of each subject that are not in the subset, written as a dev split into a temporary
 data dir that both sides read (lm-eval's template samples its shots with first_n from it).
 
-Prints accuracy, per-question agreement, questions/second of each and the speed-up.
+Prints accuracy, per-question agreement, questions/second of each and the speed-up, and where
+each side's time goes: forward calls of the shared model, the token positions fed to it
+(padding included), the logit rows it computed and the seconds inside its forward (torch hooks
+on the one model). --count-only counts the same on a one-layer random model of the same
+vocabulary (minutes, not an hour), for a large subset's token accounting.
 Targets (issue 3): same backend within 0.5 points; GGUF vs lm-eval within 1 point; qbench >= 5x
 lm-eval's questions/second.
 """
@@ -87,6 +91,58 @@ def _task_folder(root: Path, questions: list, template: Path,
     return tasks
 
 
+def _tiny_like(model):
+    """The same architecture, vocabulary and tokenizer-facing shapes with one small layer of
+    random weights. The positions each side feeds the model (and the logit rows it asks for)
+    depend only on the tokens and each side's batching, not on the weights: --count-only counts
+    them for a large subset in minutes; its accuracies and speeds mean nothing."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    for key, val in (("num_hidden_layers", 1), ("hidden_size", 64), ("intermediate_size", 128),
+                     ("num_attention_heads", 2), ("num_key_value_heads", 1), ("head_dim", 32)):
+        setattr(cfg, key, val)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+class ForwardTally:
+    """Where a side's time goes: calls of the shared model, the token positions fed to it
+    (padding included: batch x length of input_ids), the positions it computed logits for, and
+    the seconds spent inside its forward - from torch hooks on the one model both sides use,
+    so the two sides are counted the same way."""
+
+    def __init__(self, model) -> None:
+        self.calls = self.positions = self.logit_rows = 0
+        self.forward_s = 0.0
+        self._t0 = 0.0
+        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                       model.register_forward_hook(self._post, with_kwargs=True)]
+
+    def _pre(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.positions += int(ids.numel())
+        self.calls += 1
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, kwargs, output) -> None:
+        self.forward_s += time.perf_counter() - self._t0
+        logits = getattr(output, "logits", None)
+        if logits is not None:
+            self.logit_rows += int(logits.shape[0] * logits.shape[1])
+
+    def close(self, wall_s: float) -> dict:
+        for h in self._hooks:
+            h.remove()
+        return {"forward_calls": self.calls, "positions_fed": self.positions,
+                "logit_rows": self.logit_rows, "forward_s": round(self.forward_s, 2),
+                "outside_forward_s": round(wall_s - self.forward_s, 2),
+                "positions_per_forward_s": round(self.positions / self.forward_s, 1)
+                if self.forward_s else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subset", type=int, default=285)
@@ -99,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--count-only", action="store_true",
+                    help="count what each side feeds the model (calls, positions, logit rows) "
+                         "on a one-layer random model of the same vocabulary: minutes instead "
+                         "of an hour; accuracy and speed are not measured")
     args = ap.parse_args(argv)
 
     import lm_eval
@@ -116,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                                        or Path.home() / ".cache" / "qbench")
     model_dir = args.model_dir or _twin(cache_dir)
     backend = TransformersBackend(model_dir, LoadOptions(device="cpu", threads=args.threads))
+    if args.count_only:
+        backend.model = _tiny_like(backend.model)
+        args.gguf = None
 
     test = load_split("mmlu", data_dir, REPO, "test")
     ids = select_subset(test.questions, args.subset, args.seed)
@@ -136,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = mmlu.Options(subset=0, seed=args.seed, shots=args.shots)
     else:
         opts = mmlu.Options(subset=args.subset, seed=args.seed)
-    out: dict = {"model_dir": str(model_dir), "subset": args.subset, "seed": args.seed,
+    out: dict = {"model_dir": str(model_dir), "count_only": args.count_only,
+                 "subset": args.subset, "seed": args.seed,
                  "shots": args.shots,
                  "threads": args.threads, "lm_eval_version": lm_eval.__version__,
                  "load_avg_before": os.getloadavg()[0]}
@@ -145,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         ctx = CellContext(cell_id="bench/mmlu", model_id="twin", artifact_path=model_dir,
                           artifact={}, base_dir=REPO, data_dir=data_dir, cache_dir=Path(tmp),
                           is_base=True, _backend=backend)
+        tally = ForwardTally(backend.model)
         t0 = time.perf_counter()
         q = mmlu.run(ctx, opts)
         q_s = time.perf_counter() - t0
+        out["qbench_forward"] = tally.close(q_s)
         row_ids = (q["details"]["question_ids"] if not args.shots
                    else [questions[r].id for r in q["details"]["question_ids"]])
         q_correct = dict(zip(row_ids, q["details"]["correct"]))
@@ -160,12 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         manager = TaskManager(include_path=str(root))
         lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer,
                   batch_size=args.batch_size)
+        tally = ForwardTally(backend.model)
         t0 = time.perf_counter()
         res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.shots,
                               task_manager=manager,
                               log_samples=True, random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0)
         l_s = time.perf_counter() - t0
+        out["lm_eval_forward"] = tally.close(l_s)
     l_correct = {}
     for task in tasks:
         for sample in res["samples"][task]:
@@ -196,14 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     out["load_avg_after"] = os.getloadavg()[0]
 
     print(f"MMLU, {n} questions (subset {args.subset}, seed {args.seed}, {args.shots}-shot), "
-          f"{args.threads} threads, lm-eval {lm_eval.__version__}")
+          f"{args.threads} threads, lm-eval {lm_eval.__version__}"
+          + (" - COUNT ONLY (one-layer random model: accuracy and speed mean nothing)"
+             if args.count_only else ""))
     print(f"  qbench (transformers)   acc {100 * acc_q:6.2f}  {out['qbench_questions_per_s']:7.2f} q/s")
     print(f"  lm-eval (same model)    acc {100 * acc_l:6.2f}  {out['lm_eval_questions_per_s']:7.2f} q/s")
     print(f"  difference {out['diff_points']:+.2f} points (target |d| <= 0.5): "
           f"{'PASS' if abs(out['diff_points']) <= 0.5 else 'FAIL'}; same per-question outcome "
           f"{agree}/{n}")
-    print(f"  speed-up {out['speedup']:.1f}x (target >= 5x): "
-          f"{'PASS' if out['speedup'] >= 5 else 'FAIL'}")
+    for side in ("qbench", "lm_eval"):
+        f = out[f"{side}_forward"]
+        print(f"  {side:<8} {f['forward_calls']:6d} forward calls, {f['positions_fed']:9d} token "
+              f"positions fed (padding included), {f['logit_rows']:9d} logit rows; "
+              f"{f['forward_s']:8.1f} s in forward ({f['positions_per_forward_s']} positions/s), "
+              f"{f['outside_forward_s']:.1f} s outside")
+    if not args.count_only:
+        print(f"  speed-up {out['speedup']:.1f}x (target >= 5x): "
+              f"{'PASS' if out['speedup'] >= 5 else 'FAIL'}")
     if args.gguf:
         d = out["gguf_vs_lm_eval_points"]
         print(f"  qbench on {args.gguf.name} (llama.cpp) acc {100 * out['gguf_acc']:6.2f}  "

@@ -267,11 +267,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} threads, lm-eval {lm_eval.__version__}"
           + (" - COUNT ONLY (one-layer random model: accuracy and speed mean nothing)"
              if args.count_only else ""))
-    print(f"  qbench (transformers)   acc {100 * acc_q:6.2f}  {out['qbench_questions_per_s']:7.2f} q/s")
-    print(f"  lm-eval (same model)    acc {100 * acc_l:6.2f}  {out['lm_eval_questions_per_s']:7.2f} q/s")
-    print(f"  difference {out['diff_points']:+.2f} points (target |d| <= 0.5): "
-          f"{'PASS' if abs(out['diff_points']) <= 0.5 else 'FAIL'}; same per-question outcome "
-          f"{agree}/{n}")
+    if not args.count_only:
+        print(f"  qbench (transformers)   acc {100 * acc_q:6.2f}  "
+              f"{out['qbench_questions_per_s']:7.2f} q/s")
+        print(f"  lm-eval (same model)    acc {100 * acc_l:6.2f}  "
+              f"{out['lm_eval_questions_per_s']:7.2f} q/s")
+        print(f"  difference {out['diff_points']:+.2f} points (target |d| <= 0.5): "
+              f"{'PASS' if abs(out['diff_points']) <= 0.5 else 'FAIL'}; same per-question "
+              f"outcome {agree}/{n}")
     for side in ("qbench", "lm_eval"):
         f = out[f"{side}_forward"]
         print(f"  {side:<8} {f['forward_calls']:6d} forward calls, {f['positions_fed']:9d} token "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -141,7 +142,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if not args.no_report:   # the report (plotly, jinja2) is imported only when one is made
         from qbench.report.build import build_site
         pages = build_site(load_results([store.dir]), Path(args.report_dir),
-                           budget_gb=suite.report.memory_budget_gb or None,
+                           budget_gb=suite.report.budget_gib,
                            max_loss_pct=suite.report.max_loss_pct,
                            kv_ctx=suite.report.context_tokens)
         report = pages[1] if len(pages) > 1 else pages[0]
@@ -160,13 +161,34 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return code
 
 
+def positive_float(text: str) -> float:
+    """A finite number >= 0 for a command-line option."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return x
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from qbench.report.build import build_site
+    from qbench.report.recommend import DEFAULT_KV_CTX
     from qbench.results.store import load_results
 
     records = load_results([Path(p) for p in args.results])
-    pages = build_site(records, Path(args.out), budget_gb=args.memory_budget_gb,
-                       max_loss_pct=args.max_loss_pct)
+    report = None
+    if args.suite:   # the suite's [report] settings; the options given here win
+        from qbench.suite.config import load_suite
+        report = load_suite(args.suite).report
+    budget = args.memory_budget_gib if args.memory_budget_gib is not None else (
+        report.budget_gib if report else None)
+    loss = args.max_loss_pct if args.max_loss_pct is not None else (
+        report.max_loss_pct if report else None)
+    ctx = args.context_tokens or (report.context_tokens if report else DEFAULT_KV_CTX)
+    pages = build_site(records, Path(args.out), budget_gb=budget, max_loss_pct=loss,
+                       kv_ctx=ctx)
     for p in pages:
         console.print(f"wrote {p}")
     return EXIT_OK
@@ -295,7 +317,8 @@ a first session:
   python -c 'import qbench; print(qbench.load("results/smoke"))'     # pandas DataFrame
 
 exit codes: 0 ok, 1 user error (bad suite, missing file or extra), 2 some cells failed
-(compare: a regression), 3 a bug in qbench (please report the traceback)."""
+(compare: a regression), 3 a bug in qbench (please report the traceback), 4 (compare) not
+comparable: nothing compared, a value missing or NaN, another dataset, an unreliable timing."""
 
 # per subcommand: what it does for the user (--help's description) and one example (epilog)
 COMMAND_DOCS: dict[str, tuple[str, str]] = {
@@ -314,15 +337,20 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
             "qbench run suites/smoke.toml --only '*/llama.cpp/Q8_0/*' --summary-md summary.md"),
     "report": ("Render stored results as a self-contained HTML report (opens offline): every "
                "variant's numbers, size-vs-quality plots, advice checks and a recommendation.",
-               "qbench report results/smoke --out reports --memory-budget-gb 0.2"),
+               "qbench report results/smoke --out reports --suite suites/smoke.toml "
+               "--memory-budget-gib 0.2"),
     "compare": ("Compare two result sets cell by cell (e.g. tonight's run against a "
-                "baseline), paired: both scored the same tokens and questions. A value "
-                "regresses when its whole 95 % interval is worse than a practical tolerance: "
-                "PPL by a per-chunk paired t, KLD by a per-chunk paired t, MMLU by exact "
-                "McNemar on the flipped questions; speed and memory only on the same hardware. "
-                "A cell ok in the baseline and failed, skipped or missing in the candidate is "
-                "a regression too (--suite: unless the suite no longer asks for it). Exit 0: "
-                "no regression, 2: regression, 1: unreadable input.",
+                "baseline) with one judge for every value a metric declares gated: paired by "
+                "chunk (PPL, KLD, same-top: t on the per-chunk differences) or question (MMLU: "
+                "exact McNemar on the flips), Welch t over repetitions (speed, memory; only on "
+                "the same hardware). A value regresses when its whole interval is worse than "
+                "its tolerance; the intervals are simultaneous (Bonferroni over the gated "
+                "values, family-wise false-alarm rate --alpha). A cell ok in the baseline and "
+                "failed, skipped or missing in the candidate is a regression too (--suite: "
+                "unless the suite no longer asks for it). Exit 0: compared, no regression; "
+                "2: regression; 4: not comparable (nothing compared, a value missing, NaN or "
+                "zero, another dataset or question set, an unreliable timing, other hardware), "
+                "with the reason; 1: unreadable input.",
                 "qbench compare results/baselines/smoke results/smoke --suite "
                 "suites/smoke.toml --out diff.html"),
     "merge": ("Merge result folders (e.g. the shards of a CI matrix run with --shard i/n) "
@@ -410,10 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="render stored results as static HTML")
     sp.add_argument("results", nargs="+", help="results folders (a suite's or the root)")
     sp.add_argument("--out", default="reports")
-    sp.add_argument("--memory-budget-gb", type=float, default=None,
-                    help="recommend the best variant that fits (else the suite's [report])")
-    sp.add_argument("--max-loss-pct", type=float, default=None,
-                    help="tolerated quality loss vs base for the recommendation")
+    sp.add_argument("--suite", metavar="SUITE.toml", default=None,
+                    help="take the recommendation's settings from this suite's [report] "
+                    "section (the options below override it)")
+    sp.add_argument("--memory-budget-gib", "--memory-budget-gb", dest="memory_budget_gib",
+                    type=positive_float, default=None,
+                    help="recommend the best variant that fits this many GiB (2^30 bytes)")
+    sp.add_argument("--max-loss-pct", type=positive_float, default=None,
+                    help="tolerated ΔPPL vs base, %% at the upper end of its 95 %% interval "
+                    "(default 1)")
+    sp.add_argument("--context-tokens", type=int, default=None,
+                    help="context the memory estimate counts the KV cache for (default 4096)")
     sp = sub.add_parser("compare", help="differences between two result sets; exit 2 on a "
                         "regression (the CI gate)")
     sp.add_argument("baseline", help="results folder or file (e.g. results/baselines/smoke)")
@@ -424,22 +459,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--only", action="append", metavar="GLOB",
                     help="compare only cells whose id model/backend/quant/metric matches "
                     "(repeatable, as qbench run --only)")
-    tol = sp.add_argument_group("tolerances (how much worse the whole interval must be)")
-    from qbench.results.compare import Tolerances
-    defaults = Tolerances()
+    tol = sp.add_argument_group("tolerances (how much worse the whole interval must be; "
+                                "defaults: each metric's declared tolerance)")
+    tol.add_argument("--tolerance", action="append", metavar="METRIC.VALUE=X",
+                     help="tolerated worsening of one value in its unit (%% or points), "
+                     "e.g. perplexity.ppl=0.5 (repeatable)")
     for flag, dest, what in (
-            ("--ppl-tol-pct", "tol_ppl_pct", "PPL increase, %%"),
-            ("--kld-tol-pct", "tol_kld_pct", "mean KLD increase, %% of the baseline's"),
-            ("--kld-tol-abs", "tol_kld_abs", "... and at least this many nats"),
-            ("--mmlu-tol-points", "tol_mmlu_points", "MMLU net loss, points"),
-            ("--mmlu-alpha", "tol_mmlu_alpha", "McNemar significance level"),
-            ("--speed-tol-pct", "tol_speed_pct", "tokens/s drop, %%"),
-            ("--memory-tol-pct", "tol_memory_pct", "peak memory rise, %%"),
-            ("--memory-tol-mb", "tol_memory_mb", "... and at least this many MiB"),
-            ("--other-tol-pct", "tol_other_pct", "any other gated value, %%")):
+            ("--ppl-tol-pct", "tol_ppl_pct", "perplexity.ppl: PPL increase, %%"),
+            ("--kld-tol-pct", "tol_kld_pct", "kld.kld_mean: mean KLD increase, %%"),
+            ("--mmlu-tol-points", "tol_mmlu_points", "mmlu.acc: net loss, points"),
+            ("--same-top-tol-points", "tol_same_top_points", "kld.same_top_pct, points"),
+            ("--speed-tol-pct", "tol_speed_pct", "speed: tokens/s drop, %%"),
+            ("--memory-tol-pct", "tol_memory_pct", "speed: peak memory rise, %%")):
         tol.add_argument(flag, dest=dest, type=float, default=None,
-                         metavar=flag.rsplit("-", 1)[-1].upper(),
-                         help=f"{what} (default {getattr(defaults, dest[4:]):g})")
+                         metavar=flag.rsplit("-", 1)[-1].upper(), help=what)
+    tol.add_argument("--alpha", type=float, default=None,
+                     help="family-wise false-alarm rate of the whole gate (default 0.05; "
+                     "Bonferroni over the gated values compared)")
+    sp.add_argument("--allow-other-hardware", action="store_true",
+                    help="speed and memory measured on other hardware are listed as not "
+                    "compared instead of making the comparison fail as not comparable (exit 3)")
     sp.add_argument("--out", default=None, help="also write an HTML diff page here")
     sp.add_argument("--json", action="store_true", help="print the comparison as JSON")
     sp = sub.add_parser("merge", help="merge result folders (e.g. the shards of a CI matrix) "

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qbench.report.build import build_site
-from qbench.report.synthetic import demo_records
+from synthetic_records import demo_records
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 REPO = Path(__file__).resolve().parents[1]

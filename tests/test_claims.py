@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qbench.report import claims as C
-from qbench.report.synthetic import demo_records, make_record
+from synthetic_records import demo_records, make_record
 from qbench.report.table import variant_rows
 from qbench.results.stats import Z95, n_to_resolve, paired_accuracy
 

@@ -16,7 +16,7 @@ import qbench
 from qbench.cli import main
 from qbench.errors import MissingExtraError, QbenchError
 from qbench.results.export import COLUMNS
-from qbench.report.synthetic import make_record
+from synthetic_records import make_record
 from qbench.results.schema import STATUSES
 from qbench.results.store import Store
 

@@ -13,7 +13,7 @@ import pytest
 from qbench.report.build import build_site, render_suite, safe_name
 from qbench.report.figures import pareto, suite_figures
 from qbench.report.recommend import fp16_rule, kv_cache_mb, recommend
-from qbench.report.synthetic import SHAPE, demo_records, make_record
+from synthetic_records import SHAPE, demo_records, make_record
 from qbench.backends import method_of, nominal_bits
 from qbench.report.table import type_mix, variant_rows
 
@@ -142,13 +142,17 @@ def test_page_without_metrics_still_renders() -> None:
     assert "No data for the bpw-ppl plot" in text
 
 
-def test_deltas_prefer_paired_kld_error(demo_rows: list[dict]) -> None:
+def test_deltas_come_from_the_one_judge(demo_rows: list[dict]) -> None:
+    """ΔPPL is the judge's chunk-paired t interval (the gate's); a variant whose perplexity
+    cells cannot be paired with the base's has no ΔPPL, and says why."""
     q4 = next(r for r in demo_rows if r["quant"] == "Q4_K_M" and r["backend"] == "llama.cpp")
-    assert q4["dppl_pct"] == pytest.approx(100 * math.expm1(0.028))
-    assert "kld" in q4["dppl_how"]
+    j = q4["dppl_judged"]
+    assert q4["dppl_pct"] == j.change and q4["dppl_ci_high"] == j.high
+    assert "paired t on per-chunk ln ppl ratio (16 chunks)" == q4["dppl_how"]
+    mmlu = q4["judged"]["mmlu.acc"]
+    assert mmlu.method.startswith("exact McNemar") and q4["mmlu_paired"]["n"] == mmlu.n
     awq = next(r for r in demo_rows if r["quant"] == "awq-w4g64")
-    assert "independent" in awq["dppl_how"]
-    assert awq["dppl_err"] > q4["dppl_err"]
+    assert awq["dppl_pct"] is None and awq["dppl_how"].startswith("not comparable: ")
 
 
 def test_dppl_bars_draw_the_tables_asymmetric_95_interval(demo_rows: list[dict]) -> None:
@@ -208,21 +212,22 @@ def test_kv_cache_formula() -> None:
 
 
 def test_recommendation_with_budget_picks_lowest_loss_that_fits(demo_rows: list[dict]) -> None:
-    [rec] = recommend(demo_rows, budget_gb=0.30, max_loss_pct=1.0, kv_ctx=4096)
+    [rec] = recommend(demo_rows, budget_gb=0.35, max_loss_pct=1.0, kv_ctx=4096)
     assert rec["choice"] is not None
-    assert rec["choice"]["row"]["quant"] == "Q6_K"      # F16/Q8_0 do not fit 0.30 GiB
-    assert rec["choice"]["need_mb"] <= 0.30 * 1024
-    assert "Q6_K" in rec["why"] and "4096" in rec["why"]
+    assert rec["choice"]["row"]["quant"] == "Q8_0"      # F16 does not fit 0.35 GiB
+    assert rec["choice"]["need_mb"] <= 0.35 * 1024
+    assert "Q8_0" in rec["why"] and "4096" in rec["why"]
     by = {c["row"]["quant"]: c for c in rec["candidates"]}
-    assert not by["Q2_K"]["eligible"]                     # loss, degenerate, MMLU drop
+    assert not by["Q2_K"]["eligible"]                     # loss, degenerate
     assert any("degenerate" in r for r in by["Q2_K"]["reasons"])
     assert not by["F16"]["fits"]
+    assert by["Q6_K"]["reasons"] == ["loss unknown: perplexity crashed"]
 
 
 def test_recommendation_without_budget_picks_smallest_within_loss(demo_rows) -> None:
-    # Q4_K_M: +2.84 %, upper end of its paired 95 % interval +3.01 %
+    # Q4_K_M: +2.92 %, upper end of its chunk-paired 95 % interval +3.35 %
     [rec] = recommend(demo_rows, budget_gb=None, max_loss_pct=3.0)
-    assert rec["choice"]["row"]["quant"] == "Q6_K"          # Q4_K_M straddles 3 %
+    assert rec["choice"]["row"]["quant"] == "Q8_0"          # Q4_K_M straddles 3 %
     assert [c["row"]["quant"] for c in rec["borderline"]] == ["Q4_K_M"]
     assert "Q4_K_M is borderline" in rec["borderline_text"][0]
     [rec] = recommend(demo_rows, budget_gb=None, max_loss_pct=3.5)

@@ -12,7 +12,7 @@ import pytest
 from qbench import cli
 from qbench.run import summary as run_summary
 from qbench.cli import main
-from qbench.report.synthetic import make_record
+from synthetic_records import make_record
 from qbench.run.runner import RunSummary
 from qbench.results.store import Store
 

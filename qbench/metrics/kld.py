@@ -35,6 +35,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -43,16 +44,37 @@ from qbench.inputs.datasets import load_text
 from qbench.errors import ConfigError, QbenchError
 from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import file_lock
-from qbench.metrics import MetricInfo
+from qbench.metrics import NONE, POINTS, MetricInfo, Pairing, Value
 from qbench.metrics.context import CellContext, value
 from qbench.metrics.scoring import (Chunks, chunk_tokens, dataset_identity, iter_scored,
-                                    make_chunks)
+                                    make_chunks, tokens_per_chunk)
+
+
+def _same_top_items(details: Mapping[str, Any]) -> list[float] | None:
+    """Per-chunk same-top share in percent (the unit of ``same_top_pct``)."""
+    got = details.get("per_chunk_same_top")
+    return [100.0 * x for x in got] if got else None
+
+
+# the same chunks of the same text, against the same base's distributions
+_KLD_IDENTITY = ("dataset_sha256", "ctx", "chunks", "scored_tokens", "base_sha256")
+KLD_CHUNKS = Pairing(items="per_chunk_kld", unit="chunks", identity=_KLD_IDENTITY,
+                     item_size=tokens_per_chunk)
+SAME_TOP_CHUNKS = Pairing(items=_same_top_items, unit="chunks", identity=_KLD_IDENTITY,
+                          item_size=tokens_per_chunk)
 
 INFO = MetricInfo(
     name="kld", version="3", primary="kld_mean", higher_is_better=False, needs_base=True,
     own_memory=False,          # loads the base too
     gated={"same_top_pct": True},
     reported=("ln_ppl_ratio",),    # the KLD cell's view of the PPL (gated in perplexity)
+    # 5 % of mean KLD: 2.5 x the KLD fidelity target (2 %); at least 1e-5 nats (a base
+    # against itself has KLD ~ 0). 1 same-top point: below the gap between neighbouring quants.
+    values=(Value("kld_mean", False, tolerance=5.0, floor=1e-5, pairing=KLD_CHUNKS,
+                  figure="KL divergence from the base vs bits per weight"),
+            Value("same_top_pct", True, change=POINTS, tolerance=1.0,
+                  pairing=SAME_TOP_CHUNKS),
+            Value("ln_ppl_ratio", False, change=POINTS, gated=False, spread=NONE)),
     cost=lambda options: 1.3 * chunk_tokens(options) / 8192.0,
     methodology=(
         "KL(base || variant) of the next-token distributions on exactly the tokens the perplexity "

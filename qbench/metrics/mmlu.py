@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,46 @@ from qbench.backends.base import Backend
 from qbench.errors import DatasetError, QbenchError
 from qbench.inputs.mmlu_data import (LETTERS, SUBSET_RULE, Question, build_context, few_shot_prefix, fewshot_examples, load_split, locate, select_subset)
 from qbench.options import positive
-from qbench.metrics import MetricInfo
+from qbench.metrics import NONE, POINTS, MetricInfo, Pairing, Value
 from qbench.metrics.context import CellContext, value
 from qbench.metrics.scoring import log_softmax
+
+CHANCE = 0.25            # four choices
+ONE_LETTER_SHARE = 0.6   # a model answering one letter this often reads letter bias
+
+
+def cannot_discriminate(record: Mapping[str, Any]) -> str | None:
+    """Why this MMLU result cannot tell variants apart, None when it can: a model at chance
+    (its 95 % Wilson interval includes 25 %) or answering one letter to >= 60 % of the
+    questions measures letter bias, not knowledge - a change there is neither a pass nor a
+    loss."""
+    from scipy.stats import binomtest
+
+    d = record.get("details") or {}
+    correct = d.get("correct") or []
+    n = len(correct)
+    if not n:
+        return None
+    reasons = []
+    predicted = d.get("predicted") or []
+    if predicted:
+        letter, k = Counter(predicted).most_common(1)[0]
+        if k >= ONE_LETTER_SHARE * len(predicted):
+            reasons.append(f"it answers {letter} to {k} of {len(predicted)} questions")
+    ci = binomtest(int(sum(correct)), n).proportion_ci(0.95, method="wilson")
+    if ci.low <= CHANCE <= ci.high:
+        reasons.append(f"its accuracy {100 * sum(correct) / n:.1f} % is at chance (95 % "
+                       f"interval {100 * ci.low:.1f}-{100 * ci.high:.1f} % includes 25 %)")
+    return "; ".join(reasons) or None
+
+
+def _questions_available(record: Mapping[str, Any]) -> int | None:
+    n = (record.get("details") or {}).get("questions_in_dataset")
+    return int(n) if n else None
+
+
+QUESTIONS = Pairing(items="correct", ids="question_ids", binary=True, unit="questions",
+                    identity=("dataset", "shots"), available=_questions_available)
 
 INFO = MetricInfo(
     name="mmlu", version="1", primary="acc", higher_is_better=True,
@@ -56,7 +94,14 @@ INFO = MetricInfo(
         "token by token as lm-eval). acc = mean correctness over the questions, stderr = "
         "sqrt(p(1-p)/(n-1)). A subset is stratified by subject and seeded (subset=285: 5 per "
         "subject), identical for every variant; per-question correctness is stored so that a "
-        "variant is compared with its base by an exact McNemar test on the flipped questions."),
+        "variant is compared with its base by an exact McNemar test on the flipped questions. "
+        "A base at chance (its 95 % Wilson interval includes 25 %) or answering one letter to "
+        "60 % or more of the questions cannot discriminate: its comparisons are shown as such, "
+        "neither a pass nor a loss."),
+    # 1 point: twice the MMLU fidelity target, below the gap between neighbouring quants
+    values=(Value("acc", True, change=POINTS, scale=100.0, tolerance=1.0, pairing=QUESTIONS,
+                  figure="MMLU accuracy vs bits per weight", fitness=cannot_discriminate),
+            Value("questions_per_s", True, change="log", gated=False, spread=NONE)),
 )
 
 CONTINUATIONS = tuple(f" {letter}" for letter in LETTERS)

@@ -17,15 +17,26 @@ from typing import Any
 import numpy as np
 
 from qbench.options import positive
-from qbench.metrics import MetricInfo, shared_pass
+from qbench.metrics import LOG, NONE, MetricInfo, Pairing, Value, shared_pass
 from qbench.metrics.context import CellContext, value
-from qbench.metrics.scoring import (chunk_tokens, dataset_identity, iter_nll, iter_scored,
-                                    make_chunks, mean_and_stderr)
+from qbench.metrics.scoring import (chunk_ppl_items, chunk_tokens, chunks_available,
+                                    dataset_identity, iter_nll, iter_scored, make_chunks,
+                                    mean_and_stderr, tokens_per_chunk)
+
+# the chunks two runs scored are the same chunks only on the same text, ctx and count
+CHUNKS = Pairing(items=chunk_ppl_items, unit="chunks",
+                 identity=("dataset_sha256", "ctx", "chunks", "per_chunk_tokens"),
+                 available=chunks_available, item_size=tokens_per_chunk)
 
 INFO = MetricInfo(
     name="perplexity", version="1", primary="ppl", higher_is_better=False,
     own_memory=False,          # a variant's pass may also load the base (shared KLD pass)
     reported=("bits_per_byte",),   # moves with PPL, which is gated
+    # 0.25 % PPL: 2.5 x the harness's PPL fidelity (0.1 %), below the smallest quant step
+    # (Q8_0 costs +0.41 % on the default suite's text)
+    values=(Value("ppl", False, change=LOG, tolerance=0.25, pairing=CHUNKS,
+                  figure="Perplexity vs bits per weight"),
+            Value("bits_per_byte", False, change=LOG, gated=False, spread=NONE)),
     cost=lambda options: 1.0 * chunk_tokens(options) / 8192.0,
     methodology=(
         "llama.cpp's llama-perplexity method: the whole text tokenized once (BOS first where the "

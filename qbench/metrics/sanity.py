@@ -11,11 +11,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from qbench.metrics import MetricInfo
+from qbench.metrics import NONE, POINTS, MetricInfo, Value
 from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="sanity", version="1", primary="degenerate", higher_is_better=False, implicit=True,
+    # greedy generation is deterministic: any output turning degenerate is a regression
+    values=(Value("degenerate", False, change=POINTS, scale=100.0, tolerance=0.0, spread=NONE),),
     cost=lambda options: 0.1 * max(getattr(options, "max_tokens", 32), 1) / 32.0,
     methodology=(
         "Greedy generation of max_tokens from a fixed prompt; flagged degenerate when nothing is "

@@ -8,7 +8,8 @@ the second half scored (positions ``ctx/2 .. ctx-2`` predicting the next token).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,29 @@ def dataset_identity(name: str, plan_ctx: Any) -> dict[str, Any]:
     if origin.startswith("hf:"):
         return {"dataset": origin}
     return {"dataset_sha256": sha256_file(Path(origin), plan_ctx.cache_dir)}
+
+
+# ------------------------------------------------------------- pairing two runs by chunk
+
+def chunk_ppl_items(details: Mapping[str, Any]) -> list[float] | None:
+    """Per-chunk PPL of a perplexity record, exactly from the NLL sums where stored (the
+    stored per-chunk PPL is rounded through exp), else the stored per-chunk PPL."""
+    sums, ntok = details.get("per_chunk_nll_sum"), details.get("per_chunk_tokens")
+    if sums and ntok and len(sums) == len(ntok) and all(n > 0 for n in ntok):
+        return [math.exp(s / n) for s, n in zip(sums, ntok)]
+    ppl = details.get("per_chunk_ppl")
+    return list(ppl) if ppl else None
+
+
+def chunks_available(record: Mapping[str, Any]) -> int | None:
+    """How many ctx-token chunks the record's text holds: the ceiling of a larger sample."""
+    d = record.get("details") or {}
+    total, ctx = d.get("tokens_in_text"), d.get("ctx")
+    return int(total) // int(ctx) if total and ctx else None
+
+
+def tokens_per_chunk(record: Mapping[str, Any]) -> float | None:
+    """Scored tokens per chunk (a sample size in chunks, restated in tokens)."""
+    d = record.get("details") or {}
+    n, chunks = d.get("scored_tokens"), d.get("chunks")
+    return n / chunks if n and chunks else None

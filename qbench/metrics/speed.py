@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from qbench.options import positive
-from qbench.metrics import MetricInfo
+from qbench.metrics import LOG, NONE, REPETITIONS, MetricInfo, Value
 from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
@@ -25,6 +25,19 @@ INFO = MetricInfo(
     reported=("tg_effective_gbs", "tg_bandwidth_pct", "pp_joules_per_token",
               "tg_joules_per_token"),
     hardware_bound=True,       # keyed by the hardware; compared only on the same hardware
+    # 10 %: twice llama-bench's fidelity target, above a dedicated runner's run-to-run drift;
+    # tested by Welch t on ln over the repetitions. Peak memory per repetition likewise, and
+    # at least 16 MiB (allocator noise on a small model).
+    values=(Value("tg_tokens_per_s", True, change=LOG, tolerance=10.0, spread=REPETITIONS),
+            Value("pp_tokens_per_s", True, change=LOG, tolerance=10.0, spread=REPETITIONS),
+            Value("peak_rss_mb", False, change=LOG, tolerance=10.0, floor=16.0,
+                  spread=REPETITIONS),
+            Value("peak_vram_mb", False, change=LOG, tolerance=10.0, floor=16.0,
+                  spread=REPETITIONS),
+            *(Value(name, True, change=LOG, gated=False, spread=NONE) for name in (
+                "tg_effective_gbs", "tg_bandwidth_pct")),
+            *(Value(name, False, change=LOG, gated=False, spread=NONE) for name in (
+                "pp_joules_per_token", "tg_joules_per_token"))),
     cost=lambda options: (0.75 * (options.prompt_tokens + 8.0 * options.gen_tokens)
                           * (options.repetitions + 1.0) * max(len(options.depths), 1)
                           / ((512 + 8 * 128) * 4.0)),

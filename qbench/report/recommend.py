@@ -1,25 +1,31 @@
 """The recommendation: for a memory budget and a tolerated loss, the best variant and why; and the
 fp16 rule of thumb (2 bytes per parameter) checked against measured files and peaks.
 
-Memory a variant needs at the stated context ``kv_ctx``:
+Memory a variant needs at the stated context ``kv_ctx`` (all in MiB; budgets in GiB):
 
 - estimate = weights in memory + KV cache. Weights: torch's measured footprint for a
   transformers variant, else the load-time estimate (bitsandbytes quantizes a float file when it
   loads it: the file is not what sits in memory), else the file size. KV cache from the model's
-  shape: 2 (K and V) × layers × KV heads × head dim × ctx × 2 bytes (f16 cache);
+  shape: 2 (K and V) × layers × KV heads × head dim × ctx × bytes per element;
 - measured = the peak memory of the variant's own cell (speed first; VRAM on GPU, else RSS: it
   includes the runtime and compute buffers) plus the KV cache's growth from that cell's context
   to ``kv_ctx``. Never the peak of a perplexity/KLD cell that also loaded the base;
 - needed = the larger of the two (what is known). A variant fits when needed ≤ budget.
 
-Loss = ΔPPL % against the model's base, judged at its 95 % interval (paired whenever the two
-scored the same tokens: table.dppl_interval). It passes when the interval's upper end is within
-the tolerated loss; a variant whose point value passes but whose upper end does not is
-*borderline*: never recommended, shown with the number of scored tokens that would resolve it
-(stats.n_to_resolve). A variant is eligible when its loss passes, its output is not degenerate
-and MMLU shows no significant drop (paired McNemar).
-With a budget: the eligible variant that fits with the smallest loss (ties: faster generation).
-Without one: the eligible variant needing the least memory.
+Variants are *ranked* by the estimate (weights + KV), never by one noisy RSS sample: two
+within ``TIE_BAND`` of each other are tied and the smaller loss wins.
+
+Loss = ΔPPL % against the model's base, as the one judge gives it (qbench.results.judge: t on
+the per-chunk ln PPL ratio, the same interval the gate uses), judged at its 95 % interval: it
+passes when the interval's upper end is within the tolerated loss; a variant whose point value
+passes but whose upper end does not is *borderline*: never recommended, shown with the sample
+that would resolve it at 80 % power (or "cannot be resolved with this dataset"). A variant is
+eligible when its loss passes, its output is not degenerate, and - where the suite measures
+MMLU for it - its MMLU cell is ok and shows no significant drop; a failed MMLU cell is "MMLU not
+measured" (never a pass), and an MMLU whose base cannot discriminate (at chance, or answering
+one letter) is said so and decides nothing.
+With a budget: the eligible variant that fits with the smallest loss (ties: faster generation,
+when the timing is reliable). Without one: the eligible variant needing the least memory.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from qbench.results.stats import n_to_resolve
 from qbench.report.table import memory_of
+from qbench.results.judge import Judgement, unreliable
 
 DEFAULT_KV_CTX = 4096
 MIB = 2 ** 20
 PASS, BORDERLINE, FAIL, UNKNOWN = "pass", "borderline", "fail", "unknown"
+TIE_BAND = 0.02    # estimates within 2 % are the same memory: the smaller loss is ranked first
 
 
 def kv_cache_mb(shape: dict[str, Any], ctx: int | None, bytes_per_element: float = 2.0
@@ -76,47 +83,59 @@ def _run_ctx(row: dict[str, Any]) -> int | None:
 
 def recommend(rows: list[dict[str, Any]], *, budget_gb: float | None,
               max_loss_pct: float | None, kv_ctx: int = DEFAULT_KV_CTX) -> list[dict[str, Any]]:
-    """One recommendation per model of the suite."""
+    """One recommendation per model of the suite (``budget_gb``: GiB)."""
     tol = 1.0 if max_loss_pct is None else max_loss_pct
     budget_mb = budget_gb * 1024 if budget_gb else None
     out = []
     for model in sorted({r["model"] for r in rows}):
         cands = [_candidate(r, kv_ctx, budget_mb, tol) for r in rows if r["model"] == model]
-        order = _rank_key(budget_mb)
-        ok = sorted((c for c in cands if c["eligible"] and c["fits"]), key=order)
+        ok = ranked([c for c in cands if c["eligible"] and c["fits"]], budget_mb)
         choice = ok[0] if ok else None
-        border = sorted((c for c in cands if c["borderline"] and c["fits"]), key=order)
+        border = ranked([c for c in cands if c["borderline"] and c["fits"]], budget_mb)
         if choice is not None:   # only those the rule would have taken over the choice
-            border = [c for c in border if order(c) < order(choice)]
+            border = [c for c in border if ranked([c, choice], budget_mb)[0] is c]
         out.append({"model": model, "kv_ctx": kv_ctx, "budget_gb": budget_gb,
                     "max_loss_pct": tol, "tol_default": max_loss_pct is None,
                     "choice": choice, "borderline": border,
                     "why": _why(choice, cands, budget_mb, tol, kv_ctx),
                     "borderline_text": [_borderline_text(c, tol) for c in border],
-                    "candidates": sorted(cands, key=lambda c: (c["need_mb"] or 0)),
+                    "candidates": sorted(cands, key=lambda c: (c["rank_mb"] or 0)),
                     "kv_formula": kv_formula(cands[0]["row"].get("model_shape") or {}, kv_ctx)
                     if cands else ""})
     return out
 
 
-def _rank_key(budget_mb: float | None) -> Any:
-    """With a budget: smallest loss (ties: faster generation); without: least memory."""
+def ranked(cands: list[dict[str, Any]], budget_mb: float | None) -> list[dict[str, Any]]:
+    """With a budget: smallest loss first (ties: faster reliable generation). Without: least
+    memory by the estimate, where estimates within TIE_BAND are tied and the smaller loss
+    wins - one RSS sample's noise never picks a bigger, worse file."""
     if budget_mb:
-        return lambda c: (c["loss"], -(c["row"].get("tg_tps") or 0), c["label"])
-    return lambda c: (c["need_mb"] if c["need_mb"] is not None else math.inf, c["loss"],
-                      c["label"])
+        return sorted(cands, key=lambda c: (c["loss"], -(c["tg_rank"] or 0), c["label"]))
+    order = sorted(cands, key=lambda c: (c["rank_mb"] if c["rank_mb"] is not None else math.inf,
+                                         c["loss"], c["label"]))
+    out: list[dict[str, Any]] = []
+    while order:
+        lead = order[0]["rank_mb"]
+        band = [c for c in order if lead is not None and c["rank_mb"] is not None
+                and c["rank_mb"] <= lead * (1 + TIE_BAND)] or order[:1]
+        band.sort(key=lambda c: (c["loss"], c["label"]))
+        out += band
+        order = [c for c in order if c not in band]
+    return out
 
 
 def loss_verdict(r: dict[str, Any], tol: float) -> dict[str, Any]:
-    """Judge a row's ΔPPL at its 95 % interval against the tolerated loss ``tol`` (percent).
+    """Judge a row's ΔPPL (the judge's interval, ``r["dppl_judged"]``) against ``tol`` (%).
 
     pass: the upper end is within ``tol``; borderline: the point is, the upper end is not
-    (with ``resolve_n``, the scored tokens at which the interval would stop straddling, when
-    the interval is paired); fail: the point exceeds ``tol``; unknown: no ΔPPL.
+    (with what would resolve it at 80 % power); fail: the point exceeds ``tol``; unknown: no
+    ΔPPL (with the reason).
     """
     point, high = (0.0, 0.0) if r["is_base"] else (r.get("dppl_pct"), r.get("dppl_ci_high"))
+    j: Judgement | None = r.get("dppl_judged")
     out = {"loss": point, "low": r.get("dppl_ci_low"), "high": high,
-           "paired": r.get("dppl_paired"), "n": r.get("dppl_n"), "resolve_n": None}
+           "paired": r.get("dppl_paired"), "n": r.get("dppl_n"), "resolve": None,
+           "how": r.get("dppl_how")}
     if point is None:
         return out | {"status": UNKNOWN}
     if point > tol:
@@ -124,14 +143,13 @@ def loss_verdict(r: dict[str, Any], tol: float) -> dict[str, Any]:
     if high is not None and high <= tol:
         return out | {"status": PASS}
     out["status"] = BORDERLINE
-    ln_se, n = r.get("dppl_ln_se"), r.get("dppl_n")
-    if high is not None and n and ln_se and r.get("dppl_paired") != "unpaired":
-        out["resolve_n"] = n_to_resolve(int(n), ln_se, r["dppl_ln"], math.log1p(tol / 100))
+    if j is not None and high is not None:
+        out["resolve"] = j.to_resolve(tol)
     return out
 
 
 def interval_text(v: dict[str, Any]) -> str:
-    """'+0.85 % [−0.10, +1.80] (token-paired (KLD pass), 2,040 tokens)'."""
+    """'ΔPPL +0.85 % [95 %: −0.10, +1.80] (chunk-paired t, 8 chunks, 2,040 tokens)'."""
     if v["loss"] is None:
         return "ΔPPL unknown"
     text = f"ΔPPL {v['loss']:+.2f} %"
@@ -146,8 +164,9 @@ def interval_text(v: dict[str, Any]) -> str:
 def _loss_reasons(r: dict[str, Any], v: dict[str, Any], tol: float) -> list[str]:
     if v["status"] == UNKNOWN:
         failed = [p for p in r.get("problems", []) if p["metric"] in ("perplexity", "kld")]
-        return ["loss unknown: " + (f"{failed[0]['metric']} {failed[0]['status']}"
-                                    if failed else "no perplexity measured")]
+        if failed:
+            return [f"loss unknown: {failed[0]['metric']} {failed[0]['status']}"]
+        return ["loss unknown: " + (v.get("how") or "no perplexity measured")]
     if v["status"] == FAIL:
         return [f"{interval_text(v)} > tolerated {tol:g} %"]
     if v["status"] == BORDERLINE:
@@ -156,16 +175,15 @@ def _loss_reasons(r: dict[str, Any], v: dict[str, Any], tol: float) -> list[str]
 
 
 def _resolve_text(v: dict[str, Any], tol: float) -> str:
-    """What would settle a borderline loss."""
+    """What would settle a borderline loss (80 % power, two significant figures)."""
     if v["high"] is None:
         return "no error estimate: cannot tell whether it is within the loss"
-    if v.get("paired") == "unpaired":
-        return (f"upper end above {tol:g} %; unpaired (not the same tokens as the base): score "
-                "both on the same text (kld metric) to pair them")
-    if v.get("resolve_n"):
-        return (f"upper end above {tol:g} %; about {v['resolve_n']:,} scored tokens "
-                f"(now {v['n']:,}) would resolve it")
-    return f"upper end above {tol:g} %; the point sits on the threshold"
+    res = v.get("resolve")
+    if res and res.get("n"):
+        return f"upper end above {tol:g} %; {res['text']}"
+    if res:
+        return f"upper end above {tol:g} %; {res['text']}"
+    return f"upper end above {tol:g} %"
 
 
 def _memory(r: dict[str, Any], kv_ctx: int) -> dict[str, Any]:
@@ -187,7 +205,29 @@ def _memory(r: dict[str, Any], kv_ctx: int) -> dict[str, Any]:
             "file_mb": r.get("size_mb"), "kv_mb": kv, "estimate_mb": estimate,
             "measured_mb": measured, "measured_kind": kind, "run_ctx": run_ctx,
             "kv_run_mb": kv_run, "measured_at_ctx_mb": measured_at_ctx,
-            "need_mb": max(known) if known else None}
+            "need_mb": max(known) if known else None,
+            "rank_mb": estimate if estimate is not None else (max(known) if known else None)}
+
+
+def _mmlu_reasons(r: dict[str, Any]) -> tuple[list[str], str]:
+    """(what excludes the variant on MMLU, what to say of MMLU beside the choice)."""
+    cell = (r.get("cells") or {}).get("mmlu")
+    if cell is None:
+        return [], "MMLU not measured"
+    if cell.get("status") != "ok":
+        return [f"MMLU not measured (cell {cell.get('status')})"], ""
+    if r.get("mmlu_fitness"):
+        return [], f"MMLU cannot discriminate on this model ({r['mmlu_fitness']})"
+    p = r.get("mmlu_paired")
+    if r["is_base"]:
+        return [], ""
+    if not p:
+        return [f"MMLU not compared: {r.get('mmlu_note') or 'no paired test'}"], ""
+    if p["significant"] and p["diff"] < 0:
+        return [f"significant MMLU drop ({100 * p['diff']:+.1f} points, McNemar p = "
+                f"{p['p_value']:.2g})"], ""
+    return [], (f"MMLU {100 * p['diff']:+.1f} points vs base (95 % "
+                f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}], not significant)")
 
 
 def _candidate(r: dict[str, Any], kv_ctx: int, budget_mb: float | None,
@@ -198,9 +238,8 @@ def _candidate(r: dict[str, Any], kv_ctx: int, budget_mb: float | None,
     reasons = _loss_reasons(r, v, tol)
     if r.get("degenerate"):
         reasons.append(f"degenerate output: {r['degenerate']}")
-    p = r.get("mmlu_paired")
-    if p and p["significant"] and p["diff"] < 0:
-        reasons.append(f"significant MMLU drop ({100 * p['diff']:+.1f} points)")
+    mmlu_out, mmlu_text = _mmlu_reasons(r)
+    reasons += mmlu_out
     other = len(reasons) - (v["status"] == BORDERLINE)   # reasons besides the borderline loss
     fits = True
     if budget_mb is not None:
@@ -210,12 +249,15 @@ def _candidate(r: dict[str, Any], kv_ctx: int, budget_mb: float | None,
         elif need > budget_mb:
             fits = False
             reasons.append(f"needs {need / 1024:.2f} GiB > budget {budget_mb / 1024:g} GiB")
+    speed = (r.get("cells") or {}).get("speed") or {}
+    tg_reliable = speed.get("status") == "ok" and unreliable(speed) is None
     return {"row": r, "label": r["label"], **mem, "fits": fits,
             "loss": v["loss"] if v["loss"] is not None else math.inf,
             "loss_known": v["loss"] is not None, "loss_err": r.get("dppl_err"),
             "loss_low": v["low"], "loss_high": v["high"], "loss_paired": v["paired"],
-            "loss_n": v["n"], "loss_status": v["status"], "resolve_n": v["resolve_n"],
-            "interval": interval_text(v),
+            "loss_n": v["n"], "loss_status": v["status"], "resolve": v["resolve"],
+            "interval": interval_text(v), "mmlu_text": mmlu_text,
+            "tg_rank": r.get("tg_tps") if tg_reliable else None,
             "eligible": v["status"] == PASS and other == 0,
             "borderline": v["status"] == BORDERLINE and other == 0,
             "reasons": reasons}
@@ -224,8 +266,7 @@ def _candidate(r: dict[str, Any], kv_ctx: int, budget_mb: float | None,
 def _borderline_text(c: dict[str, Any], tol: float, lead: str = " is borderline and not "
                      "recommended") -> str:
     return (f"{c['label']}{lead}: {c['interval']}; "
-            + _resolve_text({"high": c["loss_high"], "paired": c["loss_paired"],
-                             "resolve_n": c["resolve_n"], "n": c["loss_n"]}, tol) + ".")
+            + _resolve_text({"high": c["loss_high"], "resolve": c["resolve"]}, tol) + ".")
 
 
 def _why(choice: dict[str, Any] | None, cands: list[dict[str, Any]], budget_mb: float | None,
@@ -240,36 +281,37 @@ def _why(choice: dict[str, Any] | None, cands: list[dict[str, Any]], budget_mb: 
         rule = (f"the lowest loss among the variants that fit {budget_mb / 1024:g} GiB and "
                 f"lose at most {tol:g} % at the upper end of their 95 % interval")
     else:
-        rule = (f"the least memory among the variants that lose at most {tol:g} % at the upper "
-                "end of their 95 % interval (no budget given)")
+        rule = (f"the least memory (weights + KV cache, ties within {100 * TIE_BAND:g} % to the "
+                f"smaller loss) among the variants that lose at most {tol:g} % at the upper end "
+                "of their 95 % interval (no budget given)")
     extra = []
-    if r.get("tg_tps"):
+    if choice["tg_rank"]:
         extra.append(f"generates {r['tg_tps']:.1f} tokens/s")
-    p = r.get("mmlu_paired")
-    if p:
-        extra.append(f"MMLU {100 * p['diff']:+.1f} points vs base "
-                     f"({'significant' if p['significant'] else 'not significant'})")
+    elif r.get("tg_tps"):
+        extra.append("its generation speed is not reliable (measured while other work ran)")
+    if choice["mmlu_text"]:
+        extra.append(choice["mmlu_text"])
     return (f"{r['label']}: {rule}. It {need}, {loss}"
             + (", " + ", ".join(extra) if extra else "") + ".")
 
 
 def _why_none(cands: list[dict[str, Any]], budget_mb: float | None, tol: float,
               kv_ctx: int) -> str:
-    """Nothing eligible fits: say so, and name the best borderline and what would resolve it."""
-    parts = [f"No measured variant both fits and loses at most {tol:g} % at the upper end of "
-             "its 95 % interval."]
-    border = sorted((c for c in cands if c["borderline"] and c["fits"]),
-                    key=_rank_key(budget_mb))
+    """Nothing eligible fits: say so with each variant's own reason, and name the best
+    borderline one and what would resolve it."""
+    parts = ["No measured variant qualifies."]
+    border = ranked([c for c in cands if c["borderline"] and c["fits"]], budget_mb)
     if border:
         parts.append("The best borderline one (not recommended) is "
                      + _borderline_text(border[0], tol, lead=""))
-    fitting = [c for c in cands if c["fits"] and c["loss_known"]]
-    if fitting and not border:
-        best = min(fitting, key=lambda c: c["loss"])
-        parts.append(f"The best that fits is {best['label']} ({best['interval']}).")
+    excluded = [c for c in cands if not (c["eligible"] and c["fits"]) and not c["borderline"]
+                and c["reasons"]]
+    if excluded:
+        parts.append("Excluded: " + "; ".join(f"{c['label']}: {c['reasons'][0]}"
+                                                for c in excluded) + ".")
     eligible = [c for c in cands if c["eligible"]]
     if eligible:
-        small = min(eligible, key=lambda c: c["need_mb"] or math.inf)
+        small = ranked(eligible, None)[0]
         if small["need_mb"] is not None:
             parts.append(f"The smallest within the loss is {small['label']}, needing "
                          f"{small['need_mb'] / 1024:.2f} GiB at {kv_ctx} tokens.")

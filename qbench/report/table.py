@@ -19,12 +19,7 @@ from qbench.suite.identity import variant_key
 
 MIB = 2 ** 20
 
-try:  # paired McNemar test + Newcombe CI, paired ln PPL ratio (qbench/results/stats.py)
-    from qbench.results.stats import Z95, paired_from_records, paired_ln_ppl_ratio
-except ImportError:  # pragma: no cover - stats.py is written concurrently
-    paired_from_records = paired_ln_ppl_ratio = None  # type: ignore[assignment]
-    Z95 = 1.959963984540054
-
+from qbench.results.judge import Judgement, judge
 
 
 def own_cells() -> tuple[str, ...]:
@@ -287,14 +282,11 @@ def _model_facts(rows: list[dict[str, Any]]) -> None:
 
 
 def _add_deltas(rows: list[dict[str, Any]]) -> None:
-    """Deltas against the row marked as the model's base (same suite and model).
-
-    ΔPPL %: see :func:`dppl_interval` (paired whenever the two variants scored the same
-    tokens). MMLU: the paired exact McNemar test on the questions that flipped, when both cells
-    stored per-question correctness.
-    """
-    # each backend's variants are compared with that backend's base (same engine, tokenizer)
-    # (falling back to any base of the model when its backend has none)
+    """Every paired comparison of a variant with its base, by the one judge
+    (:func:`qbench.results.judge.judge`): ``row["judged"]["metric.value"]`` for each value a
+    metric declares with a pairing, at 95 %. Each backend's variants are compared with that
+    backend's base (same engine, tokenizer), else any base of the model. ΔPPL and the MMLU
+    flips are spelled out for the table from those judgements."""
     bases = {(r["suite"], r["model"], r["backend"]): r for r in rows if r["is_base"]}
     model_bases: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
@@ -304,95 +296,54 @@ def _add_deltas(rows: list[dict[str, Any]]) -> None:
         base = (bases.get((r["suite"], r["model"], r["backend"]))
                 or model_bases.get((r["suite"], r["model"])))
         r["base_label"] = base["label"] if base else None
-        r.update(dppl_interval(r, base))
+        r["judged"] = {} if r["is_base"] or base is None else judged_against(r, base)
+        r.update(dppl_fields(r, base))
         _add_mmlu_delta(r, base)
 
 
-DPPL_NONE = {"dppl_pct": None, "dppl_err": None, "dppl_how": None, "dppl_ci_low": None,
-             "dppl_ci_high": None, "dppl_paired": None, "dppl_n": None, "dppl_ln": None,
-             "dppl_ln_se": None}
-
-
-def dppl_interval(r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
-    """ΔPPL % of ``r`` against ``base`` with its 95 % interval, paired whenever possible.
-
-    In order: (1) the KLD cell's token-paired ln(PPL_q/PPL_base) with its covariance-corrected
-    error (normal interval); (2) the two perplexity cells paired by chunk (same text, ctx and
-    chunks: t interval over the per-chunk ln PPL differences); (3) unpaired: the two runs' own
-    errors combined as independent (different texts, or no per-chunk values). The interval is
-    computed on ln(PPL ratio) and mapped to percent (exp), so it is not symmetric.
-    ``dppl_ln`` / ``dppl_ln_se`` keep the ln point and its error for sample-size arithmetic.
-    """
-    if r["is_base"]:
-        return DPPL_NONE | {"dppl_pct": 0.0, "dppl_err": 0.0, "dppl_how": "base",
-                            "dppl_ci_low": 0.0, "dppl_ci_high": 0.0, "dppl_paired": "base",
-                            "dppl_n": _scored_tokens(r), "dppl_ln": 0.0, "dppl_ln_se": 0.0}
-    if r["ln_ppl_ratio"] is not None and r["ln_ppl_ratio_err"] is not None:
-        return _from_ln(r["ln_ppl_ratio"], r["ln_ppl_ratio_err"], Z95,
-                        how="kld: ln(PPL_q/PPL_base), paired error",
-                        paired="token-paired (KLD pass)", n=_kld_tokens(r))
-    if not base or not base["ppl"] or not r["ppl"]:
-        return dict(DPPL_NONE)
-    chunked = _chunk_paired(r, base)
-    if chunked is not None:
-        return chunked
-    return _unpaired(r, base)
-
-
-def _from_ln(lr: float, se: float | None, z: float, *, how: str, paired: str,
-             n: int | None) -> dict[str, Any]:
-    """Percent fields from an ln(PPL ratio), its error and the interval's quantile ``z``."""
-    out = DPPL_NONE | {"dppl_pct": 100.0 * math.expm1(lr), "dppl_how": how,
-                       "dppl_paired": paired, "dppl_n": n, "dppl_ln": lr, "dppl_ln_se": se}
-    if se is not None and math.isfinite(se):
-        out["dppl_err"] = 100.0 * math.exp(lr) * se
-        out["dppl_ci_low"] = 100.0 * math.expm1(lr - z * se)
-        out["dppl_ci_high"] = 100.0 * math.expm1(lr + z * se)
+def judged_against(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Judgement]:
+    """metric.value -> the judge's comparison of ``r`` with ``base`` for every paired value of
+    every metric both rows measured ok."""
+    out: dict[str, Judgement] = {}
+    for metric, cell in r["cells"].items():
+        ref = base["cells"].get(metric)
+        info = known_metric_info(metric)
+        if info is None or cell.get("status") != "ok" or not ref or ref.get("status") != "ok":
+            continue
+        for spec in info.value_specs():
+            if spec.pairing is not None and spec.name in (cell.get("values") or {}):
+                out[f"{metric}.{spec.name}"] = judge(metric, spec, ref, cell)
     return out
 
 
-def _chunk_paired(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None:
-    """Per-chunk paired t interval when both perplexity cells scored the same chunks of the
-    same text; None otherwise."""
-    mine, theirs = _ppl_details(r), _ppl_details(base)
-    a, b = theirs.get("per_chunk_ppl"), mine.get("per_chunk_ppl")
-    if paired_ln_ppl_ratio is None or not a or not b or len(a) != len(b) or len(a) < 2:
-        return None
-    if not _same_text(mine, theirs):
-        return None
-    p = paired_ln_ppl_ratio(a, b)
-    half = p["ci_high"] - p["mean"]
-    z = half / p["se"] if p["se"] > 0 else Z95
-    return _from_ln(p["mean"], p["se"], z,
-                    how=f"perplexity cells paired by chunk (t interval, {p['n']} chunks)",
-                    paired=f"chunk-paired t, {p['n']} chunks", n=_scored_tokens(r))
+DPPL_NONE = {"dppl_pct": None, "dppl_err": None, "dppl_how": None, "dppl_ci_low": None,
+             "dppl_ci_high": None, "dppl_paired": None, "dppl_n": None, "dppl_judged": None}
 
 
-def _unpaired(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Both runs' own errors combined as independent: an overestimate of the noise on the
-    same text, the only estimate on different texts."""
-    lr = math.log(r["ppl"] / base["ppl"])
-    se = None
-    if r["ppl_err"] is not None and base["ppl_err"] is not None:
-        se = math.hypot(r["ppl_err"] / r["ppl"], base["ppl_err"] / base["ppl"])
-    same = _same_text(_ppl_details(r), _ppl_details(base))
-    how = ("perplexity cells, errors combined as independent" if same else
-           "perplexity cells on different texts/settings: unpaired, errors combined as "
-           "independent")
-    return _from_ln(lr, se, Z95, how=how, paired="unpaired", n=_scored_tokens(r))
+def dppl_fields(r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """ΔPPL % of ``r`` against ``base`` with its 95 % interval, as the judge gives it (paired
+    by chunk: t on the per-chunk ln PPL ratio, mapped to % through exp, so asymmetric); the
+    reason when the two are not comparable (another text, no per-chunk data)."""
+    if r["is_base"]:
+        return DPPL_NONE | {"dppl_pct": 0.0, "dppl_err": 0.0, "dppl_how": "base",
+                            "dppl_ci_low": 0.0, "dppl_ci_high": 0.0, "dppl_paired": "base",
+                            "dppl_n": _scored_tokens(r)}
+    j = r.get("judged", {}).get("perplexity.ppl")
+    if j is None:
+        why = ("no ok perplexity cell for the base" if base is not None and r["ppl"] is not None
+               else None)
+        return DPPL_NONE | {"dppl_how": why}
+    if not j.comparable:
+        return DPPL_NONE | {"dppl_how": "not comparable: " + j.reason, "dppl_judged": j}
+    return DPPL_NONE | {"dppl_pct": j.change, "dppl_err": j.se, "dppl_how": j.method,
+                        "dppl_ci_low": j.low, "dppl_ci_high": j.high,
+                        "dppl_paired": f"chunk-paired t, {j.n} chunks" if j.n else j.method,
+                        "dppl_n": _scored_tokens(r), "dppl_judged": j}
 
 
 def _ppl_details(r: dict[str, Any]) -> dict[str, Any]:
     c = r["cells"].get("perplexity")
     return (c.get("details") or {}) if c and c.get("status") == "ok" else {}
-
-
-def _same_text(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two perplexity cells scored the same tokens (as far as their details say)."""
-    for k in ("dataset_sha256", "ctx", "chunks", "scored_tokens"):
-        if a.get(k) is not None and b.get(k) is not None and a[k] != b[k]:
-            return False
-    return True
 
 
 def _scored_tokens(r: dict[str, Any]) -> int | None:
@@ -404,31 +355,43 @@ def _scored_tokens(r: dict[str, Any]) -> int | None:
     return int(n) if n else None
 
 
-def _kld_tokens(r: dict[str, Any]) -> int | None:
-    c = r["cells"].get("kld") or {}
-    n = ((c.get("values") or {}).get("ln_ppl_ratio") or {}).get("n") or \
-        (c.get("details") or {}).get("scored_tokens")
-    return int(n) if n else _scored_tokens(r)
-
-
 def _add_mmlu_delta(r: dict[str, Any], base: dict[str, Any] | None) -> None:
-    """Paired exact McNemar test of r's MMLU answers against the base's."""
+    """The judge's McNemar comparison of r's MMLU answers with the base's, as the table shows
+    it; whether the base can discriminate at all (a model at chance cannot)."""
     r["mmlu_paired"] = None
     r["mmlu_note"] = None
-    if r["acc"] is None or r["is_base"]:
+    mmlu = r["cells"].get("mmlu")
+    spec = known_metric_info("mmlu")
+    r["mmlu_fitness"] = None
+    if spec is not None and base is not None and base["cells"].get("mmlu", {}).get("status") == "ok":
+        fit = spec.value_spec("acc")
+        if fit is not None and fit.fitness is not None:
+            r["mmlu_fitness"] = fit.fitness(base["cells"]["mmlu"])
+    if r["is_base"]:
+        if mmlu and mmlu.get("status") == "ok" and spec is not None:
+            fit = spec.value_spec("acc")
+            r["mmlu_fitness"] = fit.fitness(mmlu) if fit and fit.fitness else None
+        return
+    if mmlu is not None and mmlu.get("status") != "ok":
+        r["mmlu_note"] = f"MMLU not measured (cell {mmlu.get('status')})"
+        return
+    if r["acc"] is None:
         return
     if not base or base["acc"] is None:
         r["mmlu_note"] = "no ok MMLU cell for the base"
         return
     r["dacc_pts"] = 100.0 * (r["acc"] - base["acc"])
-    if paired_from_records is None:
-        r["mmlu_note"] = "paired test unavailable (qbench.results.stats missing)"
+    j = r["judged"].get("mmlu.acc")
+    if j is None or not j.comparable or j.flips is None:
+        r["mmlu_note"] = "no paired test: " + (j.reason if j is not None else "no per-question data")
         return
-    try:
-        r["mmlu_paired"] = paired_from_records(base["cells"]["mmlu"]["details"],
-                                               r["cells"]["mmlu"]["details"])
-    except (KeyError, TypeError, ValueError) as exc:
-        r["mmlu_note"] = f"no paired test: {exc}"
+    gained, lost = j.flips
+    r["mmlu_paired"] = {
+        "n": j.n, "acc_base": base["acc"], "acc_other": r["acc"], "flips_gained": gained,
+        "flips_lost": lost, "diff": j.change / 100.0, "ci_low": j.low / 100.0,
+        "ci_high": j.high / 100.0, "p_value": j.p_value,
+        "significant": j.p_value is not None and j.p_value < 0.05, "method": j.method,
+        "cannot_discriminate": r["mmlu_fitness"]}
 
 
 def memory_of(row: dict[str, Any]) -> tuple[float | None, str | None]:

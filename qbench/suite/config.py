@@ -152,12 +152,23 @@ class VariantSpec:
 
 @dataclass(frozen=True)
 class ReportSpec:
-    memory_budget_gb: float = 0.0    # 0: no budget
+    memory_budget_gib: float = 0.0   # 0: no budget; GiB (2^30 bytes)
+    memory_budget_gb: float = 0.0    # the older name of the same setting (it always meant GiB)
     max_loss_pct: float = 1.0        # tolerated PPL increase vs base, in %
     context_tokens: int = 4096       # KV-cache size counted in the memory estimate
 
+    @property
+    def budget_gib(self) -> float | None:
+        """The memory budget in GiB, None when none is set."""
+        return self.memory_budget_gib or self.memory_budget_gb or None
+
     def validate(self, *, file: str, key: str) -> None:
+        positive(self.memory_budget_gib, file=file, key=f"{key}.memory_budget_gib",
+                 allow_zero=True)
         positive(self.memory_budget_gb, file=file, key=f"{key}.memory_budget_gb", allow_zero=True)
+        if self.memory_budget_gib and self.memory_budget_gb:
+            raise ConfigError("give the budget once: memory_budget_gib (memory_budget_gb is its "
+                              "older name, also GiB)", file=file, key=f"{key}.memory_budget_gb")
         positive(self.max_loss_pct, file=file, key=f"{key}.max_loss_pct", allow_zero=True)
         positive(self.context_tokens, file=file, key=f"{key}.context_tokens")
 

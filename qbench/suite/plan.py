@@ -20,6 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from qbench.host import envinfo
@@ -226,6 +227,23 @@ def _attach_companions(cells: list[Cell], suite: Suite) -> list[Cell]:
     return out
 
 
+def grid(suite: Suite) -> Iterator[tuple[ModelSpec, VariantSpec, str, Any]]:
+    """(model, variant, metric, options) of every cell of ``suite``, in run order: per model,
+    its base variants first, metrics in registry order. The one walk over a suite that
+    :func:`expand` (the plan) and :func:`cell_ids` (the gate's expected cells) share."""
+    for model in suite.models:
+        bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
+        for variant in sorted(suite.variants_for(model), key=lambda v: v not in bases):
+            for metric, options in _in_run_order(suite.metrics):
+                if variant.measures(metric):
+                    yield model, variant, metric, options
+
+
+def cell_ids(suite: Suite) -> list[str]:
+    """Every cell id ``suite`` plans, without touching models or data."""
+    return [cell_id(m.id, v.backend, v.name, metric) for m, v, metric, _ in grid(suite)]
+
+
 def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> list[Cell]:
     """All cells of ``suite`` in run order: per model, its base variant first."""
     cells: list[Cell] = []
@@ -238,35 +256,34 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
         return inputs_memo[v]
 
     settings = run_settings(suite.defaults, ctx.env if ctx.env is not None else envinfo.collect())
-    for model in suite.models:
-        sha = model_identity(model, ctx)
-        converter = converter_identity(model, ctx)
-        bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
-        variants = sorted(suite.variants_for(model), key=lambda v: v not in bases)
-        for variant in variants:
-            libs = libraries(variant)
-            for metric, options in _in_run_order(suite.metrics):
-                if not variant.measures(metric):
-                    continue
-                module = metric_module(metric)
-                if metric not in extras_memo:
-                    key_extras = getattr(module, "key_extras", None)
-                    extras_memo[metric] = key_extras(options, ctx) if key_extras else {}
-                run = settings.key_part(metric)
-                key = _key({
-                    "model": {"id": model.id, "sha256": sha} | (
-                        {"converter": converter}
-                        if converter and backend_info(variant.backend).converts_hf_folder
-                        else {}),
-                    "variant": variant.params(), "inputs": inputs(variant),
-                    "base": _base_part(suite, model, variant, module.INFO.needs_base, inputs),
-                    "metric": metric, "metric_version": module.INFO.version,
-                    "options": dataclasses.asdict(options), "extras": extras_memo[metric],
-                    "library": libs, "run": run,
-                })
-                cells.append(Cell(suite.name, model, variant, metric, options,
-                                  variant in bases, sha, key, inputs(variant), run,
-                                  base_variant=suite.base_variant(model, variant.backend)))
+    models: dict[str, tuple[str, str | None]] = {}
+    libs_memo: dict[VariantSpec, dict[str, str]] = {}
+    for model, variant, metric, options in grid(suite):
+        if model.id not in models:   # each model's files are hashed once
+            models[model.id] = (model_identity(model, ctx), converter_identity(model, ctx))
+        sha, converter = models[model.id]
+        if variant not in libs_memo:
+            libs_memo[variant] = libraries(variant)
+        module = metric_module(metric)
+        if metric not in extras_memo:
+            key_extras = getattr(module, "key_extras", None)
+            extras_memo[metric] = key_extras(options, ctx) if key_extras else {}
+        run = settings.key_part(metric)
+        base = suite.base_variant(model, variant.backend)
+        key = _key({
+            "model": {"id": model.id, "sha256": sha} | (
+                {"converter": converter}
+                if converter and backend_info(variant.backend).converts_hf_folder else {}),
+            "variant": variant.params(), "inputs": inputs(variant),
+            "base": _base_part(suite, model, variant, module.INFO.needs_base, inputs),
+            "metric": metric, "metric_version": module.INFO.version,
+            "options": dataclasses.asdict(options), "extras": extras_memo[metric],
+            "library": libs_memo[variant], "run": run,
+        })
+        is_base = any(variant == suite.base_variant(model, v.backend)
+                      for v in suite.variants_for(model))
+        cells.append(Cell(suite.name, model, variant, metric, options, is_base, sha, key,
+                          inputs(variant), run, base_variant=base))
     cells = _attach_companions(cells, suite)
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in only)]

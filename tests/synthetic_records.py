@@ -1,4 +1,4 @@
-"""Synthetic cell records in the stored schema, for tests and for trying the report without a run.
+"""Synthetic cell records in the stored schema, for tests (a test fixture, not part of qbench).
 
 Numbers are made up (and plausible): nothing here is a measurement. ``demo_records()`` builds a
 whole suite - a GGUF ladder with a crashed cell, a skipped cell and a degenerate variant, plus
@@ -71,6 +71,28 @@ LADDER = {
 }
 
 
+CHUNKS, CHUNK_TOKENS = 16, 255
+DATASET_SHA = "ab" * 32
+BASE_SHA = "cd" * 32
+
+
+def chunk_details(chunk_ppl: list[float], tokens: int = CHUNK_TOKENS) -> dict[str, Any]:
+    """A perplexity record's per-chunk details (as the perplexity metric stores them)."""
+    return {"per_chunk_ppl": chunk_ppl, "per_chunk_tokens": [tokens] * len(chunk_ppl),
+            "per_chunk_nll_sum": [tokens * math.log(p) for p in chunk_ppl],
+            "scored_tokens": tokens * len(chunk_ppl), "chunks": len(chunk_ppl)}
+
+
+def _base_chunks(rng: random.Random, ppl: float) -> list[float]:
+    return [ppl * math.exp(rng.gauss(0, 0.25)) for _ in range(CHUNKS)]
+
+
+def _variant_chunks(rng: random.Random, base: list[float], lnr: float) -> list[float]:
+    """Each chunk moves by the quant's ln ratio, give or take a spread that grows with it."""
+    spread = 0.3 * max(abs(lnr), 0.002)
+    return [p * math.exp(lnr + rng.gauss(0, spread)) for p in base]
+
+
 def demo_records(model: str = "tiny-135m", suite: str = "demo", n_params: float = 134.5e6,
                  *, with_failures: bool = True, with_transformers: bool = True,
                  n_questions: int = 285, seed: int = 0) -> list[dict[str, Any]]:
@@ -79,6 +101,7 @@ def demo_records(model: str = "tiny-135m", suite: str = "demo", n_params: float 
     base_ppl, base_nll_se = 28.8, 0.048
     ids = [f"q{i:04d}" for i in range(n_questions)]
     base_correct = [1 if rng.random() < 0.30 else 0 for _ in ids]
+    base_chunks = _base_chunks(rng, base_ppl)
     recs: list[dict[str, Any]] = []
     for quant, (bpw, lnr, kld, same, lost, tg) in LADDER.items():
         is_base = quant == "F16"
@@ -94,7 +117,8 @@ def demo_records(model: str = "tiny-135m", suite: str = "demo", n_params: float 
                                                      "bytes": int(size_mb * 2 ** 20 * .99)},
                 "F32": {"tensors": 61, "params": int(n_params * .01), "bytes": 1000}}},
             memory={"peak_rss_mb": 200.0, "peak_vram_mb": None}))
-        ppl = base_ppl * math.exp(lnr)
+        chunk_ppl = base_chunks if is_base else _variant_chunks(rng, base_chunks, lnr)
+        ppl = math.exp(sum(math.log(p) for p in chunk_ppl) / len(chunk_ppl))
         if with_failures and quant == "Q6_K":
             recs.append(make_record(model, "llama.cpp", quant, "perplexity", **common,
                                     status="crashed", error="the cell process died of SIGILL",
@@ -105,17 +129,23 @@ def demo_records(model: str = "tiny-135m", suite: str = "demo", n_params: float 
                                                                         base_nll_se, 4080),
                 "bits_per_byte": _v(1.11 + lnr / math.log(2) / 4.3)},
                 details={"dataset": "wiki.test.raw", "dataset_origin": "/data/wikitext-2-raw",
-                         "dataset_sha256": "ab" * 32, "ctx": 512, "chunks": 16,
-                         "tokens_in_text": 300000, "scored_tokens": 4080},
+                         "dataset_sha256": DATASET_SHA, "ctx": 512, "tokens_in_text": 300000,
+                         **chunk_details(chunk_ppl)},
                 options={"dataset": "wikitext-2", "ctx": 512, "chunks": 16}, memory=mem))
         if not is_base:
             recs.append(make_record(model, "llama.cpp", quant, "kld", **common, values={
-                "kld_mean": _v(kld, kld * 0.01 + 1e-6, 4080), "kld_p99": _v(kld * 12),
+                "kld_mean": _v(kld, kld * 0.01 + 1e-6, 4080, unit="nats"), "kld_p99": _v(kld * 12),
                 "same_top_pct": _v(same, 100 * math.sqrt(same / 100 * (1 - same / 100) / 4079)),
                 "ln_ppl_ratio": _v(lnr, 0.0003 + lnr * 0.02, 4080),
                 "ppl_ratio": _v(math.exp(lnr))},
-                details={"dataset": "wiki.test.raw", "ctx": 512, "chunks": 16,
-                         "coverage": 0.9999, "max_tokens": 2048},
+                details={"dataset": "wiki.test.raw", "ctx": 512, "chunks": CHUNKS,
+                         "dataset_sha256": DATASET_SHA, "base_sha256": BASE_SHA,
+                         "scored_tokens": CHUNKS * CHUNK_TOKENS,
+                         "coverage": 0.9999, "max_tokens": 2048,
+                         "per_chunk_kld": [kld * math.exp(rng.gauss(0, 0.3))
+                                           for _ in range(CHUNKS)],
+                         "per_chunk_same_top": [min(1.0, same / 100 + rng.gauss(0, 0.01))
+                                                for _ in range(CHUNKS)]},
                 options={"coverage": 0.9999}, memory=mem))
         correct = list(base_correct)
         flips = [i for i, c in enumerate(correct) if c][:lost]
@@ -140,9 +170,14 @@ def demo_records(model: str = "tiny-135m", suite: str = "demo", n_params: float 
             weights = n_params * bpw / 8          # bytes read per generated token
             gbs = weights * tg / 1e9
             recs.append(make_record(model, "llama.cpp", quant, "speed", **common, values={
-                "pp_tokens_per_s": _v(400.0 + 10 * bpw, sd=12.0, n=3),
-                "tg_tokens_per_s": _v(tg, sd=tg * 0.03, n=3),
-                "tg_effective_gbs": _v(gbs), "tg_bandwidth_pct": _v(100 * gbs / 60.0)},
+                "pp_tokens_per_s": _v(400.0 + 10 * bpw, sd=12.0, n=3,
+                                      samples=[388.0 + 10 * bpw, 400.0 + 10 * bpw,
+                                               412.0 + 10 * bpw]),
+                "tg_tokens_per_s": _v(tg, sd=tg * 0.03, n=3,
+                                      samples=[tg * 0.97, tg, tg * 1.03]),
+                "tg_effective_gbs": _v(gbs), "tg_bandwidth_pct": _v(100 * gbs / 60.0),
+                "peak_rss_mb": _v(peak, sd=1.0, n=3, unit="MiB",
+                                  samples=[peak - 1.0, peak, peak + 1.0])},
                 details={"test_names": ["pp512", "tg128"], "n_batch": 2048, "repetitions": 3,
                          "depths": [{"depth": 0, "pp_tokens_per_s": 400.0 + 10 * bpw,
                                      "tg_tokens_per_s": tg},

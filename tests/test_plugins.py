@@ -66,13 +66,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def _qbench(args: list[str], work: Path, site: Path | None, **env: str
-            ) -> subprocess.CompletedProcess[str]:
+def _qbench(args: list[str], work: Path, site: Path | None, *, python: bool = False,
+            **env: str) -> subprocess.CompletedProcess[str]:
+    """``qbench ARGS`` (``python``: ``python ARGS``) with the plugin on the path."""
     environ = dict(os.environ, **env)
     environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(site) if site else "", environ.get("PYTHONPATH", "")) if p)
-    return subprocess.run([*QBENCH, *args], cwd=work, capture_output=True, text=True,
-                          env=environ, timeout=600)
+    return subprocess.run([sys.executable if python else QBENCH[0],
+                           *([] if python else QBENCH[1:]), *args], cwd=work,
+                          capture_output=True, text=True, env=environ, timeout=600)
 
 
 def _records(folder: Path) -> dict[str, dict]:
@@ -114,10 +116,21 @@ def test_plugin_backend_and_metric_run_end_to_end(plugin_site: Path, workdir: Pa
     assert recs["toy-model/toy/q4/footprint"]["values"]["bpw"]["value"] == 4.0
     assert all(r["metric_version"] == "1" for r in recs.values() if r["metric"] == "toy_xent")
 
-    # the report shows the plugin metric's column (declared in its MetricInfo.columns)
+    # the report shows the plugin metric's column, its figure against bits per weight and its
+    # paired change vs the base (all declared in its Value; nothing under qbench/ names it)
     page = (workdir / "reports" / "toy.html").read_text()
     assert "toy cross-entropy (nats)" in page and f"{xent['q4']:.4g}" in page
     assert "Mean cross-entropy of each next byte" in page      # its methodology
+    assert 'id="fig-bpw-toy_xent"' in page and "Toy cross-entropy vs bits per weight" in page
+    assert 'id="fig-delta-toy_xent"' in page and "paired t on per-byte xent" in page
+
+    per_byte = _qbench(["-c", "import qbench.results.frame as f, sys; "
+                        "df = f.load_details('results-a', 'toy_xent'); "
+                        "print(len(df), sorted(set(df['quant'])), sorted(set(df['value'])))"],
+                       workdir, plugin_site, python=True)
+    assert per_byte.returncode == 0, per_byte.stderr
+    assert per_byte.stdout.split(" ", 1)[1].strip() == "['f32', 'q4', 'q8'] ['xent']"
+    assert int(per_byte.stdout.split()[0]) >= 3 * 2
 
     export = _qbench(["export", "results-a"], workdir, plugin_site)
     rows = [json.loads(line) for line in export.stdout.splitlines()]
@@ -137,6 +150,8 @@ def test_plugin_backend_and_metric_run_end_to_end(plugin_site: Path, workdir: Pa
     regressed = {(c["metric"], c["value"], c["cell"].split("/")[-2]) for c in changes
                  if c["regression"]}
     assert ("toy_xent", "xent", "q4") in regressed          # the plugin metric's own gate
+    [xq4] = [c for c in changes if c["value"] == "xent" and c["cell"].endswith("/q4/toy_xent")]
+    assert xq4["test"].startswith("paired t on per-byte xent")   # paired, by its declaration
     assert ("perplexity", "ppl", "q4") in regressed
     assert not any(q == "f32" for _, _, q in regressed)      # the base did not drift
 

@@ -108,8 +108,8 @@ def test_page_has_all_sections(page: str) -> None:
 
 def test_all_plots_present_with_data(demo_rows: list[dict]) -> None:
     figs = dict(suite_figures(demo_rows))
-    assert set(figs) == {"bpw-ppl", "bpw-kld", "bpw-mmlu", "speed-memory", "roofline",
-                         "speed-depth", "delta-ppl", "delta-mmlu"}
+    assert set(figs) == {"bpw-perplexity", "bpw-kld", "bpw-mmlu", "speed-memory", "roofline",
+                         "speed-depth", "delta-perplexity", "delta-mmlu"}
     for fig_id, fig in figs.items():
         assert fig is not None, fig_id
         assert any(len(tr.x or []) for tr in fig.data), fig_id
@@ -122,7 +122,7 @@ def test_all_plots_present_with_data(demo_rows: list[dict]) -> None:
     assert "60.0 GB/s" in roof.name
     assert all(abs(y * x * 1e6 - 60e9) < 1e3 for x, y in zip(roof.x, roof.y))
     # hover names the cell
-    assert any("llama.cpp / Q4_K_M" in h for tr in figs["bpw-ppl"].data
+    assert any("llama.cpp / Q4_K_M" in h for tr in figs["bpw-perplexity"].data
                for h in (tr.hovertext or []))
 
 
@@ -139,7 +139,7 @@ def test_page_without_metrics_still_renders() -> None:
                         error="boom")]
     text = render_suite("s", recs)
     assert "perplexity: crashed" in text and "boom" in text
-    assert "No data for the bpw-ppl plot" in text
+    assert "No data for the bpw-perplexity plot" in text
 
 
 def test_deltas_come_from_the_one_judge(demo_rows: list[dict]) -> None:
@@ -158,7 +158,7 @@ def test_deltas_come_from_the_one_judge(demo_rows: list[dict]) -> None:
 def test_dppl_bars_draw_the_tables_asymmetric_95_interval(demo_rows: list[dict]) -> None:
     """The ΔPPL figure's bars end where the table's interval ends (computed on ln ratio, so the
     upper arm is longer than the lower), not at ± one standard error."""
-    fig = dict(suite_figures(demo_rows))["delta-ppl"]
+    fig = dict(suite_figures(demo_rows))["delta-perplexity"]
     checked = 0
     for tr in fig.data:
         err = tr.error_y

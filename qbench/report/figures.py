@@ -13,6 +13,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from qbench.metrics import Value, known_metric_info, metric_names
 from qbench.report.table import memory_of
 
 BACKEND_COLOURS = {"llama.cpp": "#1f77b4", "transformers": "#d62728", "vllm": "#2ca02c",
@@ -62,44 +63,46 @@ def pareto(rows: list[dict[str, Any]], x: str, y: str, *, maximize_y: bool = Fal
     return out
 
 
-def quality_vs_size(rows: list[dict[str, Any]], y: str, y_err: str | None, *, title: str,
-                    y_label: str, higher_is_better: bool = False,
-                    fmt_y: str = ".4g") -> go.Figure | None:
-    """Measured bits per weight vs a quality metric, each model's Pareto frontier dotted."""
-    pts = [r for r in rows if r.get("bpw") is not None and r.get(y) is not None]
+def quality_vs_size(rows: list[dict[str, Any]], key: str, *, title: str, y_label: str,
+                    higher_is_better: bool = False, fmt_y: str = ".4g") -> go.Figure | None:
+    """Measured bits per weight vs a stored value (``metric.value``), each model's Pareto
+    frontier dotted, error bars from the stored standard error."""
+    pts = [r | {"_y": r["values"][key][0], "_e": r["values"][key][1]} for r in rows
+           if r.get("bpw") is not None and (r.get("values") or {}).get(key, (None,))[0]
+           is not None]
     if not pts:
         return None
     backends = sorted({r["backend"] for r in pts})
     models = sorted({r["model"] for r in pts})
     fig = go.Figure()
     for backend, model, sel in _groups(pts):
-        err = [r.get(y_err) or 0 for r in sel] if y_err else None
+        err = [r["_e"] or 0 for r in sel]
         fig.add_trace(go.Scatter(
-            x=[r["bpw"] for r in sel], y=[r[y] for r in sel], mode="markers+text",
+            x=[r["bpw"] for r in sel], y=[r["_y"] for r in sel], mode="markers+text",
             name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
             text=[esc(r["quant"]) for r in sel], textposition="top center",
             marker={"size": 11, "color": colour(backend, backends),
                     "symbol": _symbol(model, models)},
-            error_y={"type": "data", "array": err, "visible": True} if err else None,
+            error_y={"type": "data", "array": err, "visible": True} if any(err) else None,
             hovertext=[_hover(r, [
                 f"{r['bpw']:.3f} bits/weight, {r['size_mb']:.1f} MiB" if r.get("size_mb")
                 else f"{r['bpw']:.3f} bits/weight",
-                f"{esc(y_label)}: {format(r[y], fmt_y)}"
-                + (f" ± {format(r[y_err], '.2g')}" if y_err and r.get(y_err) else ""),
+                f"{esc(y_label)}: {format(r['_y'], fmt_y)}"
+                + (f" ± {format(r['_e'], '.2g')}" if r["_e"] else ""),
                 "base" if r["is_base"] else ""]) for r in sel],
             hoverinfo="text",
         ))
     for model in models:
         sel = [r for r in pts if r["model"] == model]
-        front = pareto(sel, "bpw", y, maximize_y=higher_is_better)
+        front = pareto(sel, "bpw", "_y", maximize_y=higher_is_better)
         if len(front) > 1:
             fig.add_trace(go.Scatter(
-                x=[r["bpw"] for r in front], y=[r[y] for r in front], mode="lines",
+                x=[r["bpw"] for r in front], y=[r["_y"] for r in front], mode="lines",
                 name="Pareto frontier" + (f" · {esc(model)}" if len(models) > 1 else ""),
                 line={"dash": "dot", "color": "#888"}, hoverinfo="skip"))
-    fig.update_layout(title=title, xaxis_title="bits per weight (measured from the file)",
-                      yaxis_title=y_label + (" (higher is better)" if higher_is_better
-                                             else " (lower is better)"), **_LAYOUT)
+    fig.update_layout(title=esc(title), xaxis_title="bits per weight (measured from the file)",
+                      yaxis_title=esc(y_label) + (" (higher is better)" if higher_is_better
+                                                  else " (lower is better)"), **_LAYOUT)
     return fig
 
 
@@ -197,91 +200,63 @@ def speed_vs_depth(rows: list[dict[str, Any]]) -> go.Figure | None:
     return fig
 
 
-def deltas_vs_base(rows: list[dict[str, Any]]) -> go.Figure | None:
-    """ΔPPL % per variant against its model's base, one bar each, with the table's 95 %
-    interval (computed on ln(PPL ratio), so asymmetric; paired where the data are)."""
-    pts = [r for r in rows if not r["is_base"] and r.get("dppl_pct") is not None]
+def deltas_vs_base(rows: list[dict[str, Any]], key: str) -> go.Figure | None:
+    """The judge's change of ``key`` (metric.value) per variant against its base, one bar each,
+    with its 95 % interval (asymmetric where the change is a ratio); hatched where the
+    interval excludes no change."""
+    pts = [(r, r["judged"][key]) for r in rows if not r["is_base"]
+           and key in (r.get("judged") or {}) and r["judged"][key].change is not None]
     if not pts:
         return None
-    backends = sorted({r["backend"] for r in pts})
+    unit = pts[0][1].unit
+    backends = sorted({r["backend"] for r, _ in pts})
     fig = go.Figure()
     for backend in backends:
-        sel = [r for r in pts if r["backend"] == backend]
-        up, down = zip(*(_interval_arms(r) for r in sel))
+        sel = [(r, j) for r, j in pts if r["backend"] == backend]
+        up = [(j.high - j.change) if j.high is not None else 0 for _, j in sel]
+        down = [(j.change - j.low) if j.low is not None else 0 for _, j in sel]
         fig.add_trace(go.Bar(
-            x=[esc(f"{r['model']} {r['quant']}") for r in sel], y=[r["dppl_pct"] for r in sel],
-            name=esc(backend), marker_color=colour(backend, backends),
-            error_y={"type": "data", "symmetric": False, "visible": True,
-                     "array": list(up), "arrayminus": list(down)},
-            hovertext=[_hover(r, [f"ΔPPL {r['dppl_pct']:+.2f} %" + _interval_text(r),
-                                  esc(r.get("dppl_paired") or r.get("dppl_how") or ""),
-                                  f"vs {esc(r.get('base_label') or '?')}"]) for r in sel],
-            hoverinfo="text"))
-    fig.update_layout(title="Perplexity change vs the base variant (bars: 95 % interval, "
-                            "paired where the data are)",
-                      yaxis_title="ΔPPL % (lower is better)", barmode="group", **_LAYOUT)
-    return fig
-
-
-def _interval_arms(r: dict[str, Any]) -> tuple[float, float]:
-    """Upper and lower error-bar lengths of ``r``'s ΔPPL interval (0, 0 when it has none)."""
-    lo, hi = r.get("dppl_ci_low"), r.get("dppl_ci_high")
-    if lo is None or hi is None:
-        return 0.0, 0.0
-    return hi - r["dppl_pct"], r["dppl_pct"] - lo
-
-
-def _interval_text(r: dict[str, Any]) -> str:
-    lo, hi = r.get("dppl_ci_low"), r.get("dppl_ci_high")
-    return "" if lo is None or hi is None else f", 95 % interval [{lo:+.2f}, {hi:+.2f}]"
-
-
-def mmlu_deltas(rows: list[dict[str, Any]]) -> go.Figure | None:
-    """MMLU accuracy difference vs the base with the paired 95 % CI; significant ones marked."""
-    pts = [r for r in rows if r.get("mmlu_paired")]
-    if not pts:
-        return None
-    backends = sorted({r["backend"] for r in pts})
-    fig = go.Figure()
-    for backend in backends:
-        sel = [r for r in pts if r["backend"] == backend]
-        d = [100 * r["mmlu_paired"]["diff"] for r in sel]
-        fig.add_trace(go.Bar(
-            x=[esc(f"{r['model']} {r['quant']}") for r in sel], y=d, name=esc(backend),
+            x=[esc(f"{r['model']} {r['quant']}") for r, _ in sel],
+            y=[j.change for _, j in sel], name=esc(backend),
             marker_color=colour(backend, backends),
-            marker_pattern_shape=["/" if r["mmlu_paired"]["significant"] else "" for r in sel],
+            marker_pattern_shape=["/" if j.low is not None and (j.low > 0 or j.high < 0)
+                                  else "" for _, j in sel],
             error_y={"type": "data", "symmetric": False, "visible": True,
-                     "array": [100 * r["mmlu_paired"]["ci_high"] - v for r, v in zip(sel, d)],
-                     "arrayminus": [v - 100 * r["mmlu_paired"]["ci_low"]
-                                    for r, v in zip(sel, d)]},
-            hovertext=[_hover(r, [
-                f"Δ accuracy {100 * p['diff']:+.1f} points, 95 % CI "
-                f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]",
-                f"flipped: +{p['flips_gained']} / −{p['flips_lost']} of {p['n']}, "
-                f"McNemar p = {p['p_value']:.3g}"
-                + (" (significant)" if p["significant"] else " (not significant)")])
-                for r in sel for p in [r["mmlu_paired"]]],
+                     "array": up, "arrayminus": down},
+            hovertext=[_hover(r, [esc(j.interval_text()), esc(j.method),
+                                  f"vs {esc(r.get('base_label') or '?')}"]) for r, j in sel],
             hoverinfo="text"))
-    fig.update_layout(title="MMLU accuracy vs the base: paired difference with 95 % CI "
-                            "(hatched: significant, exact McNemar p < 0.05)",
-                      yaxis_title="Δ accuracy, points (higher is better)", barmode="group",
-                      **_LAYOUT)
+    metric, value = key.split(".", 1)
+    better = "higher" if pts[0][1].higher_is_better else "lower"
+    fig.update_layout(title=esc(f"{metric} {value}: change vs the base variant (bars: 95 % "
+                                "interval of the one judge, paired; hatched: excludes 0)"),
+                      yaxis_title=esc(f"Δ {value}, {unit} ({better} is better)"),
+                      barmode="group", **_LAYOUT)
     return fig
+
+
+def _figure_id(metric: str, value: Value, primary: str, kind: str) -> str:
+    return f"{kind}-{metric}" if value.name == primary else f"{kind}-{metric}-{value.name}"
 
 
 def suite_figures(rows: list[dict[str, Any]]) -> list[tuple[str, go.Figure | None]]:
-    """(id, figure or None) in page order; None where this run has no data for that plot."""
-    return [
-        ("bpw-ppl", quality_vs_size(rows, "ppl", "ppl_err", title="Perplexity vs bits per weight",
-                                    y_label="perplexity")),
-        ("bpw-kld", quality_vs_size(rows, "kld", "kld_err", title="KL divergence from the base "
-                                    "vs bits per weight", y_label="mean KLD, nats")),
-        ("bpw-mmlu", quality_vs_size(rows, "acc", "acc_err", title="MMLU accuracy vs bits per "
-                                     "weight", y_label="MMLU accuracy", higher_is_better=True,
-                                     fmt_y=".3f")),
-        ("speed-memory", speed_vs_memory(rows)),
-        ("roofline", roofline(rows)),
-        ("speed-depth", speed_vs_depth(rows)),
-        ("delta-ppl", deltas_vs_base(rows)),
-        ("delta-mmlu", mmlu_deltas(rows)),
-    ]
+    """(id, figure or None) in page order; None where this run has no data for that plot.
+    Quality plots and deltas come from the registry: every value a metric declares with a
+    ``figure`` is drawn against bits per weight, every paired value as a delta vs the base."""
+    metrics = sorted({m for r in rows for m in r.get("cells", {})},
+                     key=lambda m: (metric_names().index(m) if m in metric_names() else 99, m))
+    quality, deltas = [], []
+    for metric in metrics:
+        info = known_metric_info(metric)
+        for v in info.value_specs() if info else ():
+            if v.figure:
+                quality.append((_figure_id(metric, v, info.primary, "bpw"),
+                                quality_vs_size(rows, f"{metric}.{v.name}", title=v.figure,
+                                                y_label=f"{metric} {v.name}",
+                                                higher_is_better=v.higher_is_better)))
+            # a metric measured against the base (KLD) is itself the delta: no bars for it
+            if v.pairing is not None and v.name == info.primary and not info.needs_base:
+                deltas.append((_figure_id(metric, v, info.primary, "delta"),
+                               deltas_vs_base(rows, f"{metric}.{v.name}")))
+    return [*quality, ("speed-memory", speed_vs_memory(rows)), ("roofline", roofline(rows)),
+            ("speed-depth", speed_vs_depth(rows)), *deltas]

@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from qbench.backends import kv_bytes_per_element, method_of, nominal_bits
-from qbench.metrics import known_metric_info, metric_names
+from qbench.metrics import ReportColumn, known_metric_info, metric_names
 from qbench.results.schema import FAILED
 from qbench.suite.identity import variant_key
 
@@ -124,6 +124,7 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
                       if k not in ("score", "docs_per_s")} if lm and lm["status"] == "ok" else {}
 
     row["extra"] = extra_values(cells)
+    row["values"] = all_values(cells)
 
     san = cells.get("sanity")
     row["degenerate"] = None          # None: not measured; "": looks fine; text: why it is broken
@@ -208,16 +209,33 @@ PROVENANCE_SHOWN = ("general.name", "general.quantized_by", "general.author",
                     "general.file_type", "general.url")
 
 
+def all_values(cells: dict[str, dict[str, Any]]) -> dict[str, tuple[float | None, float | None]]:
+    """metric.value -> (value, stderr) of every value every ok cell stored (figures and
+    generic columns read these, by the registry's declarations)."""
+    return {f"{metric}.{name}": value_of(rec, name) for metric, rec in cells.items()
+            for name in (rec.get("values") or {})}
+
+
+def _columns(metric: str) -> list[ReportColumn]:
+    info = known_metric_info(metric)
+    if info is None or metric in DEDICATED:
+        return []
+    return [ReportColumn(v.name, v.column, v.digits) for v in info.value_specs() if v.column]
+
+
+# metrics the table shows in columns of their own (every other metric's declared columns are
+# shown generically)
+DEDICATED = ("footprint", "sanity", "perplexity", "kld", "mmlu", "speed", "lm_eval")
+
+
 def extra_values(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Values of metrics the report has no dedicated view for but whose registry entry names
-    report columns (MetricInfo.columns: plugin metrics): metric -> column value -> (value,
-    stderr)."""
+    report columns (Value.column: plugin metrics): metric -> column value -> (value, stderr)."""
     out: dict[str, dict[str, Any]] = {}
     for metric, rec in sorted(cells.items()):
-        info = known_metric_info(metric)
-        if info is None or not info.columns:
-            continue
-        out[metric] = {col.value: value_of(rec, col.value) for col in info.columns}
+        cols = _columns(metric)
+        if cols:
+            out[metric] = {col.value: value_of(rec, col.value) for col in cols}
     return out
 
 
@@ -225,9 +243,7 @@ def extra_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     """(metric, ReportColumn) for every generic column some row has a value for."""
     seen: list[tuple[str, Any]] = []
     for metric in sorted({m for r in rows for m in r.get("extra", {})}):
-        info = known_metric_info(metric)
-        for col in (info.columns if info else ()):
-            seen.append((metric, col))
+        seen.extend((metric, col) for col in _columns(metric))
     return seen
 
 

@@ -175,8 +175,7 @@ def load_details(paths: PathArg, metric: str = "mmlu") -> pd.DataFrame:
     """
     pd = require_pandas("qbench.load_details")
     if metric not in DETAILS:
-        raise QbenchError(f"no per-item details for metric {metric!r}; "
-                          f"expected one of {', '.join(sorted(DETAILS))}")
+        return _declared_details(pd, paths, metric)
     make, columns = DETAILS[metric]
     rows = []
     for rec in _records(_paths(paths)):
@@ -203,3 +202,35 @@ def load_details(paths: PathArg, metric: str = "mmlu") -> pd.DataFrame:
         df["name"] = df["name"].astype("string").astype("category")
         df = df.astype({"repetition": "int64", "tokens_per_s": "float64", "tokens": "Int64"})
     return df
+
+
+def _declared_details(pd: ModuleType, paths: PathArg, metric: str) -> pd.DataFrame:
+    """Per-item data of any other metric, as its registry entry declares it (Value.pairing):
+    one row per item of each paired value (``value``, ``item``: the item's id or position,
+    ``x``). A plugin metric needs no code here to be exported."""
+    from qbench.metrics import known_metric_info
+
+    info = known_metric_info(metric)
+    specs = [v for v in (info.value_specs() if info else ()) if v.pairing is not None]
+    if not specs:
+        raise QbenchError(f"no per-item details for metric {metric!r}: it declares no paired "
+                          f"value; expected one of {', '.join(sorted(DETAILS))} or a metric "
+                          "whose values declare a pairing")
+    rows = []
+    for rec in _records(_paths(paths)):
+        if rec["metric"] != metric or rec["status"] != "ok":
+            continue
+        cell = {"suite": rec["suite"], "model": rec["model"]["id"],
+                "backend": rec["variant"]["backend"], "quant": rec["variant"]["quant"],
+                "metric": metric, "key": rec["key"], "id": rec.get("id")}
+        details = rec.get("details") or {}
+        for spec in specs:
+            items = spec.pairing.values_of(details) or []   # type: ignore[union-attr]
+            ids = details.get(spec.pairing.ids) if spec.pairing.ids else None  # type: ignore[union-attr]
+            for i, x in enumerate(items):
+                rows.append(cell | {"value": spec.name,
+                                    "item": str(ids[i]) if ids else str(i), "x": float(x)})
+    df = pd.DataFrame(rows, columns=list(CELL_COLUMNS + ("value", "item", "x")))
+    for col in CELL_COLUMNS[:5] + ("value",):
+        df[col] = df[col].astype("string").astype("category")
+    return df.astype({"key": "string", "id": "string", "item": "string", "x": "float64"})

@@ -8,14 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from qbench.metrics import MetricInfo, ReportColumn
+from qbench.metrics import MetricInfo, Pairing, Value
 from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
     name="toy_xent", version="1", primary="xent", higher_is_better=False,
     methodology="Mean cross-entropy of each next byte of a fixed sentence given its prefix "
                 "(a plugin metric, for tests).",
-    columns=(ReportColumn("xent", "toy cross-entropy (nats)", digits=4),),
+    # its value declared once: paired by byte (the same sentence, the same prefixes), shown in
+    # its own column and drawn against bits per weight - qbench names none of it
+    values=(Value("xent", False, tolerance=2.0, column="toy cross-entropy (nats)", digits=4,
+                  figure="Toy cross-entropy vs bits per weight",
+                  pairing=Pairing(items="per_byte", unit="bytes", identity=("prefixes",))),),
     cost=lambda options: 0.01,
 )
 

@@ -55,7 +55,8 @@ def test_one_benchmark_gets_its_binomial_error() -> None:
 def test_an_average_gets_its_error_from_its_parts() -> None:
     """Independent benchmarks add variances; two scores on the same items (IFEval prompt- and
     instruction-level) add errors; a part whose score is unknown uses p(1-p) = 1/4, said so."""
-    benches = {"a": {"items": 1000, "verified_from": "x"}, "b": {"items": 400, "verified_from": "x"}}
+    benches = {"a": {"items": 1000, "verified_from": "x"},
+               "b": {"items": 400, "verified_from": "x"}}
     sa, sb = math.sqrt(0.8 * 0.2 / 1000), math.sqrt(0.6 * 0.4 / 400)
     two = {"how": "mean", "scale": 1, "parts": [{"label": "x", "bench": "a"},
                                                  {"label": "y", "bench": "b"}]}

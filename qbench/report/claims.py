@@ -950,10 +950,11 @@ def _split_note(evidence: list[dict[str, Any]], part: str) -> str:
         return f"{c.get(verdict, 0)} of {sum(c.values())}"
 
     summary = (f"Published, split by metric: on ΔPPL the larger model loses more for "
-               f"{share('ΔPPL', CONTRADICTED)} compared methods (less for {share('ΔPPL', SUPPORTED)}), "
-               f"on KLD more for {share('KLD', CONTRADICTED)}; on accuracy it loses less for "
-               f"{share(ACC, SUPPORTED)} compared methods and more for {share(ACC, CONTRADICTED)}, the "
-               f"rest {UNRESOLVED_PUB}. Per metric and method — ")
+               f"{share('ΔPPL', CONTRADICTED)} compared methods (less for "
+               f"{share('ΔPPL', SUPPORTED)}), on KLD more for {share('KLD', CONTRADICTED)}; on "
+               f"accuracy it loses less for {share(ACC, SUPPORTED)} compared methods and more "
+               f"for {share(ACC, CONTRADICTED)}, the rest {UNRESOLVED_PUB}. Per metric and "
+               "method — ")
     return summary + " | ".join(per_metric) + "."
 
 

@@ -83,6 +83,23 @@ def chunk_details(chunk_ppl: list[float], tokens: int = CHUNK_TOKENS) -> dict[st
             "scored_tokens": tokens * len(chunk_ppl), "chunks": len(chunk_ppl)}
 
 
+BASE_32 = [8.0 * math.exp(0.25 * math.sin(1.7 * i)) for i in range(32)]
+
+
+def shifted_chunks(ln_ratio: float, ln_err: float, base: list[float] | None = None
+                   ) -> list[float]:
+    """Per-chunk PPLs of a variant whose chunk-paired ln PPL ratio against ``base`` (default
+    BASE_32) has mean ``ln_ratio`` and standard error ``ln_err`` exactly (a fixed spread
+    pattern: for decision-logic tests, not for detection rates)."""
+    base = base or BASE_32
+    n = len(base)
+    pattern = [math.cos(2.3 * i + 0.4) for i in range(n)]
+    m = sum(pattern) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in pattern) / (n - 1))
+    spread = ln_err * math.sqrt(n)
+    return [b * math.exp(ln_ratio + spread * (x - m) / sd) for b, x in zip(base, pattern)]
+
+
 def _base_chunks(rng: random.Random, ppl: float) -> list[float]:
     return [ppl * math.exp(rng.gauss(0, 0.25)) for _ in range(CHUNKS)]
 
@@ -100,7 +117,7 @@ def demo_records(model: str = "tiny-135m", suite: str = "demo", n_params: float 
     rng = random.Random(seed)
     base_ppl, base_nll_se = 28.8, 0.048
     ids = [f"q{i:04d}" for i in range(n_questions)]
-    base_correct = [1 if rng.random() < 0.30 else 0 for _ in ids]
+    base_correct = [1 if rng.random() < 0.45 else 0 for _ in ids]
     base_chunks = _base_chunks(rng, base_ppl)
     recs: list[dict[str, Any]] = []
     for quant, (bpw, lnr, kld, same, lost, tg) in LADDER.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qbench.report import claims as C
-from synthetic_records import demo_records, make_record
+from synthetic_records import BASE_32, chunk_details, demo_records, make_record, shifted_chunks
 from qbench.report.table import variant_rows
 from qbench.results.stats import Z95, n_to_resolve, paired_accuracy
 
@@ -197,9 +197,12 @@ def test_claim1_measured_on_synthetic_q8(one_model_claims: list[dict]) -> None:
 def test_claim1_contradicted_by_a_lossy_8bit_variant() -> None:
     recs = demo_records()
     for r in recs:
+        if r["variant"]["quant"] == "Q8_0" and r["metric"] == "perplexity":
+            d = r["details"]
+            d.update(chunk_details([p * 1.02 for p in d["per_chunk_ppl"]], d["per_chunk_tokens"][0]))
         if r["variant"]["quant"] == "Q8_0" and r["metric"] == "kld":
-            r["values"]["ln_ppl_ratio"] = {"value": math.log(1.02), "stderr": 0.001}
             r["values"]["kld_mean"] = {"value": 0.02, "stderr": 0.0002}
+            r["details"]["per_chunk_kld"] = [0.02 * (1 + 0.01 * (i % 3)) for i in range(16)]
     c1 = C.check_claims(variant_rows(recs))[0]
     assert c1["measured_summary"]["ΔPPL"] == C.CONTRADICTED
     assert c1["measured_summary"]["KLD"] == C.CONTRADICTED
@@ -207,14 +210,24 @@ def test_claim1_contradicted_by_a_lossy_8bit_variant() -> None:
 
 # a model with an fp16 base per backend, 8-bit variants of two methods, and optional MMLU
 
+def _ppl_record(model: str, backend: str, quant: str, base: bool, ln_ratio: float,
+                ln_err: float) -> dict:
+    """A perplexity cell of 32 chunks x 256 tokens whose chunk-paired ln PPL ratio against the
+    base is ``ln_ratio`` +- ``ln_err``."""
+    chunks = BASE_32 if base else shifted_chunks(ln_ratio, ln_err)
+    ppl = math.exp(sum(math.log(c) for c in chunks) / len(chunks))
+    return make_record(model, backend, quant, "perplexity", is_base=base,
+                       values={"ppl": {"value": ppl, "stderr": 0.05 * ppl}},
+                       details={"dataset_sha256": "aa", "ctx": 512, "tokens_in_text": 300_000,
+                                **chunk_details(chunks, 256)})
+
+
 def _variant(model: str, backend: str, quant: str, params: float, *, base: bool = False,
              ln_ratio: float = 0.0, ln_err: float = 0.0005, kld: float | None = None,
              kld_err: float = 1e-5, correct: list[int] | None = None) -> list[dict]:
     recs = [make_record(model, backend, quant, "footprint", is_base=base,
                         values={"n_params": {"value": params}}),
-            make_record(model, backend, quant, "perplexity", is_base=base,
-                        values={"ppl": {"value": 8.0 * math.exp(ln_ratio), "stderr": 0.05}},
-                        details={"scored_tokens": 8192})]
+            _ppl_record(model, backend, quant, base, ln_ratio, ln_err)]
     if not base:
         recs.append(make_record(model, backend, quant, "kld", values={
             "ln_ppl_ratio": {"value": ln_ratio, "stderr": ln_err},
@@ -282,33 +295,50 @@ def test_a_percent_loss_is_judged_on_accuracy_not_ppl(ln_ratio: float, lost: int
     assert not any(k.endswith("ΔPPL") for k in c2["measured_summary"])
 
 
+def _need_80(n: int, se: float, point: float, threshold: float) -> int:
+    """The sample at which the interval would exclude ``threshold`` with 80 % power, from
+    scratch: n ((z.975 + z.80) se / gap)^2, rounded up to two significant figures."""
+    need = n * ((1.959963984540054 + 0.8416212335729143) * se / abs(point - threshold)) ** 2
+    mag = 10 ** (math.floor(math.log10(need)) - 1)
+    return int(math.ceil(need / mag) * mag)
+
+
 def test_all_straddling_says_indistinguishable_with_the_n_that_resolves(
         one_model_claims: list[dict]) -> None:
     rows = variant_rows(demo_records())
     q8 = next(r for r in rows if r["quant"] == "Q8_0")
-    p = q8["mmlu_paired"]
-    se = 100 * (p["ci_high"] - p["ci_low"]) / (2 * Z95)
-    need = n_to_resolve(p["n"], se, -100 * p["diff"], C.LOSSLESS_MMLU_PTS)
-    assert need and need > p["n"] == 285
+    j = q8["judged"]["mmlu.acc"]
+    need = _need_80(j.n, j.se, -j.change, C.LOSSLESS_MMLU_PTS)
+    assert need and need > j.n == 285
     line = next(h for h in one_model_claims[0]["measured_headline"] if h["metric"] == "MMLU")
     assert line["verdict"] == C.UNRESOLVED
     assert line["parts"][0]["n_needed"] == need
     assert f"about {need:,} would resolve it" in line["text"] and "285 questions" in line["text"]
 
 
-def test_a_straddling_dppl_gives_the_tokens_that_would_resolve_it() -> None:
+def test_a_straddling_dppl_gives_the_chunks_that_would_resolve_it() -> None:
     recs = (_variant("m", "llama.cpp", "F16", 1e9, base=True)
             + _variant("m", "llama.cpp", "Q8_0", 1e9, ln_ratio=math.log(1.0045), ln_err=0.001,
                        kld=0.001))
     rows = variant_rows(recs)
     c1 = C.check_claims(rows)[0]
     iv = C.measured_ppl(next(r for r in rows if r["quant"] == "Q8_0"))
-    assert iv.lo < C.LOSSLESS_PPL_PCT < iv.hi and iv.n == 8192
+    assert iv.lo < C.LOSSLESS_PPL_PCT < iv.hi and iv.n == 32 and iv.n_unit == "chunks"
     line = next(h for h in c1["measured_headline"] if h["metric"] == "ΔPPL")
     assert line["verdict"] == C.UNRESOLVED
-    assert line["parts"][0]["n_needed"] == n_to_resolve(iv.n, iv.se, iv.point,
-                                                        C.LOSSLESS_PPL_PCT)
-    assert "8,192 tokens" in line["text"]
+    assert line["parts"][0]["n_needed"] == _need_80(32, iv.se, iv.point, C.LOSSLESS_PPL_PCT)
+    assert "32 chunks" in line["text"]
+
+
+def test_a_sample_beyond_the_text_cannot_resolve_the_claim() -> None:
+    """A +0.49 % loss against a 0.5 % threshold needs more chunks than wikitext-2 holds."""
+    recs = (_variant("m", "llama.cpp", "F16", 1e9, base=True)
+            + _variant("m", "llama.cpp", "Q8_0", 1e9, ln_ratio=math.log(1.0049), ln_err=0.001,
+                       kld=0.001))
+    c1 = C.check_claims(variant_rows(recs))[0]
+    [ev] = [e for e in c1["measured"] if e["metric"] == "ΔPPL"]
+    assert ev["verdict"] == C.UNRESOLVED
+    assert "cannot be resolved with this dataset" in ev["detail"] and "585 available" in ev["detail"]
 
 
 def test_a_dequantized_base_caveat_reaches_every_verdict(tmp_path: Path) -> None:
@@ -352,12 +382,9 @@ def _two_sizes(small_loss: float, large_loss: float) -> list[dict]:
                                     values={"n_params": {"value": params},
                                             "bpw": {"value": 16 if base else 4.9},
                                             "file_size_mb": {"value": params / 2 ** 20}}))
-            recs.append(make_record(model, "llama.cpp", quant, "perplexity", is_base=base,
-                                    values={"ppl": {"value": 10 * math.exp(ln),
-                                                    "stderr": 0.05}}))
+            recs.append(_ppl_record(model, "llama.cpp", quant, base, ln, 0.0005))
             if not base:
                 recs.append(make_record(model, "llama.cpp", quant, "kld", values={
-                    "ln_ppl_ratio": {"value": ln, "stderr": 0.0005},
                     "kld_mean": {"value": ln, "stderr": 0.0005}}))
     return recs
 

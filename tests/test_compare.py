@@ -402,8 +402,10 @@ def test_cli_prints_each_value_with_its_test(base: list[dict], tmp_path: Path,
     capsys.readouterr()
     assert main(["compare", str(a), str(b)]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    for text in ("95 % interval", "Welch", "McNemar", "REGRESSION", "1 regression(s)"):
-        assert text in err
+    for text in ("interval", "Welch", "McNemar", "REGRESSION", "1 regression(s)",
+                 "simultaneous intervals at 90 % each", "family-wise false-alarm rate 0.05",
+                 "detects (80 %)"):
+        assert text in err, text
 
 
 def test_cli_only_restricts_both_sides(base: list[dict], tmp_path: Path) -> None:

@@ -3,14 +3,15 @@ and verdicts - from this run's measurements and, separately, from published tabl
 
 Rules (design.md §2 "Decisions"):
 
-- **Intervals, not points.** Measured numbers: the paired 95 % ΔPPL interval where the table has
-  one (``dppl_ci_low``/``dppl_ci_high``), else value ± 2 standard errors; MMLU through the paired
-  test against the base (exact McNemar p, 95 % Newcombe CI). Published numbers: their stated ±
+- **Intervals, not points.** Measured numbers: the one judge's 95 % intervals
+  (:mod:`qbench.results.judge`, the gate's and the recommendation's too): ΔPPL by t on the
+  per-chunk ln PPL ratio, mean KLD by t over its chunks, MMLU through the paired test against
+  the base (exact McNemar p, Newcombe CI); a base at chance "cannot discriminate on this model". Published numbers: their stated ±
   (× 2), else the rounding of the printed value (6.6 means 6.55-6.65); a published accuracy also
   carries its test set's binomial sampling error, unpaired (± 2 SE; :mod:`qbench.report.published`).
 - An interval entirely on one side of a threshold decides. One that straddles it is
   "indistinguishable at this sample size", with the sample size (tokens, questions) that would
-  resolve it (:func:`qbench.results.stats.n_to_resolve`); for a published table it is "not resolved at
+  resolve it at 80 % power (:meth:`qbench.results.judge.Judgement.to_resolve`); for a published table it is "not resolved at
   the published precision". "Not enough data" means there is no number at all.
 - **A claim is judged on the metric it is stated in.** A loss stated in percent ("~2 %",
   "2–3 %") is a task-accuracy loss: relative accuracy decides; ΔPPL is shown beside it and does
@@ -32,14 +33,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from qbench.metrics import known_metric_info
 from qbench.report import published as pubdata
-from qbench.results.stats import Z95, n_to_resolve
+from qbench.results.judge import Judgement, estimate
 
 SUPPORTED, CONTRADICTED, NED = "supported", "contradicted", "not enough data"
 UNRESOLVED = "indistinguishable at this sample size"       # measured interval straddles
 UNRESOLVED_PUB = "not resolved at the published precision"  # published interval straddles
 SPLIT = "split"                                             # a headline whose methods disagree
-VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, UNRESOLVED_PUB, NED)
+CANNOT = "cannot discriminate on this model"                # a base at chance: no signal
+VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, UNRESOLVED_PUB, NED, CANNOT)
 
 # thresholds (stated in the report)
 SIGMA = 2.0                   # measured intervals without a CI: value ± 2 standard errors
@@ -54,8 +57,12 @@ SIZE_CLASSES = {"8B": (5e9, 12e9), "70B": (45e9, 110e9)}   # parameter ranges fo
 ACC = "accuracy"              # the metric name of a relative task-accuracy drop
 
 THRESHOLDS_TEXT = [
-    f"Measured intervals are the paired 95 % interval where there is one, else value ± {SIGMA:g} "
-    "standard errors; published ones use the table's ± (× 2) or the rounding of the printed "
+    "Measured intervals are the one judge's 95 % intervals (the regression gate's and the "
+    "recommendation's too): ΔPPL a t interval on the per-chunk ln PPL ratio against the base, "
+    "mean KLD a t interval over its chunks, the MMLU drop Newcombe's paired interval with an "
+    f"exact McNemar test on the flipped questions; else value ± {SIGMA:g} "
+    "standard errors. A base at chance on MMLU (its interval includes 25 %) or answering one "
+    f"letter to 60 % of the questions “{CANNOT}”: neither a pass nor a loss. Published ones use the table's ± (× 2) or the rounding of the printed "
     "value (6.6 means 6.55–6.65). A published accuracy also carries its test set's sampling "
     "error: a binomial standard error per benchmark from its number of items (MMLU 14,042, "
     "GSM8K 1,319, IFEval 541, …; each count cited in the sources), an average's error from its "
@@ -73,7 +80,7 @@ THRESHOLDS_TEXT = [
     "“~70B” is 45–110 B.",
     "An interval entirely inside the condition supports it, entirely outside contradicts it; one "
     f"that straddles the threshold is “{UNRESOLVED}” (with the number of tokens or questions "
-    f"that would resolve it) or, for a published table, “{UNRESOLVED_PUB}”. “{NED}”: no number.",
+    f"that would resolve it at 80 % power, or “cannot be resolved with this dataset”) or, for a published table, “{UNRESOLVED_PUB}”. “{NED}”: no number.",
     "Verdicts are per method (variant); where methods disagree the headline names each.",
 ]
 
@@ -91,6 +98,8 @@ class Interval:
     n: int | None = None
     n_unit: str = ""
     published: bool = False
+    judged: Judgement | None = None   # the judge's comparison behind a measured interval
+    scale: float = 1.0                # this interval's unit per the judgement's unit
 
     @classmethod
     def around(cls, value: float, err: float | None, how: str = "", **kw: Any) -> Interval:
@@ -151,7 +160,7 @@ def combine(verdicts: list[str]) -> str:
         return CONTRADICTED
     if all(v == SUPPORTED for v in verdicts):
         return SUPPORTED
-    for v in (UNRESOLVED, UNRESOLVED_PUB):
+    for v in (UNRESOLVED, UNRESOLVED_PUB, CANNOT):
         if v in verdicts:
             return v
     return NED
@@ -174,12 +183,20 @@ class Rule:
                 else f"claimed ~{self.x:g} % (matches {self.x / 2:g} … {2 * self.x:g} %)")
 
 
+def _resolutions(iv: Interval, thresholds: Iterable[float]) -> list[dict[str, Any]]:
+    """The judge's answer, per straddled threshold, to "what sample would resolve it" (80 %
+    power, two significant figures, capped by what the input holds)."""
+    if iv.judged is None:
+        return []
+    return [iv.judged.to_resolve(t / iv.scale) for t in thresholds if iv.lo <= t <= iv.hi]
+
+
 def needed_n(iv: Interval | None, thresholds: Iterable[float]) -> int | None:
     """Sample size (in ``iv.n_unit``) at which the interval would no longer straddle any of the
-    thresholds it straddles now (the largest of them); None when unknown."""
-    if iv is None or iv.published or not iv.se or not iv.n:
+    thresholds it straddles now (the largest of them, at 80 % power); None when unknown."""
+    if iv is None or iv.published or not iv.n:
         return None
-    need = [n_to_resolve(iv.n, iv.se, iv.point, t) for t in thresholds if iv.lo <= t <= iv.hi]
+    need = [r["n"] for r in _resolutions(iv, thresholds)]
     known = [k for k in need if k is not None]
     return max(known) if known and len(known) == len(need) else None
 
@@ -192,11 +209,15 @@ def _resolve_note(iv: Interval | None, thresholds: Iterable[float]) -> tuple[str
     if not thr:
         return "", None
     n = needed_n(iv, thr)
+    res = _resolutions(iv, thr)
+    if n is not None and any(r["resolvable"] is False for r in res):
+        worst = max((r for r in res if r["n"]), key=lambda r: r["n"])
+        return f"; {worst['text']}", n
     if n is None:
         return (f"; interval straddles the threshold (n = {iv.n:,} {iv.n_unit}; the size that "
                 "would resolve it is unknown)" if iv.n else
                 "; interval straddles the threshold (sample size unknown)"), None
-    return f"; about {n:,} {iv.n_unit} would resolve it (now {iv.n:,})", n
+    return f"; about {n:,} {iv.n_unit} would resolve it at 80 % power (now {iv.n:,})", n
 
 
 def size_class(n_params: float | None) -> str | None:
@@ -216,55 +237,59 @@ def _cell_details(row: dict[str, Any], metric: str) -> dict[str, Any]:
 
 
 def measured_ppl(row: dict[str, Any]) -> Interval | None:
-    """ΔPPL % with its 95 % interval: the table's paired interval when it has one, else ± 2 SE."""
-    if row.get("dppl_pct") is None or row.get("is_base"):
+    """ΔPPL % with the judge's 95 % interval (t on the per-chunk ln PPL ratio)."""
+    j: Judgement | None = row.get("dppl_judged")
+    if row.get("is_base") or j is None or j.change is None:
         return None
-    n = row.get("dppl_n") or _cell_details(row, "perplexity").get("scored_tokens")
-    lo, hi = row.get("dppl_ci_low"), row.get("dppl_ci_high")
-    if lo is not None and hi is not None:
-        # the table's standard error when it has one (a t interval is wider than ± Z95·SE)
-        se = row.get("dppl_err") or (hi - lo) / (2 * Z95) or None
-        return Interval(lo, hi, row["dppl_pct"],
-                        row.get("dppl_paired") or "paired 95 % interval", se=se, n=n,
-                        n_unit="tokens")
-    return Interval.around(row["dppl_pct"], row.get("dppl_err"), row.get("dppl_how") or "",
-                           n=n, n_unit="tokens")
+    if j.low is None or j.high is None:
+        return Interval.around(j.change, None, j.method, n=j.n, n_unit=j.n_unit, judged=j)
+    return Interval(j.low, j.high, j.change, f"chunk-paired t, {j.n} chunks", se=j.se, n=j.n,
+                    n_unit=j.n_unit, judged=j)
 
 
 def measured_kld(row: dict[str, Any]) -> Interval | None:
-    if row.get("kld") is None:
+    """Mean KLD (nats) with the judge's 95 % interval over its chunks."""
+    cell = (row.get("cells") or {}).get("kld")
+    info = known_metric_info("kld")
+    spec = info.value_spec("kld_mean") if info else None
+    if row.get("kld") is None or not cell or cell.get("status") != "ok" or spec is None:
         return None
-    return Interval.around(row["kld"], row.get("kld_err"), "mean KLD",
-                           n=_cell_details(row, "kld").get("scored_tokens"), n_unit="tokens")
+    j = estimate("kld", spec, cell)
+    if j.low is None or j.high is None:
+        return Interval.around(row["kld"], row.get("kld_err"), "mean KLD")
+    return Interval(j.low, j.high, j.change or 0.0, f"mean KLD, {j.method}", se=j.se, n=j.n,
+                    n_unit=j.n_unit, judged=j)
 
 
 def measured_mmlu_drop_pts(row: dict[str, Any]) -> Interval | None:
-    """Accuracy drop vs the base in points with the paired 95 % CI (positive = worse)."""
+    """Accuracy drop vs the base in points with the judge's paired 95 % interval (positive =
+    worse); None when the base cannot discriminate (a model at chance)."""
+    j: Judgement | None = (row.get("judged") or {}).get("mmlu.acc")
     p = row.get("mmlu_paired")
-    if not p:
+    if not p or j is None or j.change is None or row.get("mmlu_fitness"):
         return None
-    return Interval(-100 * p["ci_high"], -100 * p["ci_low"], -100 * p["diff"],
-                    f"paired, McNemar p = {p['p_value']:.3g}",
-                    se=100 * (p["ci_high"] - p["ci_low"]) / (2 * Z95) or None,
-                    n=p.get("n"), n_unit="questions")
+    return Interval(-j.high, -j.low, -j.change, f"paired, McNemar p = {p['p_value']:.3g}",
+                    se=j.se, n=j.n, n_unit="questions", judged=j)
 
 
 def measured_mmlu_drop_rel(row: dict[str, Any]) -> Interval | None:
     """The same drop relative to the base's accuracy, in %."""
     p = row.get("mmlu_paired")
-    if not p or not p.get("acc_base"):
+    pts = measured_mmlu_drop_pts(row)
+    if not p or not p.get("acc_base") or pts is None:
         return None
     b = 100 * p["acc_base"]
-    pts = measured_mmlu_drop_pts(row)
-    assert pts is not None
     return Interval(100 * pts.lo / b, 100 * pts.hi / b, 100 * pts.point / b, pts.how,
-                    se=100 * pts.se / b if pts.se else None, n=pts.n, n_unit="questions")
+                    se=100 * pts.se / b if pts.se else None, n=pts.n, n_unit="questions",
+                    judged=pts.judged, scale=100 / b)
 
 
 def mmlu_lossless(row: dict[str, Any]) -> str:
     p = row.get("mmlu_paired")
     if not p:
         return NED
+    if row.get("mmlu_fitness"):
+        return CANNOT
     if p["significant"] and p["diff"] < 0:
         return CONTRADICTED
     iv = measured_mmlu_drop_pts(row)
@@ -322,15 +347,19 @@ def _lossless_measured(rows: list[dict[str, Any]], by_label: dict[str, dict[str,
             out.append(_ev("measured", "ΔPPL", r["label"], at_most(ppl, LOSSLESS_PPL_PCT),
                            f"ΔPPL {ppl.text()} ({ppl.how}); threshold ≤ {LOSSLESS_PPL_PCT} %"
                            + note, group=g, caveats=cav, n_needed=n, n_now=ppl.n,
-                           n_unit="tokens"))
+                           n_unit=ppl.n_unit))
         kld = measured_kld(r)
         if kld:
             note, n = _resolve_note(kld, (LOSSLESS_KLD,))
             out.append(_ev("measured", "KLD", r["label"], at_most(kld, LOSSLESS_KLD),
                            f"mean KLD {kld.point:.5f} [{kld.lo:.5f}, {kld.hi:.5f}] nats; "
                            f"threshold ≤ {LOSSLESS_KLD}" + note, group=g, caveats=cav,
-                           n_needed=n, n_now=kld.n, n_unit="tokens"))
-        if r.get("mmlu_paired"):
+                           n_needed=n, n_now=kld.n, n_unit=kld.n_unit))
+        if r.get("mmlu_paired") and r.get("mmlu_fitness"):
+            out.append(_ev("measured", "MMLU", r["label"], CANNOT,
+                           f"the base {r['mmlu_fitness']}: MMLU on this model measures letter "
+                           "bias, not knowledge, and decides nothing", group=g, caveats=cav))
+        elif r.get("mmlu_paired"):
             d = measured_mmlu_drop_pts(r)
             assert d is not None
             v = mmlu_lossless(r)
@@ -361,7 +390,11 @@ def _loss_measured(rows: list[dict[str, Any]], rule: Rule, what: str,
     for r in rows:
         g, cav = method_label(r), base_caveats(r, by_label)
         acc = measured_mmlu_drop_rel(r)
-        if acc:
+        if r.get("mmlu_paired") and r.get("mmlu_fitness"):
+            out.append(_ev("measured", ACC, r["label"], CANNOT,
+                           f"the base {r['mmlu_fitness']}: MMLU on this model measures letter "
+                           "bias, not knowledge", group=g, caveats=cav))
+        elif acc:
             note, n = _resolve_note(acc, rule.thresholds())
             out.append(_ev("measured", ACC, r["label"], rule.judge(acc),
                            f"relative MMLU drop {acc.text()} (paired 95 % CI); {what}" + note,
@@ -963,12 +996,13 @@ def _compare_n(ia: Interval, ib: Interval) -> tuple[int | None, str]:
     straddle zero (their errors combined as independent: an overestimate)."""
     if not (ia.se and ib.se and ia.n and ib.n) or not (ib.lo <= ia.hi and ia.lo <= ib.hi):
         return None, ""
-    diff = Interval(0, 0, ib.point - ia.point, se=math.hypot(ia.se, ib.se),
-                    n=min(ia.n, ib.n), n_unit=ia.n_unit)
-    n = n_to_resolve(diff.n or 0, diff.se or 0, diff.point, 0.0)
-    if n is None:
+    diff = Judgement("claim 3", "loss difference", False, None, None, "%",
+                     change=ib.point - ia.point, se=math.hypot(ia.se, ib.se),
+                     n=min(ia.n, ib.n), n_unit=ia.n_unit)
+    res = diff.to_resolve(0.0)
+    if res["n"] is None:
         return None, ""
-    return n, f"; about {n:,} {ia.n_unit} would resolve it (now {diff.n:,})"
+    return res["n"], f"; {res['text']}"
 
 
 def _claim4(variants: list[dict[str, Any]], rows: list[dict[str, Any]],

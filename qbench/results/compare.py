@@ -134,6 +134,11 @@ class Comparison:
 
     @property
     def exit_code(self) -> int:
+        """4 first when the runs as a whole do not match (no suite or model in common: their
+        'missing' cells say nothing about the code), then 2 on a regression, 4 on any value
+        not compared, 0 when values were compared and none regressed."""
+        if self.not_comparable:
+            return EXIT_NOT_COMPARABLE
         if self.failed:
             return EXIT_REGRESSION
         if self.not_comparable or self.incomparable or not self.compared:
@@ -557,8 +562,8 @@ def _print_cells(cmp: Comparison, console: Any) -> None:
                   f"{cmp.tolerances.alpha:g})")
     code = cmp.exit_code
     n = len(cmp.regressions) + len(cmp.newly_failing) + len(cmp.missing)
-    if code == EXIT_REGRESSION:
-        console.print(f"[red]{n} regression(s)[/red] (exit {code})")
+    if n:
+        console.print(f"[red]{n} regression(s)[/red]" + (f" (exit {code})" if code == 2 else ""))
     if cmp.reasons_not_comparable():
         head = "[red]NOT COMPARABLE[/red]" if code == EXIT_NOT_COMPARABLE else "also not comparable"
         console.print(f"{head} (exit {EXIT_NOT_COMPARABLE} unless a regression): "

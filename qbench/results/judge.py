@@ -269,6 +269,41 @@ def same_data(spec: Value, reference: Mapping[str, Any], candidate: Mapping[str,
     return spec.pairing.values_of(rd) == spec.pairing.values_of(cd)
 
 
+def estimate(metric: str, spec: Value, record: Mapping[str, Any], *, level: float = LEVEL
+             ) -> Judgement:
+    """One record's own value with its interval (not a change): a t interval over its
+    per-item data where the value declares a pairing (chunks: t, as every paired comparison),
+    else the stored standard error (normal). ``change`` holds the value, in its own unit."""
+    v = stored(record, spec.name)
+    x = number(v.get("value")) if v else None
+    j = Judgement(metric, spec.name, spec.higher_is_better, None, x,
+                  str((v or {}).get("unit") or "value"), level=level, own_unit=str(
+                      (v or {}).get("unit") or ""))
+    if x is None:
+        return _not(j, f"{spec.name} {_unusable(spec, v, x) or 'is missing'}")
+    j.change = x
+    items = spec.pairing.values_of(record.get("details") or {}) if spec.pairing else None
+    finite = [y for y in (number(i) for i in items or ()) if y is not None]
+    if spec.pairing is not None and len(finite) >= 2 and len(finite) == len(items or ()):
+        p = stats.paired_mean_diff(finite)
+        q = float(sps.t.ppf(1 - (1 - level) / 2, p["df"]))
+        j.n, j.df, j.n_unit, j.se = p["n"], p["df"], spec.pairing.unit, p["se"]
+        j.low, j.high = x - q * p["se"], x + q * p["se"]
+        j.method = f"t over {p['n']} {spec.pairing.unit}"
+        if spec.pairing.available is not None:
+            j.available = spec.pairing.available(record)
+        return j
+    err = number((v or {}).get("stderr"))
+    if err:
+        q = float(sps.norm.ppf(1 - (1 - level) / 2))
+        j.low, j.high, j.se = x - q * err, x + q * err, err
+        j.n = int(number((v or {}).get("n")) or 0) or None
+        j.method = "normal interval from the stored error"
+    else:
+        j.method = "no error stored"
+    return j
+
+
 def _not(j: Judgement, reason: str) -> Judgement:
     j.comparable = False
     j.reason = reason

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qbench import __version__
+from qbench.version import __version__
 from qbench.errors import QbenchError
 from qbench.host.cache import KINDS as CACHE_KINDS
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qbench"
 
 # bottom to top; the README's "Layout" section lists the same order
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("qbench.errors", "qbench.options"),   # foundations every layer uses
+    ("qbench.errors", "qbench.options", "qbench.version"),   # foundations every layer uses
     ("qbench.host",),      # the machine and its files: environment, cache folders, plugins
     ("qbench.inputs",),    # what cells read: model sources, datasets, MMLU questions
     ("qbench.quantize",),  # making variants: GGUF quantization, imatrix, transformers recipes
@@ -82,10 +82,10 @@ def test_every_module_is_in_a_layer() -> None:
 
 
 def test_no_upward_imports() -> None:
-    """A module imports only its own layer and those below (``qbench`` itself, for
-    ``__version__``, is allowed everywhere)."""
+    """A module imports only its own layer and those below (``__version__`` lives in
+    qbench.version, a foundation: nothing imports the package's face from below)."""
     upward = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets
-                    if t != "qbench" and _layer(t) > _layer(m))
+                    if _layer(t) > _layer(m))
     assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
 
 
@@ -148,7 +148,7 @@ def test_layer_folders_exist_and_say_what_they_hold(folder: str) -> None:
 def test_top_level_modules_are_few() -> None:
     """The flow shows in folders, not in a flat list of helpers."""
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__.py", "cli.py", "errors.py", "options.py"]
+    assert top == ["__init__.py", "cli.py", "errors.py", "options.py", "version.py"]
 
 
 def test_a_run_without_report_never_imports_plotly(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ class LoadOptions:
     n_ubatch: int = 512
     n_gpu_layers: int = -1     # -1: all (only when on a GPU)
     seed: int = 0
+    kv_cache: str = ""         # KV-cache type ("": the backend's default; llama.cpp: f16)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from qbench.host.cores import physical_cores
 from qbench.errors import QbenchError
 from qbench.backends.base import LoadOptions
 from qbench.quantize.gguf_types import KV_CACHE_TYPES, KV_DEFAULT
@@ -23,14 +24,6 @@ from qbench.quantize.gguf_types import KV_CACHE_TYPES, KV_DEFAULT
 import llama_cpp  # noqa: E402  (this module is only imported when a llama.cpp cell runs)
 
 _BACKEND_READY = False
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def gpu_available() -> bool:
@@ -72,7 +65,7 @@ class LlamaCppBackend:
         self.n_batch = opts.n_batch
         self.n_ubatch = opts.n_ubatch
         # KV-cache type (type_k = type_v); a quantized V cache needs flash attention
-        self.kv_cache = str(opts.extra.get("kv_cache") or KV_DEFAULT)
+        self.kv_cache = opts.kv_cache or KV_DEFAULT
         if self.kv_cache not in KV_CACHE_TYPES:
             raise QbenchError(f"unknown KV-cache type {self.kv_cache!r}")
         self.flash_attn = self.kv_cache not in ("f16", "f32", "bf16")

@@ -32,21 +32,13 @@ import torch  # noqa: E402  (only imported when a transformers cell runs)
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qbench.host.cores import physical_cores
 from qbench.errors import QbenchError
 from qbench.quantize.hf import Unsupported, read_descriptor, version_of
 from qbench.backends.base import LoadOptions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NEEDS_GPU = re.compile(r"\b(cuda|gpu|accelerator|nvidia|triton|xpu)\b", re.I)
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-        return psutil.cpu_count(logical=False) or 1
-    except ImportError:
-        import os
-        return os.cpu_count() or 1
 
 
 def gpu_available() -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from qbench import __version__
+from qbench.version import __version__
 
 FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16",
                      "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "neon", "sve")

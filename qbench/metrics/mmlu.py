@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,6 @@ def cannot_discriminate(record: Mapping[str, Any]) -> str | None:
     (its 95 % Wilson interval includes 25 %) or answering one letter to >= 60 % of the
     questions measures letter bias, not knowledge - a change there is neither a pass nor a
     loss."""
-    from scipy.stats import binomtest
-
     d = record.get("details") or {}
     correct = d.get("correct") or []
     n = len(correct)
@@ -65,11 +64,20 @@ def cannot_discriminate(record: Mapping[str, Any]) -> str | None:
         letter, k = Counter(predicted).most_common(1)[0]
         if k >= ONE_LETTER_SHARE * len(predicted):
             reasons.append(f"it answers {letter} to {k} of {len(predicted)} questions")
-    ci = binomtest(int(sum(correct)), n).proportion_ci(0.95, method="wilson")
-    if ci.low <= CHANCE <= ci.high:
+    low, high = _wilson(int(sum(correct)), n)
+    if low <= CHANCE <= high:
         reasons.append(f"its accuracy {100 * sum(correct) / n:.1f} % is at chance (95 % "
-                       f"interval {100 * ci.low:.1f}-{100 * ci.high:.1f} % includes 25 %)")
+                       f"interval {100 * low:.1f}-{100 * high:.1f} % includes 25 %)")
     return "; ".join(reasons) or None
+
+
+@cache
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """95 % Wilson interval of k successes in n (scipy's; cached: every comparison asks)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def _questions_available(record: Mapping[str, Any]) -> int | None:

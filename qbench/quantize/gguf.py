@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qbench.host.cores import physical_cores
 from qbench.errors import QbenchError, SourceError
 from qbench.host.cache import folder as cache_folder
 from qbench.host.cache import note_built
@@ -234,7 +235,7 @@ def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | No
     if imatrix is not None:
         from qbench.quantize.llama_tools import find_tool
         tool = find_tool("llama-quantize")
-        cmd = [tool, "--imatrix", str(imatrix), str(inp), str(out), ftype, str(threads or 1)]
+        cmd = [tool, "--imatrix", str(imatrix), str(inp), str(out), ftype, str(threads or physical_cores())]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise QbenchError(f"llama-quantize {ftype} failed (exit {proc.returncode}): "

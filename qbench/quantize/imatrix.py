@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qbench.host.cores import physical_cores
 from qbench.errors import QbenchError
 from qbench.host.cache import folder as cache_folder
 from qbench.host.cache import note_built
@@ -86,7 +87,7 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
         tmp = folder / f".imatrix.{os.getpid()}.tmp"
         cmd = [find_tool("llama-imatrix"), "-m", str(base.path), "-f", str(calib), "-o",
                str(tmp), "--chunks", str(chunks), "-c", str(IMATRIX_CTX),
-               "-t", str(threads or 1)]
+               "-t", str(threads or physical_cores())]
         log = folder / "llama-imatrix.log"   # follow it: the tool prints its progress
         print(f"computing the importance matrix: llama-imatrix on {chunks} x "
               f"{IMATRIX_CTX} tokens (progress in {log})", file=sys.stderr, flush=True)

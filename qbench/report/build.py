@@ -17,7 +17,7 @@ import plotly.io as pio
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from qbench import __version__
+from qbench.version import __version__
 from qbench.host.fsutil import atomic_write_text
 from qbench.metrics import known_metric_info, metric_names
 from qbench.report import claims as claims_mod

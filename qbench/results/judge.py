@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from scipy import stats as sps
@@ -43,6 +44,14 @@ from qbench.metrics import LOG, NONE, POINTS, RELATIVE, REPETITIONS, Value
 from qbench.results import stats
 
 LEVEL = 0.95      # a single comparison's interval
+
+
+@cache
+def tq(p: float, df: int | None) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (None: the normal);
+    cached - the gate asks for the same few thousands of times."""
+    return float(sps.t.ppf(p, df)) if df else float(sps.norm.ppf(p))
+
 POWER = 0.80      # "would catch" and "would resolve" are at this power
 BEYOND, WITHIN, ACROSS = "beyond", "within", "across"
 
@@ -132,11 +141,10 @@ class Judgement:
 
     def quantile(self, level: float | None = None) -> float:
         """Two-sided quantile of this judgement's interval (t with ``df``, else normal)."""
-        p = 1 - (1 - (level or self.level)) / 2
-        return float(sps.t.ppf(p, self.df)) if self.df else float(sps.norm.ppf(p))
+        return tq(1 - (1 - (level or self.level)) / 2, self.df)
 
     def power_quantile(self, power: float = POWER) -> float:
-        return float(sps.t.ppf(power, self.df)) if self.df else float(sps.norm.ppf(power))
+        return tq(power, self.df)
 
     def detectable(self, tolerance: float, *, se: float | None = None,
                    power: float = POWER) -> float | None:
@@ -159,7 +167,7 @@ class Judgement:
         if gap == 0:
             return out | {"resolvable": False,
                           "text": "the point sits on the threshold: no sample resolves it"}
-        z = float(sps.norm.ppf(1 - (1 - self.level) / 2)) + float(sps.norm.ppf(power))
+        z = tq(1 - (1 - self.level) / 2, None) + tq(power, None)
         need = self.n * (z * self.se / gap) ** 2
         n = sig2(max(need, self.n + 1))
         size = f" (about {sig2(n * self.item_size):,} tokens)" if self.item_size else ""
@@ -286,7 +294,7 @@ def estimate(metric: str, spec: Value, record: Mapping[str, Any], *, level: floa
     finite = [y for y in (number(i) for i in items or ()) if y is not None]
     if spec.pairing is not None and len(finite) >= 2 and len(finite) == len(items or ()):
         p = stats.paired_mean_diff(finite)
-        q = float(sps.t.ppf(1 - (1 - level) / 2, p["df"]))
+        q = tq(1 - (1 - level) / 2, p["df"])
         j.n, j.df, j.n_unit, j.se = p["n"], p["df"], spec.pairing.unit, p["se"]
         j.low, j.high = x - q * p["se"], x + q * p["se"]
         j.method = f"t over {p['n']} {spec.pairing.unit}"
@@ -295,7 +303,7 @@ def estimate(metric: str, spec: Value, record: Mapping[str, Any], *, level: floa
         return j
     err = number((v or {}).get("stderr"))
     if err:
-        q = float(sps.norm.ppf(1 - (1 - level) / 2))
+        q = tq(1 - (1 - level) / 2, None)
         j.low, j.high, j.se = x - q * err, x + q * err, err
         j.n = int(number((v or {}).get("n")) or 0) or None
         j.method = "normal interval from the stored error"
@@ -352,7 +360,7 @@ def _from_diffs(j: Judgement, spec: Value, diffs: Sequence[float], ref_mean: flo
         j.method = method + " (one item: no interval)"
         j.change = _map(j, spec, p["mean"], ref_mean)
         return j
-    q = float(sps.t.ppf(1 - (1 - j.level) / 2, p["df"]))
+    q = tq(1 - (1 - j.level) / 2, p["df"])
     j.change = _map(j, spec, p["mean"], ref_mean)
     j.low = _map(j, spec, p["mean"] - q * p["se"], ref_mean)
     j.high = _map(j, spec, p["mean"] + q * p["se"], ref_mean)
@@ -453,7 +461,7 @@ def _paired(j: Judgement, spec: Value, reference: Mapping[str, Any],
 def _flips(j: Judgement, spec: Value, ri: Sequence[Any], ci: Sequence[Any]) -> Judgement:
     """Exact McNemar on the flipped items, Newcombe's paired interval at the level."""
     p = stats.paired_accuracy(ri, ci)
-    z = float(sps.norm.ppf(1 - (1 - j.level) / 2))
+    z = tq(1 - (1 - j.level) / 2, None)
     both = sum(1 for a, b in zip(ri, ci) if a and b)
     neither = sum(1 for a, b in zip(ri, ci) if not a and not b)
     lo, hi = stats.newcombe_paired_ci(both, p["flips_gained"], p["flips_lost"], neither, z)
@@ -509,7 +517,7 @@ def _repetitions(j: Judgement, spec: Value, rv: Mapping[str, Any], cv: Mapping[s
         return j
     denom = sum((v / n) ** 2 / (n - 1) for v, n in ((vb, nb), (vc, nc)) if n > 1)
     j.df = max(1, int(se2 ** 2 / denom)) if denom > 0 else 1
-    q = float(sps.t.ppf(1 - (1 - j.level) / 2, j.df))
+    q = tq(1 - (1 - j.level) / 2, j.df)
     half = q * math.sqrt(se2)
     j.low, j.high = 100.0 * math.expm1(diff - half), 100.0 * math.expm1(diff + half)
     j.se = 100.0 * math.exp(diff) * math.sqrt(se2)
@@ -529,7 +537,7 @@ def _unpaired(j: Judgement, spec: Value, rv: Mapping[str, Any], cv: Mapping[str,
         se = math.hypot(eb / rx, ec / cx)
         j.change = 100.0 * math.expm1(diff)
         if se > 0:
-            q = float(sps.norm.ppf(1 - (1 - j.level) / 2))
+            q = tq(1 - (1 - j.level) / 2, None)
             j.low, j.high = 100.0 * math.expm1(diff - q * se), 100.0 * math.expm1(diff + q * se)
             j.se = 100.0 * math.exp(diff) * se
     else:
@@ -537,7 +545,7 @@ def _unpaired(j: Judgement, spec: Value, rv: Mapping[str, Any], cv: Mapping[str,
         j.change = (cx - rx) * k
         se = math.hypot(eb, ec) * k
         if se > 0:
-            q = float(sps.norm.ppf(1 - (1 - j.level) / 2))
+            q = tq(1 - (1 - j.level) / 2, None)
             j.low, j.high, j.se = j.change - q * se, j.change + q * se, se
     j.method = ("unpaired normal interval from the stored errors (conservative)" if j.se
                 else "no stored error: the tolerance alone")

@@ -24,7 +24,7 @@ class Job:
     cache_dir: str
     data_dir: str | None = None
     device: str = "auto"                 # the suite's setting (auto | cpu | cuda)
-    threads: int = 0                     # 0: physical cores
+    threads: int = 0                     # as the plan resolved it (0 only from old jobs)
     base_variant: dict[str, Any] | None = None   # the model's base, for metrics that compare
     # metrics this cell serves in its own pass (perplexity -> kld): options and the key of the
     # cell that will read the result (see qbench.metrics.shared_pass)

@@ -69,7 +69,7 @@ def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> Job:
     base = cell.base_variant
     return Job(cell=cell.describe(), base_dir=str(ctx.base_dir), cache_dir=str(ctx.cache_dir),
                data_dir=str(ctx.data_dir) if ctx.data_dir else None,
-               device=suite.defaults.device, threads=suite.defaults.threads,
+               device=suite.defaults.device, threads=int(cell.run["threads"]),
                base_variant=dataclasses.asdict(base) | {"is_base": True} if base else None,
                companions=cell.companions)
 

@@ -40,6 +40,7 @@ from qbench.run.control import WorkerEnd
 from qbench.run.faults import inject
 from qbench.run.job import Job
 from qbench.run.session import Borrowed, Session, close_session, held, session_for
+from qbench.suite.config import variant_from_dict
 
 
 def metric_options(job: Job) -> Any:
@@ -138,10 +139,11 @@ def execute(job: Job) -> dict[str, Any]:
         def load() -> Any:
             backend_mod = backend_module(v["backend"])
             t = time.perf_counter()
-            extra = {"kv_cache": v["kv_cache"]} if v.get("kv_cache") else {}
+            spec = variant_from_dict(v, where=f"job of cell {job.cell_id}")
             backend = backend_mod.load(p, LoadOptions(
-                device=job.device, threads=threads, n_batch=v["batch"],
-                n_ubatch=v["ubatch"], n_gpu_layers=v["n_gpu_layers"], extra=extra))
+                device=job.device, threads=threads, n_batch=spec.batch,
+                n_ubatch=spec.ubatch, n_gpu_layers=spec.n_gpu_layers,
+                kv_cache=spec.kv_cache))
             timings.setdefault("load_s" if name == "variant" else "base_load_s",
                                round(time.perf_counter() - t, 3))
             return backend

@@ -6,14 +6,16 @@ unknown quant names, duplicate ids, missing local files. Errors name the file an
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from qbench.backends import backend_info, backend_names, known_backend_info
-from qbench.errors import ConfigError, did_you_mean
+from qbench.errors import ConfigError, QbenchError, did_you_mean
 from qbench.metrics import metric_module, metric_names, shared_pass
 from qbench.options import from_table, positive
 from qbench.suite.identity import quant_label
@@ -171,6 +173,24 @@ class ReportSpec:
                               "older name, also GiB)", file=file, key=f"{key}.memory_budget_gb")
         positive(self.max_loss_pct, file=file, key=f"{key}.max_loss_pct", allow_zero=True)
         positive(self.context_tokens, file=file, key=f"{key}.context_tokens")
+
+
+STORED_VARIANT_KEYS = ("is_base", "inputs")   # what a record adds to a VariantSpec
+
+
+def variant_from_dict(d: Mapping[str, Any], *, where: str) -> VariantSpec:
+    """A variant spec rebuilt from its stored form (a job's or a record's ``variant``) as
+    strictly as a job is read: a key this qbench does not know is an error, never dropped."""
+    known = {f.name: f for f in dataclasses.fields(VariantSpec)}
+    unknown = sorted(set(d) - set(known) - set(STORED_VARIANT_KEYS))
+    if unknown:
+        raise QbenchError(f"{where}: variant has keys this qbench does not know: "
+                          f"{', '.join(unknown)} (written by another version?)")
+    missing = [n for n in ("backend", "quant") if n not in d]
+    if missing:
+        raise QbenchError(f"{where}: variant lacks {', '.join(missing)}")
+    args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+    return VariantSpec(**args)
 
 
 @dataclass(frozen=True)

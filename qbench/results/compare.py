@@ -289,10 +289,10 @@ def _from_judgement(label: str, spec: Value, j: J.Judgement, tol: float, config:
     else:
         verdict, regression = "ok", False
         why = f"interval not wholly {side} {bound}" if where == J.ACROSS else ""
-    se = j.se if j.se else se_hint
+    se = se_hint or j.se    # the baseline's reference spread first: stable, see above
     det = j.detectable(tol_u, se=se) if se else None
-    det_how = ("" if det is None else "from these data" if j.se else
-               "error assumed from the baseline's own spread against its base")
+    det_how = ("" if det is None else "error of these data" if not se_hint else
+               "error of a change spread like the baseline variant's own vs its base")
     return Change(label, j.metric, spec.name, j.reference, j.candidate, j.change, j.low,
                   j.high, j.unit, tol_u, j.method, spec.higher_is_better, True, regression,
                   verdict, "; ".join(x for x in (why, *notes) if x), level=j.level,
@@ -324,28 +324,33 @@ def _base_of(by: dict[tuple[str, str], dict[str, Any]], rec: dict[str, Any]
     return None
 
 
-def _se_hint(by: dict[tuple[str, str], dict[str, Any]], rec: dict[str, Any], spec: Value,
-             level: float) -> float | None:
-    """An error for a change these data show none of (an identical rerun): the spread of the
-    baseline variant against its base (the spread a quantization change brings), else the
-    median of that over the model's other variants (for the base itself)."""
-    if spec.pairing is None:
-        return None
-    metric = rec["metric"]
-    base = _base_of(by, rec)
-
-    def se_of(r: dict[str, Any]) -> float | None:
-        if base is None or r is base:
-            return None
-        j = J.judge(metric, spec, base, r, level=level)
-        return j.se if j.comparable and j.se else None
-
-    own = se_of(rec)
-    if own:
-        return own
-    others = [s for r in by.values() if r["status"] == "ok" and r["metric"] == metric
-              and r["model"]["id"] == rec["model"]["id"] for s in [se_of(r)] if s]
-    return statistics.median(others) if others else None
+def reference_spreads(by: dict[tuple[str, str], dict[str, Any]]
+                      ) -> dict[tuple[str, str], float]:
+    """(cell label, value) -> the error a change of that value would have on these chunks or
+    questions: the paired error of the baseline variant against its base (the spread a real
+    change of the weights brings), the median of those over the model's variants for the base
+    itself. What 'the smallest change it would catch' assumes - more stable than the spread
+    of one rerun's differences (8 chunks give an sd good to +-25 %)."""
+    out: dict[tuple[str, str], float] = {}
+    groups: dict[tuple[str, str, str, str], list[float]] = {}
+    for key, rec in by.items():
+        if rec["status"] != "ok":
+            continue
+        base = _base_of(by, rec)
+        for spec in _gated_specs(rec["metric"]):
+            if spec.pairing is None or base is None or base is rec:
+                continue
+            j = J.judge(rec["metric"], spec, base, rec)
+            if j.comparable and j.se:
+                out[(_label(key), spec.name)] = j.se
+                groups.setdefault((rec["suite"], rec["model"]["id"], rec["metric"], spec.name),
+                                  []).append(j.se)
+    for key, rec in by.items():
+        for spec in _gated_specs(rec["metric"]):
+            got = groups.get((rec["suite"], rec["model"]["id"], rec["metric"], spec.name))
+            if spec.pairing is not None and got and (_label(key), spec.name) not in out:
+                out[(_label(key), spec.name)] = statistics.median(got)
+    return out
 
 
 def _renamed(b_by: dict[tuple[str, str], dict[str, Any]],
@@ -413,14 +418,15 @@ def compare_records(baseline: list[dict[str, Any]], candidate: list[dict[str, An
             pairs.append((label, b, c))
     out.family = family_size(pairs)
     level = family_level(tol.alpha, out.family)
+    spreads = reference_spreads(b_by)
     for label, b, c in pairs:
-        out.changes.extend(_compare_pair(label, b, c, tol, level, b_by))
+        out.changes.extend(_compare_pair(label, b, c, tol, level, spreads))
     out.env_differences = _env_differences(list(b_by.values()), list(c_by.values()))
     return out
 
 
 def _compare_pair(label: str, b: dict[str, Any], c: dict[str, Any], tol: Tolerances,
-                  level: float, b_by: dict[tuple[str, str], dict[str, Any]]) -> list[Change]:
+                  level: float, spreads: dict[tuple[str, str], float]) -> list[Change]:
     metric = b["metric"]
     config = config_differences(b, c)
     other_hw = _hardware_bound(metric) and not _same_hardware(b, c)
@@ -435,8 +441,7 @@ def _compare_pair(label: str, b: dict[str, Any], c: dict[str, Any], tol: Toleran
             out.append(ch)
             continue
         j = J.judge(metric, spec, b, c, level=level)
-        hint = _se_hint(b_by, b, spec, level) if j.comparable and not j.se else None
-        out.append(_from_judgement(label, spec, j, t, config, hint))
+        out.append(_from_judgement(label, spec, j, t, config, spreads.get((label, spec.name))))
     for spec in _reported_specs(metric):
         ch = _reported(label, metric, spec, b, c)
         if ch is not None:
@@ -504,7 +509,7 @@ def fmt_detectable(ch: Change) -> str:
         return "–" if not ch.gated or not ch.comparable else "unknown"
     sign = "-" if ch.higher_is_better else "+"
     return f"{sign}{ch.detectable:.2g} {ch.unit}" + (
-        " (assumed error)" if ch.detectable_how.startswith("error assumed") else "")
+        "" if ch.detectable_how == "error of these data" else " †")
 
 
 def _shown(cmp: Comparison) -> list[Change]:
@@ -560,6 +565,10 @@ def _print_cells(cmp: Comparison, console: Any) -> None:
                   f"intervals at {100 * family_level(cmp.tolerances.alpha, cmp.family):.4g} % "
                   f"each (Bonferroni over the changed values: family-wise false-alarm rate "
                   f"{cmp.tolerances.alpha:g})")
+    if any(c.detectable_how.startswith("error of a change") for c in cmp.changes):
+        console.print("detects (80 %): the smallest worsening the gate would catch with 80 % "
+                      "power at these intervals; † assuming a change spreads over the chunks or "
+                      "questions as the baseline variant's own difference from its base does")
     code = cmp.exit_code
     n = len(cmp.regressions) + len(cmp.newly_failing) + len(cmp.missing)
     if n:

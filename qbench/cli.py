@@ -141,7 +141,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     report = None
     if not args.no_report:   # the report (plotly, jinja2) is imported only when one is made
         from qbench.report.build import build_site
+        from qbench.results.runs import suite_notes
         pages = build_site(load_results([store.dir]), Path(args.report_dir),
+                           notes=suite_notes([store.dir]),
                            budget_gb=suite.report.budget_gib,
                            max_loss_pct=suite.report.max_loss_pct,
                            kv_ctx=suite.report.context_tokens)
@@ -187,8 +189,9 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     loss = args.max_loss_pct if args.max_loss_pct is not None else (
         report.max_loss_pct if report else None)
     ctx = args.context_tokens or (report.context_tokens if report else DEFAULT_KV_CTX)
+    from qbench.results.runs import suite_notes
     pages = build_site(records, Path(args.out), budget_gb=budget, max_loss_pct=loss,
-                       kv_ctx=ctx)
+                       kv_ctx=ctx, notes=suite_notes(Path(p) for p in args.results))
     for p in pages:
         console.print(f"wrote {p}")
     return EXIT_OK

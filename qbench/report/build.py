@@ -185,7 +185,8 @@ def _base_notes(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_suite(suite: str, records: list[dict[str, Any]], *, budget_gb: float | None = None,
-                 max_loss_pct: float | None = None, kv_ctx: int = DEFAULT_KV_CTX) -> str:
+                 max_loss_pct: float | None = None, kv_ctx: int = DEFAULT_KV_CTX,
+                 notes: dict[str, Any] | None = None) -> str:
     rows = variant_rows(records)
     claims = claims_mod.check_claims(rows)
     return _ENV.get_template("suite.html").render(
@@ -204,13 +205,15 @@ def render_suite(suite: str, records: list[dict[str, Any]], *, budget_gb: float 
         n_cells=len(records), n_variants=len(rows),
         n_failed=sum(r["status"] in FAILED for r in records),
         n_skipped=sum(r["status"] == "skipped" for r in records),
-        runs=sorted({str(r.get("run_id")) for r in records}))
+        runs=sorted({str(r.get("run_id")) for r in records}),
+        suite_notes=notes or {})
 
 
 def build_site(records: list[dict[str, Any]], out_dir: Path, *, budget_gb: float | None = None,
-               max_loss_pct: float | None = None, kv_ctx: int = DEFAULT_KV_CTX) -> list[Path]:
+               max_loss_pct: float | None = None, kv_ctx: int = DEFAULT_KV_CTX,
+               notes: dict[str, dict[str, Any]] | None = None) -> list[Path]:
     """Write <out_dir>/<suite>.html per suite and <out_dir>/index.html; return their paths
-    (index first)."""
+    (index first). ``notes``: suite -> its description and notes (qbench.results.runs)."""
     by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_suite[r["suite"]].append(r)
@@ -218,7 +221,8 @@ def build_site(records: list[dict[str, Any]], out_dir: Path, *, budget_gb: float
     for suite, recs in sorted(by_suite.items()):
         path = out_dir / f"{safe_name(suite)}.html"
         atomic_write_text(path, render_suite(suite, recs, budget_gb=budget_gb,
-                                             max_loss_pct=max_loss_pct, kv_ctx=kv_ctx))
+                                             max_loss_pct=max_loss_pct, kv_ctx=kv_ctx,
+                                             notes=(notes or {}).get(suite)))
         written.append(path)
         summaries.append({"name": suite, "file": path.name, "cells": len(recs),
                           "ok": sum(r["status"] == "ok" for r in recs),

@@ -19,7 +19,7 @@ from qbench.suite.identity import variant_key
 
 MIB = 2 ** 20
 
-from qbench.results.judge import Judgement, judge
+from qbench.results.judge import Judgement, judge, unreliable
 
 
 def own_cells() -> tuple[str, ...]:
@@ -108,6 +108,7 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
 
     mmlu = cells.get("mmlu")
     row["acc"], row["acc_err"] = value_of(mmlu, "acc")
+    row["mmlu_letters"] = letter_shares(mmlu)
     row["acc_n"] = ((mmlu or {}).get("values", {}).get("acc") or {}).get("n") if mmlu else None
 
     sp = cells.get("speed")
@@ -116,6 +117,11 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     spv = (sp or {}).get("values", {}) if sp and sp["status"] == "ok" else {}
     row["pp_sd"] = (spv.get("pp_tokens_per_s") or {}).get("sd")
     row["tg_sd"] = (spv.get("tg_tokens_per_s") or {}).get("sd")
+    # a timing that says it was disturbed (other work on the machine): shown greyed, never
+    # ranked by (qbench.results.judge.unreliable)
+    row["speed_unreliable"] = unreliable(sp) if sp and sp["status"] == "ok" else None
+    lock = (sp or {}).get("lock") or {}
+    row["speed_waited_s"] = lock.get("waited_s")
     row.update(_roofline(sp))
 
     lm = cells.get("lm_eval")
@@ -157,6 +163,22 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     row["source_label"] = variant.get("tag") or None
     row["provenance"] = gguf_provenance(fp) if fp_ok else {}
     return row
+
+
+def letter_shares(mmlu: dict[str, Any] | None) -> list[tuple[str, int]]:
+    """How often an MMLU cell answered each letter ([("A", 55), ("B", 1), ...]): a model that
+    answers one letter measures letter bias, and the reader should see it."""
+    if not mmlu or mmlu.get("status") != "ok":
+        return []
+    predicted = (mmlu.get("details") or {}).get("predicted") or []
+    return [(x, predicted.count(x)) for x in "ABCD"] if predicted else []
+
+
+def detectable(r: dict[str, Any], key: str) -> float | None:
+    """The smallest change against the base this row's sample would detect with 80 % power
+    (the judge's error at 95 %), in the judgement's unit."""
+    j = (r.get("judged") or {}).get(key)
+    return j.detectable(0.0) if j is not None and j.comparable and j.se else None
 
 
 def _roofline(sp: dict[str, Any] | None) -> dict[str, Any]:
@@ -315,6 +337,8 @@ def _add_deltas(rows: list[dict[str, Any]]) -> None:
         r["judged"] = {} if r["is_base"] or base is None else judged_against(r, base)
         r.update(dppl_fields(r, base))
         _add_mmlu_delta(r, base)
+        r["dppl_detects"] = detectable(r, "perplexity.ppl")
+        r["dacc_detects"] = detectable(r, "mmlu.acc")
 
 
 def judged_against(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Judgement]:

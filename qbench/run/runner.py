@@ -113,6 +113,8 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
     todo = run_order(todo)   # each variant's cells in the order its worker runs them
     manifest: dict[str, Any] = {"run_id": run_id, "suite": suite.name,
                                 "suite_file": str(suite.path), "started": _now(),
+                                "description": suite.suite.description,
+                                "notes": list(suite.suite.notes),
                                 "cells_planned": len(cells), "cached": summary.cached,
                                 "cells": [], "env": env, "finished": None}
 

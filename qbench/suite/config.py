@@ -28,6 +28,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 class SuiteInfo:
     name: str
     description: str = ""
+    notes: tuple[str, ...] = ()      # for the report's readers (what a number can and can't say)
 
     def validate(self, *, file: str, key: str) -> None:
         if not SAFE_NAME.match(self.name):

@@ -265,7 +265,7 @@ def _not_comparable(label: str, metric: str, spec: Value, b: dict[str, Any],
 
 
 def _from_judgement(label: str, spec: Value, j: J.Judgement, tol: float, config: str,
-                    se_hint: float | None) -> Change:
+                    hint: tuple[float, float | None] | None) -> Change:
     if not j.comparable or j.change is None:
         return Change(label, j.metric, spec.name, j.reference, j.candidate, None, None, None,
                       j.unit, tol, j.method, spec.higher_is_better, True, False,
@@ -289,9 +289,10 @@ def _from_judgement(label: str, spec: Value, j: J.Judgement, tol: float, config:
     else:
         verdict, regression = "ok", False
         why = f"interval not wholly {side} {bound}" if where == J.ACROSS else ""
-    se = se_hint or j.se    # the baseline's reference spread first: stable, see above
-    det = j.detectable(tol_u, se=se) if se else None
-    det_how = ("" if det is None else "error of these data" if not se_hint else
+    # the baseline's reference spread first (stable, see reference_spreads), else these data
+    det = (j.detectable(tol_u, se=hint[0], ln_se=hint[1]) if hint and j.unit in ("%", "points")
+           else j.detectable(tol_u))
+    det_how = ("" if det is None else "error of these data" if not hint else
                "error of a change spread like the baseline variant's own vs its base")
     return Change(label, j.metric, spec.name, j.reference, j.candidate, j.change, j.low,
                   j.high, j.unit, tol_u, j.method, spec.higher_is_better, True, regression,
@@ -325,32 +326,65 @@ def _base_of(by: dict[tuple[str, str], dict[str, Any]], rec: dict[str, Any]
 
 
 def reference_spreads(by: dict[tuple[str, str], dict[str, Any]]
-                      ) -> dict[tuple[str, str], float]:
-    """(cell label, value) -> the error a change of that value would have on these chunks or
+                      ) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """(cell label, value) -> (se, ln se) a change of that value would have on these chunks or
     questions: the paired error of the baseline variant against its base (the spread a real
-    change of the weights brings), the median of those over the model's variants for the base
-    itself. What 'the smallest change it would catch' assumes - more stable than the spread
-    of one rerun's differences (8 chunks give an sd good to +-25 %)."""
-    out: dict[tuple[str, str], float] = {}
-    groups: dict[tuple[str, str, str, str], list[float]] = {}
-    for key, rec in by.items():
-        if rec["status"] != "ok":
-            continue
-        base = _base_of(by, rec)
+    change of the weights brings) - for a metric measured against the base itself (KLD),
+    against its nearest neighbour among the other variants - and the median of those over the
+    model's variants for the base. What "the smallest change it would catch" assumes: more
+    stable than the spread of one rerun's differences (8 chunks give an sd good to +-25 %)."""
+    out: dict[tuple[str, str], tuple[float, float | None]] = {}
+    groups: dict[tuple[str, str, str, str], list[tuple[float, float | None]]] = {}
+    ok = {k: r for k, r in by.items() if r["status"] == "ok"}
+    for key, rec in ok.items():
+        info = known_metric_info(rec["metric"])
         for spec in _gated_specs(rec["metric"]):
-            if spec.pairing is None or base is None or base is rec:
+            if spec.pairing is None:
                 continue
-            j = J.judge(rec["metric"], spec, base, rec)
-            if j.comparable and j.se:
-                out[(_label(key), spec.name)] = j.se
-                groups.setdefault((rec["suite"], rec["model"]["id"], rec["metric"], spec.name),
-                                  []).append(j.se)
-    for key, rec in by.items():
+            if info is not None and info.needs_base and spec.change != "points":
+                got = _neighbour_spread(rec, spec, [
+                    r for r in ok.values() if r is not rec and r["metric"] == rec["metric"]
+                    and r["model"]["id"] == rec["model"]["id"]
+                    and r["variant"].get("backend") == rec["variant"].get("backend")])
+            else:
+                base = _base_of(by, rec)
+                j = (J.judge(rec["metric"], spec, base, rec)
+                     if base is not None and base is not rec else None)
+                got = ((j.se, j.ln_se) if j is not None and j.comparable and j.se
+                       and j.unit in ("%", "points") else None)
+            if got is None:
+                continue
+            out[(_label(key), spec.name)] = got
+            groups.setdefault((rec["suite"], rec["model"]["id"], rec["metric"], spec.name),
+                              []).append(got)
+    for key, rec in ok.items():
         for spec in _gated_specs(rec["metric"]):
             got = groups.get((rec["suite"], rec["model"]["id"], rec["metric"], spec.name))
             if spec.pairing is not None and got and (_label(key), spec.name) not in out:
-                out[(_label(key), spec.name)] = statistics.median(got)
+                ses = sorted(got, key=lambda x: x[0])
+                out[(_label(key), spec.name)] = ses[len(ses) // 2]
     return out
+
+
+def _neighbour_spread(rec: dict[str, Any], spec: Value, others: list[dict[str, Any]]
+                      ) -> tuple[float, float] | None:
+    """For a value measured against the base (mean KLD: the base's own is ~0), the relative
+    spread a change brings: the median over the other variants of the sd over items of
+    ln(other / this), as the error of a mean over these items (on ln, and in %)."""
+    assert spec.pairing is not None
+    mine = spec.pairing.values_of(rec.get("details") or {}) or []
+    sds = []
+    for r in others:
+        theirs = spec.pairing.values_of(r.get("details") or {}) or []
+        if len(theirs) != len(mine) or len(mine) < 2:
+            continue
+        if any(not (isinstance(x, (int, float)) and x > 0) for x in (*mine, *theirs)):
+            continue
+        sds.append(statistics.stdev(math.log(b / a) for a, b in zip(mine, theirs)))
+    if not sds:
+        return None
+    ln_se = statistics.median(sds) / math.sqrt(len(mine))
+    return 100.0 * ln_se, ln_se
 
 
 def _renamed(b_by: dict[tuple[str, str], dict[str, Any]],

@@ -90,6 +90,7 @@ class Judgement:
     item_size: float | None = None                # e.g. scored tokens per chunk
     cannot_discriminate: str | None = None        # the reference cannot tell (base at chance)
     same_data: bool = False                       # both runs stored exactly the same numbers
+    ln_se: float | None = None                    # a ratio's error on ln (LOG values)
     own_unit: str = ""                            # the stored value's unit (nats, MiB)
 
     # ------------------------------------------------------------------ reading it
@@ -147,14 +148,22 @@ class Judgement:
         return tq(power, self.df)
 
     def detectable(self, tolerance: float, *, se: float | None = None,
-                   power: float = POWER) -> float | None:
+                   ln_se: float | None = None, power: float = POWER) -> float | None:
         """The smallest worsening (in ``unit``) whose interval would lie wholly beyond
         ``tolerance`` with probability ``power``, at this judgement's level and error (or
-        ``se``, an error assumed from elsewhere when these data have none)."""
+        ``se`` / ``ln_se``, an error assumed from elsewhere). A ratio is worked on ln and
+        mapped back, so a drop never reads past -100 %."""
+        k = self.quantile() + self.power_quantile(power)
+        ln_se = self.ln_se if ln_se is None and se is None else ln_se
+        # a ratio (LOG), or a relative change of a positive value given an error on ln
+        if ln_se and math.isfinite(ln_se) and self.unit == "%" and tolerance < 100:
+            if self.higher_is_better:      # a drop: tolerance -t % is ln(1 - t/100)
+                return 100.0 * (1.0 - math.exp(math.log1p(-tolerance / 100) - k * ln_se))
+            return 100.0 * math.expm1(math.log1p(tolerance / 100) + k * ln_se)
         se = self.se if se is None else se
         if not se or not math.isfinite(se):
             return None
-        return tolerance + (self.quantile() + self.power_quantile(power)) * se
+        return tolerance + k * se
 
     def to_resolve(self, threshold: float, power: float = POWER) -> dict[str, Any]:
         """The sample (in ``n_unit``) at which the interval would exclude ``threshold`` with
@@ -365,6 +374,7 @@ def _from_diffs(j: Judgement, spec: Value, diffs: Sequence[float], ref_mean: flo
     j.low = _map(j, spec, p["mean"] - q * p["se"], ref_mean)
     j.high = _map(j, spec, p["mean"] + q * p["se"], ref_mean)
     j.se = _se(spec, p["mean"], p["se"], ref_mean)
+    j.ln_se = p["se"] if spec.change == LOG else None
     j.method = method
     return j
 
@@ -521,6 +531,7 @@ def _repetitions(j: Judgement, spec: Value, rv: Mapping[str, Any], cv: Mapping[s
     half = q * math.sqrt(se2)
     j.low, j.high = 100.0 * math.expm1(diff - half), 100.0 * math.expm1(diff + half)
     j.se = 100.0 * math.exp(diff) * math.sqrt(se2)
+    j.ln_se = math.sqrt(se2)
     j.method = f"Welch t on ln {spec.name} ({nb} + {nc} repetitions)"
     return j
 
@@ -540,6 +551,7 @@ def _unpaired(j: Judgement, spec: Value, rv: Mapping[str, Any], cv: Mapping[str,
             q = tq(1 - (1 - j.level) / 2, None)
             j.low, j.high = 100.0 * math.expm1(diff - q * se), 100.0 * math.expm1(diff + q * se)
             j.se = 100.0 * math.exp(diff) * se
+            j.ln_se = se
     else:
         k = spec.scale if spec.change == POINTS else _relative_unit(j, spec, rx)
         j.change = (cx - rx) * k

@@ -12,7 +12,7 @@ import pytest
 from qbench.report import claims as C
 from synthetic_records import BASE_32, chunk_details, demo_records, make_record, shifted_chunks
 from qbench.report.table import variant_rows
-from qbench.results.stats import Z95, n_to_resolve, paired_accuracy
+from qbench.results.stats import paired_accuracy
 
 
 def _iv(lo: float, hi: float) -> C.Interval:

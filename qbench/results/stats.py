@@ -181,18 +181,6 @@ def paired_mean_diff(diffs: Sequence[float]) -> dict[str, Any]:
             "df": n - 1}
 
 
-def paired_ln_ppl_ratio(base_chunk_ppl: Sequence[float], other_chunk_ppl: Sequence[float]
-                        ) -> dict[str, Any]:
-    """ln(PPL_other / PPL_base) paired by chunk (both scored the same chunks; every chunk
-    scores the same number of tokens, so the mean of per-chunk ln-PPL differences is exactly
-    the ln of the PPL ratio) with its paired 95 % interval."""
-    if len(base_chunk_ppl) != len(other_chunk_ppl):
-        raise ValueError(f"per-chunk lists differ in length: {len(base_chunk_ppl)} vs "
-                         f"{len(other_chunk_ppl)} (not the same chunks?)")
-    diffs = [math.log(o) - math.log(b) for b, o in zip(base_chunk_ppl, other_chunk_ppl)]
-    return paired_mean_diff(diffs) | {"method": "per-chunk paired t"}
-
-
 def n_to_resolve(n: int, se: float, point: float, threshold: float, z: float = Z95
                  ) -> int | None:
     """The sample size (in the units of ``n``) at which a 95 % interval around ``point``

@@ -18,8 +18,6 @@ import copy
 import io
 import json
 import math
-import random
-import statistics
 from pathlib import Path
 from typing import Any
 

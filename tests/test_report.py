@@ -4,7 +4,6 @@ rule, escaping of hostile names. Built from synthetic records (qbench.report.syn
 from __future__ import annotations
 
 import html
-import math
 import re
 from pathlib import Path
 

@@ -8,7 +8,6 @@ per chunk) to match ``llama-perplexity`` and ``llama-bench`` number for number.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path

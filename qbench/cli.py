@@ -198,7 +198,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    from qbench.results.compare import run_compare
+    from qbench.results.gate import run_compare
 
     return run_compare(args, console)
 

@@ -456,7 +456,7 @@ def test_cli_unreadable_input_exits_1(tmp_path: Path, base: list[dict]) -> None:
 
 
 def test_hostile_names_are_escaped_in_the_html(base: list[dict], tmp_path: Path) -> None:
-    from qbench.results.compare import render_html
+    from qbench.results.gate import render_html
     recs = demo_records(model="<img src=x onerror=alert(1)>", with_transformers=False)
     cand = copy.deepcopy(recs)
     _set(cand, "Q4_K_M", "speed", "tg_tokens_per_s", value=10.0)

@@ -355,7 +355,8 @@ def test_threads_change_is_named_beside_the_verdict(tmp_path: Path,
     text = io.StringIO()
     cand = _write(tmp_path / "text", records)
     from rich.console import Console
-    from qbench.results.compare import compare_records, print_text
+    from qbench.results.compare import compare_records
+    from qbench.results.gate import print_text
     print_text(compare_records(load_results([BASELINE]), load_results([cand])),
                Console(file=text, width=400))
     assert "threads 2 → 1" in text.getvalue()

@@ -35,7 +35,6 @@ import fnmatch
 import json
 import math
 import statistics
-import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -533,51 +532,3 @@ def tolerances_from_args(args: argparse.Namespace) -> Tolerances:
         raise QbenchError(f"--alpha {alpha}: expected a number between 0 and 1")
     return Tolerances(values=values, alpha=alpha if alpha is not None else ALPHA,
                       allow_other_hardware=bool(getattr(args, "allow_other_hardware", False)))
-
-
-def run_compare(args: argparse.Namespace, console: Any) -> int:
-    """The CLI command (wired in qbench.cli.cmd_compare)."""
-    from qbench.results.gate_output import print_text, render_html
-    from qbench.results.store import load_results
-
-    try:
-        tolerances = tolerances_from_args(args)
-        baseline = load_results([Path(args.baseline)])
-        candidate = load_results([Path(args.candidate)])
-        expected = expected_cells(args.suite) if getattr(args, "suite", None) else None
-    except (QbenchError, OSError, ValueError) as exc:
-        print(f"qbench compare: error: {exc}", file=sys.stderr)
-        return EXIT_USER
-    for name, recs in ((args.baseline, baseline), (args.candidate, candidate)):
-        if not recs:
-            print(f"qbench compare: error: {name}: no readable cell records", file=sys.stderr)
-            return EXIT_USER
-    only = tuple(getattr(args, "only", None) or ())
-    if only and not _latest(baseline, only):
-        print(f"qbench compare: error: --only {' '.join(only)} matches no cell of "
-              f"{args.baseline} (cell ids look like model/backend/quant/metric)",
-              file=sys.stderr)
-        return EXIT_USER
-    cmp = compare_records(baseline, candidate, tolerances=tolerances,
-                          expected=expected, only=only,
-                          baseline_name=str(args.baseline), candidate_name=str(args.candidate))
-    if getattr(args, "out", None):
-        from qbench.host.fsutil import atomic_write_text
-        out = Path(args.out)
-        if out.suffix.lower() != ".html":
-            out = out / "compare.html"
-        atomic_write_text(out, render_html(cmp))
-        console.print(f"wrote {out}")
-    if getattr(args, "json", False):
-        print(json.dumps(cmp.to_json(), indent=1, default=str))
-    else:
-        print_text(cmp, console)
-    return cmp.exit_code
-
-
-def __getattr__(name: str) -> Any:
-    """The renderers live in qbench.results.gate_output (older imports still work)."""
-    if name in ("render_html", "print_text", "fmt_num", "fmt_signed", "fmt_interval"):
-        from qbench.results import gate_output
-        return getattr(gate_output, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

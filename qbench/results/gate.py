@@ -1,13 +1,20 @@
-"""How a comparison reads: the terminal table and summary lines, and the HTML diff page, of a
-:class:`qbench.results.compare.Comparison` (the gate's numbers are computed there, shown here)."""
+"""``qbench compare`` as a command: read the two result sets, compare them
+(:mod:`qbench.results.compare` computes every number), and show it - the terminal table and
+summary lines, the HTML diff page, JSON - with the exit code the comparison decided."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
-from qbench.results.compare import (EXIT_NOT_COMPARABLE, EXIT_OK, Change, Comparison,
-                                    family_level)
+from qbench.errors import QbenchError
+from qbench.results.compare import (EXIT_NOT_COMPARABLE, EXIT_OK, EXIT_USER, Change,
+                                    Comparison, _latest, compare_records, expected_cells,
+                                    family_level, tolerances_from_args)
 
 
 def render_html(cmp: Comparison) -> str:
@@ -120,3 +127,42 @@ def _print_cells(cmp: Comparison, console: Any) -> None:
                       + escape("; ".join(cmp.reasons_not_comparable()[:12])))
     if code == EXIT_OK:
         console.print(f"[green]no regression[/green] ({n_cmp} values compared)")
+
+
+def run_compare(args: argparse.Namespace, console: Any) -> int:
+    """The CLI command (wired in qbench.cli.cmd_compare)."""
+    from qbench.results.store import load_results
+
+    try:
+        tolerances = tolerances_from_args(args)
+        baseline = load_results([Path(args.baseline)])
+        candidate = load_results([Path(args.candidate)])
+        expected = expected_cells(args.suite) if getattr(args, "suite", None) else None
+    except (QbenchError, OSError, ValueError) as exc:
+        print(f"qbench compare: error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    for name, recs in ((args.baseline, baseline), (args.candidate, candidate)):
+        if not recs:
+            print(f"qbench compare: error: {name}: no readable cell records", file=sys.stderr)
+            return EXIT_USER
+    only = tuple(getattr(args, "only", None) or ())
+    if only and not _latest(baseline, only):
+        print(f"qbench compare: error: --only {' '.join(only)} matches no cell of "
+              f"{args.baseline} (cell ids look like model/backend/quant/metric)",
+              file=sys.stderr)
+        return EXIT_USER
+    cmp = compare_records(baseline, candidate, tolerances=tolerances,
+                          expected=expected, only=only,
+                          baseline_name=str(args.baseline), candidate_name=str(args.candidate))
+    if getattr(args, "out", None):
+        from qbench.host.fsutil import atomic_write_text
+        out = Path(args.out)
+        if out.suffix.lower() != ".html":
+            out = out / "compare.html"
+        atomic_write_text(out, render_html(cmp))
+        console.print(f"wrote {out}")
+    if getattr(args, "json", False):
+        print(json.dumps(cmp.to_json(), indent=1, default=str))
+    else:
+        print_text(cmp, console)
+    return cmp.exit_code

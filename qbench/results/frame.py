@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from types import ModuleType
@@ -164,6 +164,15 @@ DETAILS: dict[str, tuple[Callable[[dict[str, Any], dict[str, Any]], list[dict[st
 }
 
 
+def _ok_cells(paths: PathArg, metric: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(record, the columns naming its cell) of every ok cell of ``metric``."""
+    for rec in _records(_paths(paths)):
+        if rec["metric"] == metric and rec["status"] == "ok":
+            yield rec, {"suite": rec["suite"], "model": rec["model"]["id"],
+                        "backend": rec["variant"]["backend"], "quant": rec["variant"]["quant"],
+                        "metric": metric, "key": rec["key"], "id": rec.get("id")}
+
+
 def load_details(paths: PathArg, metric: str = "mmlu") -> pd.DataFrame:
     """Per-item data of every ok cell of ``metric``, one row per item, for paired analyses.
 
@@ -177,14 +186,8 @@ def load_details(paths: PathArg, metric: str = "mmlu") -> pd.DataFrame:
     if metric not in DETAILS:
         return _declared_details(pd, paths, metric)
     make, columns = DETAILS[metric]
-    rows = []
-    for rec in _records(_paths(paths)):
-        if rec["metric"] != metric or rec["status"] != "ok":
-            continue
-        cell = {"suite": rec["suite"], "model": rec["model"]["id"],
-                "backend": rec["variant"]["backend"], "quant": rec["variant"]["quant"],
-                "metric": metric, "key": rec["key"], "id": rec.get("id")}
-        rows.extend(cell | r for r in make(rec.get("details") or {}, rec.get("values") or {}))
+    rows = [cell | r for rec, cell in _ok_cells(paths, metric)
+            for r in make(rec.get("details") or {}, rec.get("values") or {})]
     df = pd.DataFrame(rows, columns=list(CELL_COLUMNS + columns))
     for col in CELL_COLUMNS[:5]:
         df[col] = df[col].astype("string").astype("category")
@@ -217,12 +220,7 @@ def _declared_details(pd: ModuleType, paths: PathArg, metric: str) -> pd.DataFra
                           f"value; expected one of {', '.join(sorted(DETAILS))} or a metric "
                           "whose values declare a pairing")
     rows = []
-    for rec in _records(_paths(paths)):
-        if rec["metric"] != metric or rec["status"] != "ok":
-            continue
-        cell = {"suite": rec["suite"], "model": rec["model"]["id"],
-                "backend": rec["variant"]["backend"], "quant": rec["variant"]["quant"],
-                "metric": metric, "key": rec["key"], "id": rec.get("id")}
+    for rec, cell in _ok_cells(paths, metric):
         details = rec.get("details") or {}
         for spec in specs:
             items = spec.pairing.values_of(details) or []   # type: ignore[union-attr]

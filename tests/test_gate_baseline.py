@@ -108,6 +108,19 @@ def test_baseline_is_complete_and_ok(stored: list[dict[str, Any]]) -> None:
     assert ppl["scored_tokens"] == 2040 and len(ppl["per_chunk_ppl"]) == 8
 
 
+def test_baseline_timings_are_reliable_and_from_one_run(stored: list[dict[str, Any]]) -> None:
+    """Its speed cells are compared with every later run's: taken in one run, under the
+    machine lock, undisturbed (results/baselines/README.md)."""
+    assert len({r["run_id"] for r in stored}) == 1, sorted({r["run_id"] for r in stored})
+    speed = [r for r in stored if r["metric"] == "speed"]
+    assert speed and all(r["metric_version"] == "3" for r in speed)
+    for r in speed:
+        fit = r.get("fitness") or {}
+        assert fit.get("reliable") is True, (cell_id(r), fit.get("reasons"))
+        assert (r.get("lock") or {}).get("mode") == "exclusive", cell_id(r)
+        assert "peak_rss_mb" in r["values"], cell_id(r)
+
+
 def test_baseline_against_itself_passes(tmp_path: Path, records: list[dict[str, Any]]) -> None:
     rc, res = _gate(tmp_path, records)
     assert rc == 0 and res["exit_code"] == 0

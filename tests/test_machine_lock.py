@@ -267,3 +267,22 @@ def test_two_runs_started_together_never_time_each_other(tmp_path: Path,
                 # ... and no cell of the other run (timed or not) overlaps it
                 for o_from, o_until, o_id in holds(recs[other]):
                     assert end < o_from or o_until < start, (r["id"], o_id)
+
+
+def test_a_timed_cell_that_ran_without_the_lock_is_unreliable() -> None:
+    from qbench.run.worker import _note_lock
+    waited = machine_lock.Hold("exclusive", waited_s=600.0, acquired=False, contended=True)
+    result: dict[str, Any] = {"status": "ok", "fitness": {"reliable": True, "reasons": [],
+                                                          "rounds": 1, "windows": []}}
+    _note_lock(result, waited)
+    assert result["lock"] == {"mode": "exclusive", "waited_s": 600.0, "acquired": False,
+                              "contended": True}
+    assert result["fitness"]["reliable"] is False
+    assert "ran without the machine lock, after waiting 600 s" in result["fitness"]["reasons"][0]
+    # a metric without a fitness of its own gets one; an untimed cell's is left alone
+    bare: dict[str, Any] = {"status": "ok"}
+    _note_lock(bare, waited)
+    assert bare["fitness"]["reliable"] is False and bare["fitness"]["rounds"] == 0
+    untimed: dict[str, Any] = {"status": "ok"}
+    _note_lock(untimed, machine_lock.Hold("shared", waited_s=600.0))
+    assert "fitness" not in untimed and untimed["lock"]["acquired"] is False

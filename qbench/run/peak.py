@@ -5,8 +5,9 @@ high-water mark cannot. For a worker's first cell that is ``ru_maxrss`` (the pro
 life, as a one-cell process always measured it). A later cell must not use it: it would report
 an earlier cell's peak. So at each later cell's start the worker resets the mark (Linux >= 4.0:
 ``/proc/self/clear_refs``, value 5) and reads ``VmHWM`` at the end; where the reset is refused
-(some containers, other systems) the cell has only the sampled peak. torch's CUDA peak is reset
-per cell the same way.
+(some containers, other systems) the cell has only the sampled peak. The speed metric resets
+the mark again before each repetition (its per-repetition peaks); qbench.host.procmem carries
+the cell's peak across those resets. torch's CUDA peak is reset per cell the same way.
 """
 
 from __future__ import annotations

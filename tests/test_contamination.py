@@ -300,7 +300,9 @@ def test_the_process_tree_own_cpu_includes_its_children() -> None:
     finally:
         hog.kill()
         hog.wait()
-    assert burnt > 0.05 and own >= burnt        # a child's work is this tree's, not others'
+    # a child's work is this tree's, not others' (read a moment apart: a few 10 ms ticks of
+    # slack; without the children, own would be ~0)
+    assert burnt > 0.05 and own >= burnt - 0.03
 
 
 class NotMyChildren:

@@ -29,7 +29,7 @@ INFO = MetricInfo(
     gated={"pp_tokens_per_s": True},
     # derived from tg tokens/s (gated) and counters shared with other processes: shown only
     reported=("tg_effective_gbs", "tg_bandwidth_pct", "pp_joules_per_token",
-              "tg_joules_per_token", "peak_rss_mb", "peak_vram_mb"),
+              "tg_joules_per_token"),
     hardware_bound=True,       # keyed by the hardware; compared only on the same hardware
     cost=lambda options: (0.75 * (options.prompt_tokens + 8.0 * options.gen_tokens)
                           * (options.repetitions + 1.0) * max(len(options.depths), 1)

@@ -173,3 +173,19 @@ def test_vram_probe_without_nvml() -> None:
     assert "NVML not available" in (probe.reason or "")
     mem = speed_hw.RepetitionMemory(on_gpu=True, probe=lambda: probe)
     assert mem.values() == {} and "NVML not available" in mem.details()["vram_reason"]
+
+
+def test_transformers_speed_has_fitness_and_memory_per_repetition(
+        tiny_hf_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        resettable: None) -> None:
+    """The transformers backend runs the same speed code (a 1-layer random Llama)."""
+    from qbench.backends.base import LoadOptions
+    from qbench.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(tiny_hf_model, LoadOptions(device="cpu", threads=1))
+    out = run_speed(tmp_path, monkeypatch, backend)
+    assert out["fitness"]["reliable"] is True and out["fitness"]["rounds"] == 1
+    assert len(out["fitness"]["windows"]) == 6
+    rss = out["values"]["peak_rss_mb"]
+    assert rss["n"] == 3 and all(s > 50 for s in rss["samples"])    # torch alone is > 50 MiB
+    assert out["values"]["tg_tokens_per_s"]["n"] == 3

@@ -14,10 +14,13 @@ import pytest
 from qbench.errors import ConfigError
 from qbench.host import bandwidth as bw
 from qbench.host import energy
+from qbench.host.contamination import Snapshot, WindowMeter
 from qbench.metrics import speed, speed_hw
 from qbench.metrics.context import CellContext
 from qbench.options import from_table
 
+QUIET = Snapshot(at=0.0, wall=0.0, busy_s=0.0, steal_s=0.0, own_s=0.0, load1=None,
+                 freq_mhz=None)
 BASE_NS, PER_POS_NS = 1_000_000, 1_000       # a token at position p costs 1 ms + 1 us x p
 UJ_PER_TOKEN = 1_000                         # 1 mJ per decoded token
 FILE_BYTES = 50_000_000
@@ -78,6 +81,9 @@ def cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     metric, a fake powercap tree, no NVML, a 50 MB 'model' and a cached 10 GB/s record."""
     clock = Clock()
     monkeypatch.setattr(speed, "time", clock)
+    # the machine's real load would have disturbed windows measured again (tests of that:
+    # tests/test_contamination.py): here every window is quiet
+    monkeypatch.setattr(speed, "_meter", lambda: WindowMeter(lambda: QUIET))
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monkeypatch.setattr(bw, "this_hardware_id", lambda: "hw-test")
     cache = tmp_path / "cache"
@@ -128,7 +134,7 @@ def test_depth_zero_keeps_todays_names_and_numbers(cell):
     out = speed.run(ctx, speed.Options(**OPTS))
     v = out["values"]
     assert {"pp_tokens_per_s", "tg_tokens_per_s", "tg_effective_gbs", "tg_bandwidth_pct",
-            "pp_joules_per_token", "tg_joules_per_token"} == set(v)
+            "pp_joules_per_token", "tg_joules_per_token", "peak_rss_mb"} == set(v)
     assert v["pp_tokens_per_s"]["value"] == pytest.approx(tokens_per_s(0, 64))
     assert v["tg_tokens_per_s"]["value"] == pytest.approx(tokens_per_s(0, 16))
     assert v["tg_tokens_per_s"]["samples"] == [round(tokens_per_s(0, 16), 3)] * 2

@@ -44,6 +44,94 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """Vendor, family, model and stepping of the first CPU (x86's /proc/cpuinfo; an ARM
+    kernel's "CPU implementer/part/variant/revision" instead): a VM that shows only "AMD EPYC"
+    as its model name still tells a Zen 3 (family 25) from a Zen 4 (family 25, model 17)."""
+    keys = {"vendor_id": "vendor", "cpu family": "family", "model": "model",
+            "stepping": "stepping", "CPU implementer": "implementer", "CPU part": "part",
+            "CPU variant": "variant", "CPU revision": "revision"}
+    out: dict[str, Any] = {}
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if not line.strip():
+            if out:
+                break          # the first processor's block is enough
+            continue
+        name, sep, val = line.partition(":")
+        name = name.strip()
+        if sep and name in keys and keys[name] not in out:
+            val = val.strip()
+            out[keys[name]] = int(val) if val.isdigit() else val
+    return out
+
+
+def usable_cpus() -> int | None:
+    """CPUs this process may run on (its affinity mask: taskset, a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
+    """controller -> cgroup path of this process ("" is the v2 unified hierarchy)."""
+    out: dict[str, str] = {}
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                out[controller] = parts[2]
+    return out
+
+
+def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                     root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU bandwidth this process's cgroup may use, in CPUs (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), the tightest along its path to the root;
+    None when unlimited or unreadable. A container limited to 1.5 CPUs on a 16-core host times
+    like neither a 16-core nor a 2-core machine."""
+    paths = _cgroup_paths(proc_cgroup)
+    limits: list[float] = []
+
+    def walk(base: Path, rel: str) -> list[Path]:
+        here = base / rel.lstrip("/")
+        return [here, *[p for p in here.parents if p.is_relative_to(base)]]
+
+    if "" in paths:                                     # v2
+        for folder in walk(root, paths[""]):
+            try:
+                fields = (folder / "cpu.max").read_text().split()
+            except OSError:
+                continue
+            if len(fields) == 2 and fields[0] != "max":
+                try:
+                    limits.append(int(fields[0]) / int(fields[1]))
+                except (ValueError, ZeroDivisionError):
+                    pass
+    if "cpu" in paths:                                  # v1
+        for mount in (root / "cpu", root / "cpu,cpuacct", root / "cpuacct,cpu"):
+            if not mount.is_dir():
+                continue
+            for folder in walk(mount, paths["cpu"]):
+                try:
+                    quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+                    period_us = int((folder / "cpu.cfs_period_us").read_text())
+                except (OSError, ValueError):
+                    continue
+                if quota_us > 0 and period_us > 0:
+                    limits.append(quota_us / period_us)
+            break
+    return round(min(limits), 3) if limits else None
+
+
 def has_amx() -> bool:
     return bool(cpu_flags() & {"amx_tile", "amx_int8", "amx_bf16"})
 
@@ -101,6 +189,9 @@ def collect() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_id": cpu_identity(),
+        "cpus_usable": usable_cpus(),
+        "cpu_quota": cgroup_cpu_quota(),
         "cpu_cores_physical": psutil.cpu_count(logical=False),
         "cpu_cores_logical": os.cpu_count(),
         "cpu_flags": sorted(flags & set(FLAGS_OF_INTEREST)),
@@ -111,15 +202,23 @@ def collect() -> dict[str, Any]:
     }
 
 
+# what a newer qbench adds to the fingerprint; an environment stored before it lacks them, and
+# keeps the id it had (two such records still compare with each other, not with new ones)
+FINER = ("cpu_id", "cpus_usable", "cpu_quota")
+
+
 def hardware_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
-    """What of a stored environment decides speed and memory: CPU model, its flags and core
-    count, and each GPU's name, memory and driver. Two results are only comparable on speed
-    or memory when these agree (used in speed/memory cell keys and by the regression gate)."""
+    """What of a stored environment decides speed and memory: CPU model string, its vendor,
+    family, model and stepping, flags and core count, the CPUs the process could use (affinity,
+    cgroup quota), and each GPU's name, memory and driver. Two results are only comparable on
+    speed or memory when these agree (used in speed/memory cell keys and by the regression
+    gate)."""
     gpus_ = [{"name": g.get("name"), "memory_total_mb": round(g.get("memory_total_mb") or 0),
               "driver": g.get("driver")}
              for g in env.get("gpus") or [] if isinstance(g, dict)]
-    return {"cpu": env.get("cpu"), "cpu_flags": sorted(env.get("cpu_flags") or []),
-            "cpu_cores_logical": env.get("cpu_cores_logical"), "gpus": gpus_}
+    out = {"cpu": env.get("cpu"), "cpu_flags": sorted(env.get("cpu_flags") or []),
+           "cpu_cores_logical": env.get("cpu_cores_logical"), "gpus": gpus_}
+    return out | {k: env[k] for k in FINER if k in env}
 
 
 def hardware_id(env: dict[str, Any]) -> str:

@@ -4,6 +4,12 @@ pp: a prompt of N random tokens (BOS first where the model uses BOS) decoded in 
 tg: N single-token decode steps, each synchronised, feeding random tokens (nothing sampled).
 One warm-up (a full prompt, then one generated token) first; the KV cache is cleared before
 each repetition; tokens/s is computed per repetition, reported as mean and sample sd.
+
+Each timed window also records what the rest of the machine did meanwhile (other processes' CPU
+time, steal, load, clock: qbench.host.contamination); a test whose windows were disturbed, or
+whose repetitions vary more than their mean, is measured again (``max_rounds`` rounds in all),
+and the result's ``fitness`` says whether the figures are fit to compare and why not. Peak RSS
+(and VRAM on a GPU) is read per repetition (``peak_rss_mb``, ``peak_vram_mb``: speed_hw).
 """
 
 from __future__ import annotations
@@ -70,12 +76,17 @@ class Options:
     # effective GB/s of tg and % of this machine's measured bandwidth (measured once per
     # machine, ~2 GiB of RAM for a few seconds, in a process of its own)
     roofline: bool = True
+    # a test whose timed windows were disturbed by other work (or whose repetitions vary
+    # more than their mean) is measured again, up to this many rounds in all
+    # (qbench.host.contamination); still disturbed, the result says it is unreliable
+    max_rounds: int = 3
 
     def validate(self, *, file: str, key: str) -> None:
         from qbench.metrics.speed_hw import validate_depths
         positive(self.prompt_tokens, file=file, key=f"{key}.prompt_tokens", allow_zero=True)
         positive(self.gen_tokens, file=file, key=f"{key}.gen_tokens", allow_zero=True)
         positive(self.repetitions, file=file, key=f"{key}.repetitions")
+        positive(self.max_rounds, file=file, key=f"{key}.max_rounds")
         validate_depths(self.depths, file=file, key=f"{key}.depths")
 
 
@@ -95,7 +106,14 @@ def _summary(samples: list[float], n_tokens: int) -> dict[str, Any]:
                  tokens=n_tokens)
 
 
+def _meter() -> Any:
+    """What reads the machine around each timed window (tests put a scripted one here)."""
+    from qbench.host.contamination import WindowMeter
+    return WindowMeter()
+
+
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
+    from qbench.host.contamination import measure_until_fit
     from qbench.metrics import speed_hw as hw
 
     backend = ctx.backend
@@ -105,6 +123,8 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     roof = (hw.roofline_setup(ctx, backend) if options.roofline
             else {"available": False, "reason": "roofline = false"})
     energy = hw.open_energy()
+    meter = _meter()
+    memory = hw.RepetitionMemory(on_gpu=str(getattr(backend, "device", "cpu")).startswith("cuda"))
 
     # a backend whose cache has a fixed size takes it exactly; others just start empty
     size_context = getattr(backend, "size_context", backend.reset)
@@ -122,6 +142,9 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     curve: list[dict[str, Any]] = []
     bandwidth: list[dict[str, Any]] = []
     test_names: list[str] = []
+    windows: list[dict[str, Any]] = []
+    reasons: list[str] = []
+    rounds = 0
     try:
         for depth in sorted(options.depths):
             sfx = hw.suffix(depth)
@@ -139,18 +162,33 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
                     test_prompt(n)
                 else:
                     test_gen(1)
-                samples = []
-                for _ in range(options.repetitions):
-                    backend.reset()
-                    if depth:
-                        test_prompt(depth)      # fill the cache to the depth: not timed
-                    energy.begin()
-                    t0 = time.perf_counter_ns()
-                    test(n)
-                    t1 = time.perf_counter_ns()
-                    energy.end(f"{label}{sfx}", n)
-                    samples.append(n * 1e9 / (t1 - t0))
-                summary = _summary(samples, n)
+
+                def one_round(label: str = label, n: int = n, test: Any = test,
+                              depth: int = depth, sfx: str = sfx
+                              ) -> tuple[list[float], list[dict[str, Any]], Any]:
+                    samples, wins, mem = [], [], memory.round(f"{label}{sfx}")
+                    for rep in range(options.repetitions):
+                        backend.reset()
+                        mem.begin()
+                        if depth:
+                            test_prompt(depth)      # fill the cache to the depth: not timed
+                        meter.begin()
+                        energy.begin()
+                        t0 = time.perf_counter_ns()
+                        test(n)
+                        t1 = time.perf_counter_ns()
+                        energy.end(f"{label}{sfx}", n)
+                        wins.append(meter.end(test=label, rep=rep, depth=depth))
+                        mem.end()
+                        samples.append(n * 1e9 / (t1 - t0))
+                    return samples, wins, mem
+
+                fit = measure_until_fit(one_round, max_rounds=options.max_rounds)
+                memory.keep(fit.extra)
+                windows.extend(fit.windows)
+                rounds = max(rounds, fit.rounds)
+                reasons.extend(f"{label}{sfx}: {why}" for why in fit.reasons)
+                summary = _summary(fit.samples, n)
                 values[f"{label}_tokens_per_s{sfx}"] = summary
                 values |= energy.values(f"{label}{sfx}", label, depth)
                 point[f"{label}_tokens_per_s"] = summary["value"]
@@ -164,6 +202,8 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
             curve.append(point)
     finally:
         energy.close()
+        memory.close()
+    values |= memory.values()
     roof_details = {k: v for k, v in roof.items() if k != "available"} | {
         "available": roof.get("available", False), "per_depth": bandwidth}
     if bandwidth:
@@ -175,4 +215,7 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     return {"values": values,
             "details": {"test_names": test_names, "n_batch": n_batch,
                         "repetitions": options.repetitions, "depths": curve,
-                        "bandwidth": roof_details, "energy": energy.details()}}
+                        "bandwidth": roof_details, "energy": energy.details(),
+                        "memory_per_repetition": memory.details()},
+            "fitness": {"reliable": not reasons, "reasons": reasons, "rounds": rounds,
+                        "windows": windows}}

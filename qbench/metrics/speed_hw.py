@@ -174,3 +174,100 @@ def open_energy() -> EnergyTally:
         return EnergyTally(EnergyMeter())
     except Exception as exc:  # noqa: BLE001 - never fail a speed cell over a counter
         return EnergyTally(None, f"{type(exc).__name__}: {exc}")
+
+
+# -- memory per repetition -----------------------------------------------------------------
+class RepetitionRound:
+    """One round of one test's repetitions: peak RSS (and VRAM) of each repetition."""
+
+    def __init__(self, name: str, vram: Any) -> None:
+        self.name = name
+        self.vram = vram
+        self.rss_mb: list[float | None] = []
+        self.vram_mb: list[float | None] = []
+        self._reset_ok = False
+
+    def begin(self) -> None:
+        """Right before a repetition: a new RSS high-water mark (the cell's own peak is kept)."""
+        from qbench.host import procmem
+        self._reset_ok = procmem.reset_within_window()
+
+    def end(self) -> None:
+        """Right after a repetition (outside its timed part)."""
+        from qbench.host import procmem
+        kib = procmem.hwm_kib() if self._reset_ok else None
+        self.rss_mb.append(None if kib is None else round(kib / 1024.0, 1))
+        if self.vram is not None:
+            used = self.vram.used_mb()
+            self.vram_mb.append(None if used is None else round(used, 1))
+
+
+class RepetitionMemory:
+    """Peak RSS per timed repetition (the kernel's high-water mark, reset before each; see
+    qbench.host.procmem) and, on a GPU, the process's VRAM after each from NVML. Repetition i
+    of the cell peaks at the largest of its tests' repetition i (pp, tg, each depth), so the
+    cell has ``repetitions`` samples of one quantity: stored like the other values, with the
+    median as ``value`` (one slow page-in does not move it) and the samples' sd."""
+
+    def __init__(self, *, on_gpu: bool, probe: Callable[[], Any] | None = None) -> None:
+        self.kept: list[RepetitionRound] = []
+        self.vram: Any = None
+        self.vram_reason: str | None = None if on_gpu else "not on a GPU"
+        if on_gpu:
+            try:
+                from qbench.host.procmem import VramProbe
+                self.vram = (probe or VramProbe)()
+            except Exception as exc:  # noqa: BLE001 - never fail a speed cell over NVML
+                self.vram, self.vram_reason = None, f"{type(exc).__name__}: {exc}"
+            if self.vram is not None and not self.vram.available:
+                self.vram_reason, self.vram = self.vram.reason, None
+
+    def round(self, name: str) -> RepetitionRound:
+        return RepetitionRound(name, self.vram)
+
+    def keep(self, rnd: RepetitionRound) -> None:
+        """The round the speed figures come from (qbench.host.contamination's kept round)."""
+        self.kept.append(rnd)
+
+    def _per_rep(self, attr: str) -> list[float]:
+        columns = [getattr(r, attr) for r in self.kept]
+        n = max((len(c) for c in columns), default=0)
+        out = []
+        for i in range(n):
+            seen = [c[i] for c in columns if i < len(c) and c[i] is not None]
+            if seen:
+                out.append(max(seen))
+        return out
+
+    @staticmethod
+    def _value(samples: list[float]) -> dict[str, Any]:
+        import numpy as np
+        arr = np.asarray(samples, dtype=float)
+        return value(float(np.median(arr)), None, len(arr), "MiB",
+                     sd=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+                     samples=[round(float(s), 1) for s in arr])
+
+    def values(self) -> dict[str, Any]:
+        out = {}
+        if rss := self._per_rep("rss_mb"):
+            out["peak_rss_mb"] = self._value(rss)
+        if self.vram is not None and (vram := self._per_rep("vram_mb")):
+            out["peak_vram_mb"] = self._value(vram)
+        return out
+
+    def details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"per_test": [{"test": r.name, "rss_mb": r.rss_mb}
+                                            | ({"vram_mb": r.vram_mb} if r.vram_mb else {})
+                                            for r in self.kept]}
+        if not self._per_rep("rss_mb"):
+            out["rss_reason"] = ("the kernel refused to reset the RSS high-water mark "
+                                 "(/proc/self/clear_refs): no per-repetition peak")
+        reason = self.vram_reason or (getattr(self.vram, "reason", None)
+                                      if not self._per_rep("vram_mb") else None)
+        if reason:
+            out["vram_reason"] = reason
+        return out
+
+    def close(self) -> None:
+        if self.vram is not None:
+            self.vram.close()

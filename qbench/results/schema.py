@@ -59,6 +59,8 @@ class CellRecord(TypedDict):
     timings: dict[str, Any]
     env: dict[str, Any]
     run: NotRequired[dict[str, Any]]   # threads and device the cell ran with (in its key)
+    lock: NotRequired[dict[str, Any]]      # qbench.host.machine_lock.Hold.as_record()
+    fitness: NotRequired[dict[str, Any]]   # a timed metric's: reliable, reasons, rounds, windows
 
 
 # version n -> function turning a version-n record into version n+1
@@ -127,4 +129,6 @@ def make_record(spec: dict[str, Any], outcome: Outcome, run_id: str, started: st
         "timings": {"started": started, "wall_s": round(outcome.wall_s, 3),
                     **res.get("timings", {})},
         "env": env,
+        # how the cell held the machine lock, and whether its timing is fit to compare
+        **{k: res[k] for k in ("lock", "fitness") if k in res},
     }

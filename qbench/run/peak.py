@@ -5,49 +5,30 @@ high-water mark cannot. For a worker's first cell that is ``ru_maxrss`` (the pro
 life, as a one-cell process always measured it). A later cell must not use it: it would report
 an earlier cell's peak. So at each later cell's start the worker resets the mark (Linux >= 4.0:
 ``/proc/self/clear_refs``, value 5) and reads ``VmHWM`` at the end; where the reset is refused
-(some containers, other systems) the cell has only the sampled peak. torch's CUDA peak is reset
-per cell the same way.
+(some containers, other systems) the cell has only the sampled peak. The speed metric resets
+the mark again before each repetition (its per-repetition peaks); qbench.host.procmem carries
+the cell's peak across those resets. torch's CUDA peak is reset per cell the same way.
 """
 
 from __future__ import annotations
 
-import re
-import resource
 import sys
-from pathlib import Path
 
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
+from qbench.host import procmem
 
 
 def reset_peak_rss() -> bool:
-    """Start a new high-water mark at the current RSS; False where the system refuses."""
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    # a reset that took leaves the mark at the current RSS (a refused one, above it)
-    hwm, rss = _status_kib("VmHWM", "VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 1024
+    """Start a new high-water mark at the current RSS (a new cell); False where the system
+    refuses. Per-repetition resets inside the cell (the speed metric's) do not lower the
+    cell's peak: qbench.host.procmem carries it."""
+    return procmem.start_window()
 
 
 def peak_rss_mb(since_reset: bool) -> float | None:
     """Peak RSS of this process (MiB): since the last reset, or over its life; None when the
     reset did not happen (no figure is better than an earlier cell's)."""
-    if since_reset:
-        (kib,) = _status_kib("VmHWM")
-        return None if kib is None else kib / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _status_kib(*fields: str) -> tuple[int | None, ...]:
-    """``kB`` fields of one read of /proc/self/status (VmHWM: peak RSS, VmRSS: current)."""
-    try:
-        text = _STATUS.read_text()
-    except OSError:
-        text = ""
-    found = (re.search(rf"^{f}:\s+(\d+)\s+kB", text, re.MULTILINE) for f in fields)
-    return tuple(int(m.group(1)) if m else None for m in found)
+    kib = procmem.peak_rss_kib(since_reset)
+    return None if kib is None else kib / 1024.0
 
 
 def _cuda() -> object | None:

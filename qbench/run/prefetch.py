@@ -19,9 +19,10 @@ runs in that time.
 
 What it never overlaps: a hardware-bound cell (speed), since the helper would take the cores
 it times. The executor starts the helper only once the current variant's hardware-bound cells
-are done, and waits for it to end before the next variant's worker starts. Only on the CPU: on
-a GPU an AWQ/GPTQ build or an imatrix would share the device's memory with the cell being
-measured.
+are done, and waits for it to end before the next variant's worker starts; against other runs
+on the machine it holds the machine lock shared (qbench.host.machine_lock), as an untimed cell
+does, so another run's timed cell waits for it and it for that cell. Only on the CPU: on a GPU
+an AWQ/GPTQ build or an imatrix would share the device's memory with the cell being measured.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare the job's variant in the cache (JOB.json, REPORT.json); 0 when its file is
     there now."""
     yield_to_cells()
+    from qbench.host.machine_lock import hold
     from qbench.run.worker import _prepare, _start
 
     argv = sys.argv[1:] if argv is None else argv
@@ -133,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     t0 = time.perf_counter()
     try:
-        _prepare(job)
+        # shared, as an untimed cell: never beside a timed cell of another run on this machine
+        with hold(Path(job.cache_dir), "shared") as lock:
+            _prepare(job)
     except Exception as exc:   # the cell itself will meet this and record it
         print(f"qbench: preparing ahead failed ({type(exc).__name__}: {exc}); the variant's "
               "first cell will build it and record what happens", file=sys.stderr)
         return 1
+    print(f"qbench: machine lock {lock.as_record()}", file=sys.stderr)
     if len(argv) > 1:
         Path(argv[1]).write_text(json.dumps({"prepare_s": round(time.perf_counter() - t0, 2)}))
     return 0

@@ -29,6 +29,7 @@ from qbench.backends import backend_function, backend_module
 from qbench.backends.base import LoadOptions
 from qbench.errors import MissingExtraError, NotApplicable, QbenchError
 from qbench.host.cache import built_here
+from qbench.host import machine_lock
 from qbench.host.fsutil import atomic_write_text
 from qbench.inputs.sources import resolve, sha256_file
 from qbench.metrics import metric_module
@@ -167,7 +168,8 @@ def execute(job: Job) -> dict[str, Any]:
         session.end_cell()
     timings["metric_s"] = round(time.perf_counter() - t1, 3)
     return {"status": "ok", "values": out.get("values", {}), "details": out.get("details", {}),
-            "artifact": artifact, "backend": backend_info, "timings": timings}
+            "artifact": artifact, "backend": backend_info, "timings": timings,
+            **({"fitness": out["fitness"]} if out.get("fitness") is not None else {})}
 
 
 def _die_with_parent(parent: int) -> None:
@@ -201,6 +203,31 @@ def _limit_memory(limit_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _lock_mode(job: Job) -> machine_lock.Mode:
+    """How a cell holds the machine lock: a hardware-bound (timed) cell alone on the machine,
+    every other cell beside other untimed work (qbench.host.machine_lock)."""
+    try:
+        bound = bool(getattr(metric_module(job.metric).INFO, "hardware_bound", False))
+    except Exception:  # noqa: BLE001 - an unknown metric fails in the cell itself, with why
+        bound = False
+    return "exclusive" if bound else "shared"
+
+
+def _note_lock(result: dict[str, Any], lock: machine_lock.Hold) -> None:
+    """The lock's hold into the result (record["lock"]); a timed cell that ran without it
+    (the wait's bound passed) is unfit whatever its metric said."""
+    result["lock"] = lock.as_record()
+    if lock.mode == "exclusive" and not lock.acquired and result.get("status") == "ok":
+        fitness = result.setdefault("fitness", {"reliable": True, "reasons": [], "rounds": 0,
+                                                "windows": []})
+        fitness["reliable"] = False
+        why = (f"its file could not be opened ({lock.error})" if lock.error else
+               f"after waiting {lock.waited_s:.0f} s (QBENCH_LOCK_WAIT_S)")
+        fitness["reasons"] = [*fitness.get("reasons", []),
+                              f"ran without the machine lock, {why}: other qbench work may "
+                              "have run beside it"]
+
+
 def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
     """Run one cell in this process: (its result, whether this process may run another).
 
@@ -218,22 +245,33 @@ def measure(job: Job, *, position: int = 0) -> tuple[dict[str, Any], bool]:
     print(f"qbench cell {job.cell_id} key {job.key}", file=sys.stderr, flush=True)
     fit = True
     try:
-        inject(job.cell_id)
-        result = execute(job)
-    except NotApplicable as exc:  # permanent: a rerun would say the same
-        result = {"status": "skipped", "error": str(exc), "details": {"not_applicable": True}}
-    except MissingExtraError as exc:  # retried next run: the extra may be installed by then
-        result = {"status": "skipped", "error": str(exc)}
-    except MemoryError:
-        result = {"status": "failed", "error": "out of memory (MemoryError in the cell)"}
-        fit = False
-    except QbenchError as exc:
-        result = {"status": "failed", "error": str(exc)}
-    except Exception as exc:  # any other failure is this cell's outcome, not the run's
-        tb = traceback.format_exc(limit=-8)
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": tb}
-        print(tb, file=sys.stderr)
-        fit = False
+        mode, wait_s = _lock_mode(job), machine_lock.max_wait_s()
+    except ValueError as exc:
+        return {"status": "failed", "error": str(exc)}, True
+    with machine_lock.hold(Path(job.cache_dir), mode, wait_s=wait_s,
+                           on_wait=lambda: print(f"qbench: waiting for the machine lock "
+                                                 f"({mode})", file=sys.stderr,
+                                                 flush=True)) as lock:
+        try:
+            inject(job.cell_id)
+            result = execute(job)
+        except NotApplicable as exc:  # permanent: a rerun would say the same
+            result = {"status": "skipped", "error": str(exc),
+                      "details": {"not_applicable": True}}
+        except MissingExtraError as exc:  # retried next run: the extra may be installed by then
+            result = {"status": "skipped", "error": str(exc)}
+        except MemoryError:
+            result = {"status": "failed", "error": "out of memory (MemoryError in the cell)"}
+            fit = False
+        except QbenchError as exc:
+            result = {"status": "failed", "error": str(exc)}
+        except Exception as exc:  # any other failure is this cell's outcome, not the run's
+            tb = traceback.format_exc(limit=-8)
+            result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                      "traceback": tb}
+            print(tb, file=sys.stderr)
+            fit = False
+    _note_lock(result, lock)
     # the kernel's peak: over the process for its first cell, since the reset for a later one
     if (self_peak := peak.peak_rss_mb(since_reset=exact) if position == 0 or exact
             else None) is not None:

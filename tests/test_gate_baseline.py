@@ -113,7 +113,7 @@ def test_baseline_timings_are_reliable_and_from_one_run(stored: list[dict[str, A
     machine lock, undisturbed (results/baselines/README.md)."""
     assert len({r["run_id"] for r in stored}) == 1, sorted({r["run_id"] for r in stored})
     speed = [r for r in stored if r["metric"] == "speed"]
-    assert speed and all(r["metric_version"] == "3" for r in speed)
+    assert speed and all(r["metric_version"] == "4" for r in speed)
     for r in speed:
         fit = r.get("fitness") or {}
         assert fit.get("reliable") is True, (cell_id(r), fit.get("reasons"))

@@ -25,7 +25,7 @@ from qbench.metrics import LOG, NONE, REPETITIONS, MetricInfo, Value
 from qbench.metrics.context import CellContext, value
 
 INFO = MetricInfo(
-    name="speed", version="3", primary="tg_tokens_per_s", higher_is_better=True,
+    name="speed", version="4", primary="tg_tokens_per_s", higher_is_better=True,
     gated={"pp_tokens_per_s": True},
     # derived from tg tokens/s (gated) and counters shared with other processes: shown only
     reported=("tg_effective_gbs", "tg_bandwidth_pct", "pp_joules_per_token",
@@ -60,7 +60,13 @@ INFO = MetricInfo(
         "over a buffer far larger than the last-level cache (a model whose weights fit in that "
         "cache is flagged: it can read faster than memory). Energy per token from NVML's or "
         "RAPL's energy counter where readable (whole package or GPU, other processes "
-        "included); otherwise the reason is recorded."),
+        "included); otherwise the reason is recorded. Fitness: the cell holds qbench's "
+        "machine-wide lock (no other qbench work runs beside it); over every timed window "
+        "other processes' CPU time, steal, load and clock are recorded, and a test whose "
+        "windows saw other processes use over 10 % of a core (or steal), or whose repetitions "
+        "vary with a coefficient of variation above 1, is measured again (max_rounds); still "
+        "disturbed, it is stored as unreliable with the reason: shown greyed, never ranked by "
+        "or gated. Peak RSS (and VRAM) per repetition, for the gate's spread."),
 )
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qbench.host.fsutil import open_fresh
 from qbench.results.schema import Outcome
 from qbench.run.control import ParentEnd
 from qbench.run.job import Job
@@ -51,6 +52,9 @@ class CellRun:
     job: Job
     log_path: Path
     timeout_s: float
+    # where the worker's temporary folder goes (the results folder's .scratch/, swept under its
+    # lock after a kill); None: the system's temporary folder
+    tmp_dir: Path | None = None
 
 
 def run_in_child(job: Job, *, log_path: Path, timeout_s: float,
@@ -82,7 +86,9 @@ def _one_worker(runs: Sequence[CellRun], memory_limit_mb: int, python: str
     """Spawn one worker for ``runs`` and report its cells until it ends."""
     for run in runs:
         run.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
+    if runs[0].tmp_dir is not None:
+        runs[0].tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qbench-cell-", dir=runs[0].tmp_dir) as tmp:
         results = [Path(tmp) / f"result-{i}.json" for i in range(len(runs))]
         channel = ParentEnd()
         events_fd, ack_fd = channel.child_fds()
@@ -97,7 +103,8 @@ def _one_worker(runs: Sequence[CellRun], memory_limit_mb: int, python: str
         sampler: _Sampler | None = None
         try:
             t_spawn = time.monotonic()
-            with runs[0].log_path.open("wb") as log:   # the worker moves to each cell's own log
+            # a new file, never written through a link (the worker moves to each cell's own log)
+            with os.fdopen(open_fresh(runs[0].log_path), "wb") as log:
                 proc = subprocess.Popen(
                     [python, "-m", "qbench.run.worker", "--cells", str(spec_path)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,

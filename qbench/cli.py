@@ -18,6 +18,7 @@ from rich.table import Table
 from qbench import __version__
 from qbench.errors import QbenchError
 from qbench.host.cache import KINDS as CACHE_KINDS
+from qbench.options import finite_float
 
 EXIT_OK, EXIT_USER, EXIT_CELLS_FAILED, EXIT_BUG = 0, 1, 2, 3
 LOG_WIDTH = 1000   # console width when stderr is not a terminal: long lines stay whole
@@ -47,11 +48,21 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
     from qbench.inputs.datasets import locate_text
     from qbench.errors import DatasetError, SourceError
     from qbench.backends import backend_function
-    from qbench.inputs.sources import locate
+    from qbench.inputs.sources import locate, pin_hint, unpinned_hub_ref
 
     file = str(suite.path)
     for i, model in enumerate(suite.models):
         try:
+            if unpinned_hub_ref(model.source):
+                if getattr(model, "trust_remote_code", False):
+                    raise ConfigError(f"trust_remote_code = true runs the Python code the hub "
+                                      f"holds when the cell runs, and {model.source!r} is not "
+                                      f"pinned to a commit: pin it ({pin_hint(model.source)})",
+                                      file=file, key=f"models[{i}].source")
+                print(f"qbench: warning: {file}: models[{i}].source {model.source!r} is not "
+                      "pinned to a commit: a re-upload would be measured under the same cell "
+                      f"key, mixed with earlier results; pin it as {pin_hint(model.source)}",
+                      file=sys.stderr)
             local = locate(model.source, base_dir=ctx.base_dir)
             check = backend_function(model.base_backend, "check_model_file")
             if local is not None and local.path.is_file() and check is not None:
@@ -147,6 +158,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         report = pages[1] if len(pages) > 1 else pages[0]
         console.print(f"report: {report}")
     code = EXIT_CELLS_FAILED if summary.any_failed else EXIT_OK
+    if summary.missing_dependencies and not summary.any_failed:
+        code = EXIT_USER          # nothing could run here: an install, not a measurement, is due
     if args.summary_json or args.summary_md:
         from qbench.run import summary as run_summary
         run_summary.write(run_summary.build(summary, store, report=report, exit_code=code),
@@ -181,7 +194,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     from qbench.results.merge import merge_results
 
-    summary = merge_results([Path(p) for p in args.sources], Path(args.out))
+    summary = merge_results([Path(p) for p in args.sources], Path(args.out),
+                            on_conflict=args.on_conflict)
     for line in summary.lines():
         console.print(line)
     return EXIT_OK
@@ -392,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(pip install 'qbench-llm[ray]')")
     sp.add_argument("--ray-address", default=None,
                     help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
-    sp.add_argument("--gpus-per-cell", type=float, default=0,
+    sp.add_argument("--gpus-per-cell", type=finite_float, default=0,
                     help="GPUs a GPU cell asks Ray for (default 1; 0.5: two cells share one)")
     sp.add_argument("--no-prepare-ahead", action="store_true",
                     help="local CPU runs: do not make the next variant's file while this "
@@ -410,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="render stored results as static HTML")
     sp.add_argument("results", nargs="+", help="results folders (a suite's or the root)")
     sp.add_argument("--out", default="reports")
-    sp.add_argument("--memory-budget-gb", type=float, default=None,
+    sp.add_argument("--memory-budget-gb", type=finite_float, default=None,
                     help="recommend the best variant that fits (else the suite's [report])")
-    sp.add_argument("--max-loss-pct", type=float, default=None,
+    sp.add_argument("--max-loss-pct", type=finite_float, default=None,
                     help="tolerated quality loss vs base for the recommendation")
     sp = sub.add_parser("compare", help="differences between two result sets; exit 2 on a "
                         "regression (the CI gate)")
@@ -448,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder, or a folder holding several")
     sp.add_argument("--out", default="results", help="results root to merge into "
                     "(default ./results)")
+    sp.add_argument("--on-conflict", choices=("refuse", "newest", "keep"), default="refuse",
+                    help="two ok records of one cell that disagree (values or artifact): "
+                    "refuse (default: list them, write nothing), newest (the later start "
+                    "wins) or keep (the destination's, else the first source's record)")
     sp = sub.add_parser("export", help="flat table of results (JSONL, CSV or Parquet)")
     sp.add_argument("results", nargs="+", help="results folders (a suite's or the root) or "
                     "cell files")
@@ -483,9 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     except QbenchError as exc:
         print(f"qbench: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("qbench: interrupted; finished cells are saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:   # Ctrl-C; SIGTERM/SIGHUP during a run (Terminated)
+        print(f"qbench: interrupted{f' ({exc})' if str(exc) else ''}; finished cells are "
+              "saved", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
     except OSError as exc:
         import errno
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

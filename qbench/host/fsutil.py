@@ -147,6 +147,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (before a rename makes it visible under its final name: a
+    crash after the rename must not leave a name pointing at unwritten blocks)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; best effort."""
+    _fsync_dir(path)
+
+
 @contextlib.contextmanager
 def exclusive_lock(folder: Path, *, wait: bool = False, what: str = "results folder"
                    ) -> Iterator[None]:

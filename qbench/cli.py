@@ -340,7 +340,9 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
                 "qbench compare results/baselines/smoke results/smoke --suite "
                 "suites/smoke.toml --out diff.html"),
     "merge": ("Merge result folders (e.g. the shards of a CI matrix run with --shard i/n) "
-              "into one results root.",
+              "into one results root. Sources are read as untrusted: links, malformed records "
+              "and run manifests are skipped and listed; two ok records of one cell that "
+              "disagree are listed and nothing is written unless --on-conflict says which wins.",
               "qbench merge shard-1/ shard-2/ --out results"),
     "export": ("Write stored results as a flat table, one row per metric value (failed cells: "
                "one row with status and error). Parquet needs the pandas extra; in Python, "

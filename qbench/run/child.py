@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qbench.host.fsutil import open_fresh
+from qbench.host.fsutil import atomic_write_text, open_fresh
 from qbench.results.schema import Outcome
 from qbench.run.control import ParentEnd
 from qbench.run.job import Job
@@ -93,11 +93,18 @@ def _one_worker(runs: Sequence[CellRun], memory_limit_mb: int, python: str
         channel = ParentEnd()
         events_fd, ack_fd = channel.child_fds()
         spec_path = Path(tmp) / "cells.json"
-        spec_path.write_text(json.dumps({"events_fd": events_fd, "ack_fd": ack_fd, "cells": [
+        spec = {"events_fd": events_fd, "ack_fd": ack_fd, "cells": [
             {"job": run.job.replace(parent_pid=os.getpid(), memory_limit_mb=memory_limit_mb
                                     ).to_json(),
              "result": str(result), "log": str(run.log_path)}
-            for run, result in zip(runs, results)]}))
+            for run, result in zip(runs, results)]}
+        try:
+            # a full disk is a clear StoreError here, before any cell runs (the folder is the
+            # results folder's now, not the system's)
+            atomic_write_text(spec_path, json.dumps(spec))
+        except BaseException:
+            channel.close()
+            raise
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc: subprocess.Popen[bytes] | None = None
         sampler: _Sampler | None = None

@@ -426,9 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="render stored results as static HTML")
     sp.add_argument("results", nargs="+", help="results folders (a suite's or the root)")
     sp.add_argument("--out", default="reports")
-    sp.add_argument("--memory-budget-gb", type=finite_float, default=None,
+    sp.add_argument("--memory-budget-gb", type=float, default=None,
                     help="recommend the best variant that fits (else the suite's [report])")
-    sp.add_argument("--max-loss-pct", type=finite_float, default=None,
+    sp.add_argument("--max-loss-pct", type=float, default=None,
                     help="tolerated quality loss vs base for the recommendation")
     sp = sub.add_parser("compare", help="differences between two result sets; exit 2 on a "
                         "regression (the CI gate)")

@@ -73,7 +73,7 @@ def test_command_line_numbers_must_be_finite(text, capsys):
         options.finite_float(text)
     assert options.finite_float("0.5") == 0.5
     with pytest.raises(SystemExit) as exit_:
-        main(["report", "results", f"--max-loss-pct={text}"])
+        main(["run", "suite.toml", f"--gpus-per-cell={text}"])
     assert exit_.value.code == 1
     assert "finite" in capsys.readouterr().err
 

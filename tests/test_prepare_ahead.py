@@ -49,7 +49,7 @@ class Script:
                 yield i, Outcome(status="ok", result={"timings": {}})
 
         class Helper:
-            def __init__(self, job: Job, log_path: Path) -> None:
+            def __init__(self, job: Job, log_path: Path, **_: Any) -> None:
                 if fail_start:
                     raise OSError("Resource temporarily unavailable")
                 self.cell_id = job.cell_id

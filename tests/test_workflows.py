@@ -82,8 +82,8 @@ def test_nightly_runs_sharded_on_a_self_hosted_gpu_runner(nightly):
     assert int(nightly["env"]["SHARDS"]) == len(shards)
     assert job["strategy"]["fail-fast"] is False          # one shard's failure keeps the other
     script = runs(job)
-    assert re.search(r"qbench run \"\$SUITE\" --shard \"\$\{\{ matrix\.shard \}\}/\$\{SHARDS\}\"",
-                     script)
+    assert re.search(r"qbench run \"\$SUITE\" --shard \"\$\{SHARD\}/\$\{SHARDS\}\"", script)
+    assert job["env"]["SHARD"] == "${{ matrix.shard }}"   # through env, not spliced (issue 25)
     assert "suites/ci-gpu.toml" in nightly["env"]["SUITE"]
     assert (REPO / "suites" / "ci-gpu.toml").is_file()
 

@@ -44,10 +44,12 @@ from typing import Any
 
 from .common import Bench, Row, short
 from .hf import scenario_pickle, scenario_remote_code
-from .inputs import scenario_config, scenario_gguf, scenario_hostile, scenario_missing
+from .inputs import (scenario_ci_output, scenario_config, scenario_gguf, scenario_hostile,
+                     scenario_missing, scenario_values)
 from .output import table, totals
-from .process import scenario_crash, scenario_hang, scenario_kill, scenario_oom
-from .storage import scenario_concurrent, scenario_disk, scenario_schema
+from .process import scenario_crash, scenario_hang, scenario_kill, scenario_oom, scenario_signals
+from .storage import (scenario_artifact_cache, scenario_concurrent, scenario_disk,
+                      scenario_links, scenario_records, scenario_schema)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -123,6 +125,33 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("remote-code", scenario_remote_code, "hf",
              "a HF folder whose config needs custom code (auto_map)",
              "refused and the code never runs; runs once trust_remote_code = true"),
+    # issue 25: what outlives a run, what follows a link, what is trusted on its name
+    Scenario("signals", scenario_signals, "process",
+             "SIGKILL, SIGTERM, SIGINT to `qbench run` alone while its cell runs a grandchild "
+             "(hang-tree)",
+             "no process of the cell outlives qbench; SIGTERM/SIGINT finish the run record as "
+             "interrupted; nothing left in the system temp folder"),
+    Scenario("links", scenario_links, "storage",
+             "symbolic links at <suite>/.lock, <suite>/cells, a cell's log; `qbench merge` of a "
+             "source whose log links to a private file, with a forged run manifest",
+             "exit 1 naming the link, or the link replaced; no target written or copied; the "
+             "forged manifest not copied"),
+    Scenario("records", scenario_records, "storage",
+             "a record under another cell's file name; valid JSON of the wrong shape; two ok "
+             "records of one cell that disagree, merged",
+             "the cell is todo and rerun, export lists it once; set aside, plan works; merge "
+             "refuses and lists both unless --on-conflict"),
+    Scenario("artifact", scenario_artifact_cache, "storage",
+             "a cached GGUF rewritten in place (same size, other bytes)",
+             "rebuilt; the record's sha256 is the file measured"),
+    Scenario("values", scenario_values, "inputs",
+             "timeout_s = nan / inf; a model source that is a FIFO or /dev/zero; an unpinned hf: "
+             "source with trust_remote_code",
+             "exit 1 at validate naming the key, no hang"),
+    Scenario("ci-output", scenario_ci_output, "inputs",
+             "model ids made to break out of --summary-md's table and to run as a spreadsheet "
+             "formula in export --format csv",
+             "one row per cell, no image or link; no CSV cell starts a formula"),
 )
 BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}
 

@@ -132,7 +132,7 @@ def audit(cells: Path) -> Audit:
 def records(cells: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for p in sorted(cells.glob("*.json")) if cells.is_dir() else ():
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, KeyError, TypeError):   # not a record: not counted
             rec = json.loads(p.read_text())
             out[rec["id"]] = rec
     return out

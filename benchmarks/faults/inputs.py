@@ -1,5 +1,6 @@
 """Input faults: bad GGUF files, broken suite files, missing datasets, models and extras, hostile
-model ids.
+model ids; non-finite numbers, sources that are not files, unpinned hub sources, and ids made to
+break out of the CI summary or a spreadsheet (issue 25).
 
 Together because they test what qbench is given rather than what happens while it runs: each must
 be refused early with a message naming the file and the key, or be made harmless.
@@ -7,11 +8,14 @@ be refused early with a message naming the file and the key, or be made harmless
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 import os
 import re
 import shutil
 import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -185,11 +189,13 @@ def scenario_missing(b: Bench) -> list[Row]:
     proc = b.run(suite, out, env=b.env(PYTHONPATH=path))
     recs = records(out / name / "cells")
     errs = [r.get("error") or "" for r in recs.values()]
+    shown = "(pip install 'qbench-llm[gguf]')" in proc.stderr       # the hint, whole
     good = (len(recs) == 6 and all(r["status"] == "skipped" for r in recs.values())
-            and all("qbench-llm[gguf]" in e for e in errs) and _clean(proc.stderr))
-    shown = "qbench-llm[gguf]" in proc.stderr
+            and all("qbench-llm[gguf]" in e for e in errs) and _clean(proc.stderr)
+            and proc.returncode == 1 and "nothing was measured" in proc.stderr and shown)
     rows.append(Row("missing extra (llama_cpp not importable)",
-                    "each cell skipped with the reason and the pip command, no model work",
+                    "each cell skipped with the reason and the pip command, no model work; "
+                    "the run exits 1 (nothing measured) with the install hint whole",
                     f"exit {proc.returncode}; {statuses(recs)}: "
                     f"'{short(errs[0] if errs else '', 90)}'"
                     f"; console shows 'qbench-llm[gguf]': {yes(shown)}",
@@ -262,4 +268,99 @@ def scenario_hostile(b: Bench) -> list[Row]:
     rows.append(Row("model id with a newline", "exit 1 naming models[0].id, nothing written",
                     f"exit {proc.returncode}: '{short(last_error_line(proc.stderr), 120)}'",
                     good, seconds=time.monotonic() - t0))
+    return rows
+
+
+# -- values that hang or disable (issue 25) ----------------------------------------------------
+def _validate(b: Bench, suite: Path, timeout: float = 60) -> tuple[int | None, str, float]:
+    """`qbench validate` with a deadline: (exit or None if it hung, stderr, seconds)."""
+    t0 = time.monotonic()
+    try:
+        proc = b.qbench([*b.cmd, "validate", str(suite)], timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, "", time.monotonic() - t0
+    return proc.returncode, proc.stderr, time.monotonic() - t0
+
+
+def scenario_values(b: Bench) -> list[Row]:
+    """nan/inf for a number, a source that is a FIFO or a device, an unpinned hub source with
+    trust_remote_code."""
+    rows = []
+    for value in ("nan", "inf"):
+        name = f"faults-timeout-{value}"
+        text = suite_text(name).replace("timeout_s = 600", f"timeout_s = {value}")
+        code, err, secs = _validate(b, b.write_suite(name, text))
+        good = code == 1 and "defaults.timeout_s" in err and "finite" in err and _clean(err)
+        rows.append(Row(f"timeout_s = {value} (TOML accepts it; every comparison with nan is "
+                        "false)", "exit 1 naming defaults.timeout_s",
+                        f"exit {code}: '{short(last_error_line(err), 110)}'", good,
+                        seconds=secs))
+    fifo = b.work / "model-fifo.gguf"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    for what, source in (("a FIFO", str(fifo)), ("/dev/zero", "/dev/zero")):
+        name = "faults-source-" + ("fifo" if "FIFO" in what else "devzero")
+        code, err, secs = _validate(b, b.write_suite(name, suite_text(
+            name, models=(("smol", source),))))
+        good = code == 1 and "models[0].source" in err and _clean(err)
+        rows.append(Row(f"model source is {what}", "exit 1 at validate naming models[0].source "
+                        "(not a regular file or folder), no hang",
+                        "hung past 60 s (killed)" if code is None else
+                        f"exit {code} in {secs:.1f} s: '{short(last_error_line(err), 100)}'",
+                        good, seconds=secs))
+    name = "faults-unpinned"
+    code, err, secs = _validate(b, b.write_suite(name, suite_text(
+        name, models=(("hub", "hf:example-org/tiny-model"),),
+        model_extra="trust_remote_code = true\n")))
+    good = code == 1 and "not pinned" in err and "models[0].source" in err and _clean(err)
+    rows.append(Row("hf: source without a commit, with trust_remote_code = true",
+                    "exit 1 at validate: the code the branch holds would run; pin @<commit>",
+                    f"exit {code}: '{short(last_error_line(err), 110)}'", good, seconds=secs))
+    return rows
+
+
+# -- text that reaches CI pages and spreadsheets (issue 25) ------------------------------------
+EVIL_MD = "x`](y) ![p](https://evil.example/p.png) | [l](https://evil.example)"
+EVIL_CSV = '=HYPERLINK("https://evil.example","open")'
+
+
+def scenario_ci_output(b: Bench) -> list[Row]:
+    """Model ids made to break out of the --summary-md table ($GITHUB_STEP_SUMMARY) and to run
+    as a spreadsheet formula in `qbench export --format csv`."""
+    rows = []
+    name = "faults-ci-output"
+    suite = b.write_suite(name, suite_text(name, quants=("F16",), metrics=SPEED + NO_SANITY,
+                                           models=((EVIL_MD, MODEL), (EVIL_CSV, MODEL))))
+    out = b.work / "results-ci-output"
+    md = b.work / "step-summary.md"
+    md.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    proc = b.run(suite, out, "--summary-md", str(md), fault="*=error")
+    text = md.read_text() if md.is_file() else ""
+    try:
+        from markdown_it import MarkdownIt
+        html = MarkdownIt("commonmark").enable("table").render(text)
+        rendered = "markdown-it"
+    except ImportError:        # without a renderer: the raw markers that would make them
+        html = text.replace("\\!", "").replace("\\[", "")
+        rendered = "raw text"
+    images, links = html.count("<img"), html.count("<a ")
+    n = len(records(out / name / "cells"))
+    table_rows = html.count("<tr>") if rendered == "markdown-it" else n + 1
+    good = (proc.returncode == 2 and n == 4 and table_rows == n + 1 and images == 0
+            and links == 0 and _clean(proc.stderr))
+    rows.append(Row("model id with a backtick, an image, a link and a '|', run with "
+                    "--summary-md", "one table row per cell; no image, link or extra cell",
+                    f"exit {proc.returncode}; rendered ({rendered}): {images} image(s), "
+                    f"{links} link(s), {table_rows} table rows for {n} cells + header", good,
+                    seconds=time.monotonic() - t0))
+    t0 = time.monotonic()
+    export = b.qbench([*b.cmd, "export", str(out / name), "--format", "csv"])
+    cells = [v for row in csv.DictReader(io.StringIO(export.stdout)) for v in row.values()]
+    raw = [v for v in cells if v.startswith(("=", "+", "-", "@"))]
+    good = export.returncode == 0 and not raw and any(v.startswith("'=") for v in cells)
+    rows.append(Row(f"model id {EVIL_CSV}, exported as CSV",
+                    "no cell starts with = + - @ (prefixed with ')",
+                    f"exit {export.returncode}; formula cells: {len(raw)}", good,
+                    seconds=time.monotonic() - t0))
     return rows

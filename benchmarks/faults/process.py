@@ -1,5 +1,6 @@
 """Process faults: qbench killed with SIGKILL, a cell that segfaults or aborts, one that runs out
-of memory, one that hangs with a grandchild.
+of memory, one that hangs with a grandchild; SIGKILL, SIGTERM and SIGINT sent to qbench alone
+while its cell runs a grandchild (issue 25).
 
 Together because they all test the same promise of the executor: a cell's process dying or
 stalling is recorded as that cell's outcome, the run goes on, and no finished result is touched.
@@ -8,6 +9,7 @@ stalling is recorded as that cell's outcome, the run goes on, and no finished re
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,8 +20,8 @@ from typing import Any
 
 import psutil
 
-from .common import (Bench, Row, _clean, audit, changed, records, short, snapshot, statuses,
-                     suite_text, yes)
+from .common import (NO_SANITY, SPEED, Bench, Row, _clean, audit, changed, last_error_line,
+                     records, short, snapshot, statuses, suite_text, yes)
 
 
 # -- kill -9 -----------------------------------------------------------------------------------
@@ -243,3 +245,81 @@ def scenario_hang(b: Bench, timeout_s: float = 20) -> list[Row]:
                 f"grandchild still alive: {grandchild_alive}; footprint cells: "
                 f"{', '.join(str(f.get('status')) for f in foot)}; exit {proc.returncode}",
                 good, 1, sum(f.get("status") != "ok" for f in foot), time.monotonic() - t0)]
+
+
+# -- signals to qbench itself (issue 25) -----------------------------------------------------
+def signal_run(b: Bench, sig: signal.Signals, timeout: float = 300) -> dict[str, Any]:
+    """Start ``qbench run`` on a suite whose first cell starts a hanging grandchild (hang-tree),
+    send ``sig`` to the qbench process alone (as `kill PID`, `timeout`, a CI runner or Slurm
+    do) once the grandchild runs, and see what outlives it."""
+    name = f"faults-signal-{sig.name.lower()}"
+    suite = b.write_suite(name, suite_text(name, quants=("F16",), metrics=SPEED + NO_SANITY))
+    out = b.work / f"results-{name}"
+    system_tmp = b.work / f"tmp-{name}"             # stands for /tmp during this run
+    system_tmp.mkdir(parents=True, exist_ok=True)
+    err_path = b.work / f"{name}.stderr"
+    env = b.env("*=hang-tree", TMPDIR=str(system_tmp))
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(b.run_args(suite, out), stdout=subprocess.DEVNULL, stderr=err,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    grandchild = None
+    tree: list[psutil.Process] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and grandchild is None:
+            for log in (out / name / "logs").glob("*.log") if (out / name / "logs").is_dir() \
+                    else ():
+                m = re.search(r"grandchild pid (\d+)", log.read_text(errors="replace"))
+                if m:
+                    grandchild = int(m.group(1))
+            time.sleep(0.1)
+        if grandchild is not None:
+            with contextlib.suppress(psutil.Error):
+                tree = [psutil.Process(grandchild), *_tree(proc.pid).values()]
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    orphans = _alive(alive)
+    for p in orphans:                       # ours: end them so the next run is not disturbed
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    manifests = sorted((out / name / "runs").glob("*.json")) if (out / name / "runs").is_dir() \
+        else []
+    manifest = json.loads(manifests[-1].read_text()) if manifests else {}
+    return {"started": grandchild is not None, "exit": proc.returncode, "tree": len(tree),
+            "orphans": len(orphans), "manifest": manifest,
+            "tmp_left": sorted(p.name for p in system_tmp.iterdir()),
+            "stderr": err_path.read_text(errors="replace")}
+
+
+def scenario_signals(b: Bench) -> list[Row]:
+    """SIGKILL, SIGTERM and SIGINT to `qbench run` alone, its cell holding a real grandchild:
+    nothing survives; SIGTERM and SIGINT finish the run record as interrupted."""
+    rows = []
+    for sig, code in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 128 + signal.SIGTERM),
+                      (signal.SIGINT, 130)):
+        t0 = time.monotonic()
+        r = signal_run(b, sig)
+        m = r["manifest"]
+        finished = bool(m.get("finished")) and m.get("interrupted") is True \
+            and m.get("signal") == sig.name
+        good = (r["started"] and r["orphans"] == 0 and r["exit"] == code and not r["tmp_left"]
+                and (sig == signal.SIGKILL or finished) and _clean(r["stderr"]))
+        rows.append(Row(
+            f"{sig.name} to `qbench run` alone while its cell runs a grandchild (hang-tree)",
+            "no process of the cell outlives qbench"
+            + ("" if sig == signal.SIGKILL else
+               f"; exit {code}; run record finished, interrupted by {sig.name}")
+            + "; nothing left in the system temp folder",
+            f"exit {r['exit']}; {r['orphans']} of {r['tree']} cell processes outlived it; "
+            f"record finished: {yes(bool(m.get('finished')))}, interrupted: "
+            f"{m.get('interrupted')}, signal: {m.get('signal')}; left in TMPDIR: "
+            f"{r['tmp_left'] or 'nothing'}" if r["started"] else
+            f"the fault never started (exit {r['exit']}): "
+            f"{short(last_error_line(r['stderr']), 100)}",
+            good, seconds=time.monotonic() - t0))
+    return rows

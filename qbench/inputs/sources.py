@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,26 @@ def parse_hf(ref: str) -> tuple[str, str, str]:
     if len(parts) < 2 or not all(parts[:2]):
         raise SourceError(f"expected hf:ORG/REPO[/FILE][@REVISION], got {ref!r}")
     return "/".join(parts[:2]), "/".join(parts[2:]), rev
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def unpinned_hub_ref(ref: str) -> bool:
+    """An ``hf:`` source not pinned to a commit (no ``@REVISION``, or a branch or tag name,
+    which the repository's owner can move): what it downloads can change under the same cell
+    key."""
+    if not ref.startswith("hf:"):
+        return False
+    _, _, revision = parse_hf(ref)
+    return _COMMIT.match(revision) is None
+
+
+def pin_hint(ref: str) -> str:
+    """How to pin ``ref``: the form to write, for the messages that ask for it."""
+    repo_id, filename, _ = parse_hf(ref)
+    return (f"hf:{repo_id}{'/' + filename if filename else ''}@<40-hex commit> (the commit is "
+            f"on the hub's 'Files and versions' page of {repo_id})")
 
 
 def _package_file(ref: str) -> Path:
@@ -82,8 +103,22 @@ def locate(ref: str, *, base_dir: Path) -> Resolved | None:
         path = base_dir / path
     if not path.exists():
         raise SourceError(f"model file not found: {path}")
+    _regular_or_folder(path)
     # absolute, links kept: llama.cpp finds a split GGUF's shards by the first shard's name
     return Resolved(Path(os.path.abspath(path)), ref, "path")
+
+
+def _regular_or_folder(path: Path) -> None:
+    """Refuse a source that is neither a regular file nor a folder (after links): hashing
+    /dev/zero or reading a FIFO never ends, and a socket or device is no model."""
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+            "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise SourceError(f"{path} is {kind}: a model source must be a regular file or a folder")
 
 
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")

@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from qbench.host.cores import physical_cores
 from qbench.errors import QbenchError, SourceError
 from qbench.host.cache import folder as cache_folder
 from qbench.host.cache import note_built
-from qbench.host.fsutil import atomic_write_text, file_lock
+from qbench.host.fsutil import atomic_write_text, file_lock, fsync_file, fsync_folder
 from qbench.inputs.sources import check_gguf, sha256_file, split_shards
 from qbench.quantize.gguf_types import FLOAT_TYPES, FTYPES
 
@@ -254,15 +255,44 @@ def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | No
                           "see the cell log for llama.cpp's message")
 
 
+def _verified(final: Path, meta: Path, cache_dir: Path) -> str | None:
+    """The sha256 of the cached file ``final`` if it is still the file its ``recipe.json``
+    describes (size, where recorded, and sha256), else None, with the reason on stderr. The
+    hash comes from the per-file memo, keyed by size, mtime, inode and ctime: an unchanged file
+    costs a stat, a file changed in any way is hashed again."""
+    try:
+        stored = json.loads(meta.read_text())
+        want_sha, want_size = stored["output_sha256"], stored.get("output_size")
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "its recipe.json is unreadable"
+    else:
+        size = final.stat().st_size
+        if want_size is not None and size != want_size:
+            why = f"it is {size} bytes, its recipe says {want_size}"
+        elif (got := sha256_file(final, cache_dir)) != want_sha:
+            why = f"its sha256 is {got[:16]}..., its recipe says {str(want_sha)[:16]}..."
+        else:
+            return got
+    print(f"qbench: the cached {final} is not the file that was built ({why}); building it "
+          "again", file=sys.stderr, flush=True)
+    return None
+
+
 def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
-    """Return the artifact for ``recipe``, building it once under a lock (atomic rename)."""
+    """Return the artifact for ``recipe``, building it once under a lock (atomic rename). A
+    cached file is reused only when it still matches the size and sha256 recorded when it was
+    built; a file that does not (truncated, rewritten, bit rot the stamp shows) is rebuilt."""
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
     folder = cache_folder(cache_dir, "artifacts") / digest
     final = folder / "model.gguf"
     with file_lock(cache_folder(cache_dir, "artifacts") / f"{digest}.lock"):
         meta = folder / "recipe.json"
         if final.exists() and meta.exists():
-            return Artifact(final, json.loads(meta.read_text())["output_sha256"], recipe)
+            sha = _verified(final, meta, cache_dir)
+            if sha is not None:
+                return Artifact(final, sha, recipe)
+            meta.unlink()
+            final.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".model.*.tmp.gguf"):  # a build killed earlier (lock held)
             stale.unlink(missing_ok=True)
@@ -272,7 +302,9 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
         try:
             build(tmp)
             summary = inspect_gguf(tmp)      # a broken build never lands in the cache
+            fsync_file(tmp)                  # its blocks on disk before its name is final
             os.replace(tmp, final)
+            fsync_folder(folder)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -280,7 +312,8 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
         # kept: the footprint and the roofline would otherwise read the new file again
         atomic_write_text(_summary_memo(cache_dir, out_sha), json.dumps(summary))
         atomic_write_text(meta, json.dumps(
-            recipe | {"output_sha256": out_sha, "build_s": round(time.perf_counter() - t0, 2)},
+            recipe | {"output_sha256": out_sha, "output_size": final.stat().st_size,
+                      "build_s": round(time.perf_counter() - t0, 2)},
             indent=1))
         return Artifact(final, out_sha, recipe)
 
@@ -303,6 +336,11 @@ def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
               "imatrix_sha256": imatrix_sha or None, **lib}
     if imatrix_path is not None:
         recipe["tool"] = "llama-quantize --imatrix"
+        if os.environ.get("QBENCH_LLAMA_CPP_BIN"):
+            # prebuilt tools, not qbench's recipe: the binary that runs is the provenance (and
+            # another binary makes another file)
+            from qbench.quantize.llama_tools import tool_version
+            recipe["llama_quantize"] = tool_version(("llama-quantize",))["binaries"]
     return _cached(cache_dir, recipe,
                    lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
 

@@ -101,7 +101,7 @@ def build_imatrix(req: PrepareRequest) -> tuple[Path, str]:
         atomic_write_text(folder / "provenance.json", json.dumps(
             recipe | {"calibration": text.origin, "dataset": req.variant["imatrix"],
                       **{k: v for k, v in region.items() if k != "slice_sha256"},
-                      "imatrix_sha256": sha, "tools": tools, "command": cmd}, indent=1))
+                      "imatrix_sha256": sha, "tools": tool_version(), "command": cmd}, indent=1))
     return out, hashlib.sha256(out.read_bytes()).hexdigest()
 
 

@@ -35,11 +35,26 @@ def to_jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps({c: row.get(c) for c in COLUMNS}) + "\n" for row in rows)
 
 
+# what a spreadsheet takes for the start of a formula (OWASP's list): a cell starting with one
+# of these, opened in Excel or LibreOffice, would run =HYPERLINK(...), =WEBSERVICE(...), DDE
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: None empty, numbers as they are, and text that a spreadsheet
+    would run as a formula prefixed with a single quote (shown, not evaluated)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in COLUMNS})
+        writer.writerow({c: csv_cell(row.get(c)) for c in COLUMNS})
     return buf.getvalue()
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qbench.host.fsutil import atomic_write_text, open_fresh
 from qbench.results.schema import Outcome
 from qbench.run.control import ParentEnd
 from qbench.run.job import Job
@@ -51,6 +52,9 @@ class CellRun:
     job: Job
     log_path: Path
     timeout_s: float
+    # where the worker's temporary folder goes (the results folder's .scratch/, swept under its
+    # lock after a kill); None: the system's temporary folder
+    tmp_dir: Path | None = None
 
 
 def run_in_child(job: Job, *, log_path: Path, timeout_s: float,
@@ -82,22 +86,32 @@ def _one_worker(runs: Sequence[CellRun], memory_limit_mb: int, python: str
     """Spawn one worker for ``runs`` and report its cells until it ends."""
     for run in runs:
         run.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
+    if runs[0].tmp_dir is not None:
+        runs[0].tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qbench-cell-", dir=runs[0].tmp_dir) as tmp:
         results = [Path(tmp) / f"result-{i}.json" for i in range(len(runs))]
         channel = ParentEnd()
         events_fd, ack_fd = channel.child_fds()
         spec_path = Path(tmp) / "cells.json"
-        spec_path.write_text(json.dumps({"events_fd": events_fd, "ack_fd": ack_fd, "cells": [
+        spec = {"events_fd": events_fd, "ack_fd": ack_fd, "cells": [
             {"job": run.job.replace(parent_pid=os.getpid(), memory_limit_mb=memory_limit_mb
                                     ).to_json(),
              "result": str(result), "log": str(run.log_path)}
-            for run, result in zip(runs, results)]}))
+            for run, result in zip(runs, results)]}
+        try:
+            # a full disk is a clear StoreError here, before any cell runs (the folder is the
+            # results folder's now, not the system's)
+            atomic_write_text(spec_path, json.dumps(spec))
+        except BaseException:
+            channel.close()
+            raise
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc: subprocess.Popen[bytes] | None = None
         sampler: _Sampler | None = None
         try:
             t_spawn = time.monotonic()
-            with runs[0].log_path.open("wb") as log:   # the worker moves to each cell's own log
+            # a new file, never written through a link (the worker moves to each cell's own log)
+            with os.fdopen(open_fresh(runs[0].log_path), "wb") as log:
                 proc = subprocess.Popen(
                     [python, "-m", "qbench.run.worker", "--cells", str(spec_path)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,

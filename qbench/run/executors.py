@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from qbench.errors import QbenchError
 from qbench.metrics import known_metric_info
 from qbench.results.schema import Outcome
 from qbench.run.batching import batch_key, consecutive
@@ -32,6 +33,7 @@ class WorkItem:
     log_path: Path
     timeout_s: float
     memory_limit_mb: int
+    tmp_dir: Path | None = None     # temporary folders: the results folder's .scratch/
 
 
 class Executor(Protocol):
@@ -75,7 +77,7 @@ class LocalExecutor:
                              and on_cpu(group[0]) and on_cpu(nxt))
                 timed_left = sum(hardware_bound(i) for i in group)
                 running_at_start = False
-                runs = [CellRun(i.job, i.log_path, i.timeout_s) for i in group]
+                runs = [CellRun(i.job, i.log_path, i.timeout_s, i.tmp_dir) for i in group]
                 for index, outcome in run_cells(runs, memory_limit_mb=group[0].memory_limit_mb):
                     item = group[index]
                     timings = outcome.result.setdefault("timings", {})
@@ -99,8 +101,9 @@ def start_helper(item: WorkItem) -> Prefetch | None:
     """The helper for ``item``'s variant, with the worker's memory cap; None if it cannot be
     started (a speed-up is never worth a cell's result: the cell builds its file itself)."""
     try:
-        return Prefetch(item.job.replace(memory_limit_mb=item.memory_limit_mb), ahead_log(item))
-    except OSError as exc:
+        return Prefetch(item.job.replace(memory_limit_mb=item.memory_limit_mb), ahead_log(item),
+                        tmp_dir=item.tmp_dir)
+    except (OSError, QbenchError) as exc:
         print(f"qbench: could not prepare {item.cell.id}'s variant ahead ({exc}); its first "
               "cell will", file=sys.stderr)
         return None

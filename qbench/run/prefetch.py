@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qbench.host.fsutil import open_fresh
 from qbench.run.job import Job
 
 
@@ -70,16 +71,21 @@ class Prefetch:
     """One helper process preparing one variant (the parent's side). Starting it raises
     OSError if the process cannot be started (the caller goes on without it)."""
 
-    def __init__(self, job: Job, log_path: Path, *, python: str = sys.executable) -> None:
+    def __init__(self, job: Job, log_path: Path, *, python: str = sys.executable,
+                 tmp_dir: Path | None = None) -> None:
         self.cell_id = job.cell_id
         self.started = time.monotonic()
-        self._tmp = tempfile.TemporaryDirectory(prefix="qbench-prefetch-")
+        if tmp_dir is not None:      # the results folder's .scratch/: swept under its lock
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="qbench-prefetch-", dir=tmp_dir)
         self._report = Path(self._tmp.name) / "report.json"
         try:
             job_path = Path(self._tmp.name) / "job.json"
             job_path.write_text(job.replace(parent_pid=os.getpid()).to_json())
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            with log_path.open("wb") as log:
+            if log_path.parent.is_symlink():
+                raise OSError(f"{log_path.parent} is a symbolic link: no log written through it")
+            with os.fdopen(open_fresh(log_path), "wb") as log:
                 self.proc = subprocess.Popen(
                     [python, "-m", "qbench.run.prefetch", str(job_path), str(self._report)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -36,7 +36,13 @@ Resources per cell:
 
 On a multi-node cluster every node needs qbench installed and the suite folder, data dir and
 cache dir at the same paths as on the driver (a shared filesystem); variables named QBENCH_*,
-HF_* and TRANSFORMERS_* of the driver are passed to each task.
+HF_* and TRANSFORMERS_* of the driver (HF_TOKEN among them) reach each task through its
+environment (Ray's ``runtime_env`` ``env_vars``), never as task arguments, which Ray keeps with
+the task's description and shows wherever tasks are listed.
+
+Security: Ray before 2.59 starts a local instance listening on every interface with no
+authentication, so anyone who can reach the machine could submit code for the run's duration;
+from 2.59 token authentication is on by default. ``import_ray`` refuses older versions.
 
 Ray is an optional extra (``pip install 'qbench-llm[ray]'``); nothing imports it unless this
 executor is chosen. ``QBENCH_RAY_FAULT="GLOB=KIND"`` (kinds exit, segfault, error, hang) makes
@@ -48,6 +54,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -68,6 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qbench.run.executors import WorkItem
 
 INSTALL_HINT = "--executor ray needs 'pip install qbench-llm[ray]'"
+MIN_RAY = (2, 59)    # token authentication on by default (pyproject's ray extra: ray>=2.59)
 LOG_LIMIT = 4 * 2**20                  # bytes of a cell's log sent back (head and tail kept)
 ENV_PREFIXES = ("QBENCH_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
 CANCEL_GRACE_S = 60.0                  # cancelled tasks that still run after this are killed
@@ -79,7 +87,19 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise QbenchError(INSTALL_HINT) from None
+    if _version_tuple(getattr(ray, "__version__", "0")) < MIN_RAY:
+        raise QbenchError(
+            f"--executor ray needs ray >= {'.'.join(map(str, MIN_RAY))} (installed: "
+            f"{getattr(ray, '__version__', '?')}): older versions start a local instance that "
+            "listens on every interface without authentication. pip install -U "
+            "'qbench-llm[ray]'")
     return ray
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'2.59.0rc1' -> (2, 59, 0); (0,) when it does not start with a number."""
+    m = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else (0,)
 
 
 def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -236,16 +256,17 @@ class _CancelGuard:
 
 
 def run_cell_task(job_json: str, timeout_s: float, memory_limit_mb: int,
-                  env: dict[str, str]) -> dict[str, Any]:
+                  env: dict[str, str] | None = None) -> dict[str, Any]:
     """The body of each Ray task (runs in a Ray worker process): one cell in a child process.
 
     Returns plain data: ``outcome`` (Outcome as a dict), ``log`` (the cell's log text) and where
-    it ran. The driver's variables in ``env`` are set for the child and restored afterwards
-    (Ray reuses worker processes)."""
+    it ran. The executor passes the driver's variables through the task's environment (its
+    runtime_env); ``env``, for a direct call, is set for the child and restored afterwards."""
     from qbench.run.child import run_in_child
 
+    env = env or {}
     job = Job.from_json(job_json)   # plain JSON across the cluster, read strictly
-    _task_fault(job.cell_id, env.get("QBENCH_RAY_FAULT"))
+    _task_fault(job.cell_id, env.get("QBENCH_RAY_FAULT", os.environ.get("QBENCH_RAY_FAULT")))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -328,7 +349,9 @@ class RayExecutor:
         try:
             cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
             task = ray.remote(run_cell_task)
-            env = forwarded_env()
+            # the driver's variables (HF_TOKEN among them) in the task's environment: task
+            # arguments are kept with the task's description and listed by Ray's tools
+            runtime_env = {"env_vars": forwarded_env()}
             by_ref: dict[Any, WorkItem] = {}
             refused: list[tuple[WorkItem, Outcome]] = []
             for item in items:
@@ -342,7 +365,8 @@ class RayExecutor:
                     name=f"qbench:{item.cell.id}"[:200], num_cpus=cpus_for(
                         item.job, self.num_cpus_per_cell),
                     num_gpus=gpus, max_retries=self.max_retries, retry_exceptions=False,
-                ).remote(item.job.to_json(), item.timeout_s, item.memory_limit_mb, env)
+                    runtime_env=runtime_env,
+                ).remote(item.job.to_json(), item.timeout_s, item.memory_limit_mb)
                 by_ref[ref] = item
             pending = list(by_ref)
             for item, outcome in refused:

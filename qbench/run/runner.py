@@ -1,13 +1,20 @@
 """`qbench run`: plan the suite, skip finished cells, run the rest (the local executor: one worker
 process per variant), store each cell's outcome the moment it is known, and show progress.
+
+SIGTERM (what `timeout`, systemd, CI cancellation and Slurm send) and SIGHUP end a run the way
+Ctrl-C does: the cells' process trees are killed, temporary folders removed, and the run record
+finished with ``interrupted`` and the signal, instead of the process vanishing mid-write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -38,12 +45,47 @@ class RunSummary:
     wall_s: float = 0.0
 
     recorded_failures: list[str] = field(default_factory=list)  # failed earlier, not rerun
+    # set when every cell this run tried was skipped for a missing dependency: the reasons,
+    # whole (each names what to install); the run measured nothing
+    missing_dependencies: list[str] = field(default_factory=list)
 
     @property
     def any_failed(self) -> bool:
         """Does the suite, as stored now, hold failed cells? (so a retry of a failing suite
         without --rerun-failed does not turn a CI job green)"""
         return bool(self.failed_ids or self.recorded_failures)
+
+
+class Terminated(KeyboardInterrupt):
+    """`qbench run` was sent SIGTERM or SIGHUP: unwound like Ctrl-C (cells killed, the record
+    finished), and the process exits 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` (once: a second one
+    during the clean-up is ignored). Only in the main thread, where Python runs handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGTERM, signal.SIGHUP)
+
+    def handler(signum: int, frame: object) -> None:
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def new_run_id() -> str:
@@ -131,23 +173,33 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                   f"done, {len(todo)} to run (run {run_id})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with terminate_as_interrupt(), Progress(*columns, console=console,
+                                            transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
         items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key),
-                          suite.defaults.timeout_s, suite.defaults.memory_limit_mb) for c in todo]
+                          suite.defaults.timeout_s, suite.defaults.memory_limit_mb,
+                          tmp_dir=store.tmp_dir) for c in todo]
         if items:
             progress.update(task, description=(f"[cyan]{escape(items[0].cell.id)}[/cyan]"
                                                if executor.name == "local"
                                                else f"[cyan]running on {executor.name}[/cyan]"))
         started = _now()
+        outcomes = executor.run(items)
+        missing: dict[str, None] = {}          # reasons of skips for a missing dependency
+        n_missing = 0
+        stop: BaseException | None = None
         try:
-            for n_done, (item, outcome) in enumerate(executor.run(items), start=1):
+            for n_done, (item, outcome) in enumerate(outcomes, start=1):
                 cell = item.cell
                 record = make_record(cell.describe(), outcome, run_id, started, env)
                 store.save(record)
                 summary.counts[outcome.status] = summary.counts.get(outcome.status, 0) + 1
                 if outcome.status in FAILED:
                     summary.failed_ids.append(cell.id)
+                if outcome.status == "skipped" and not (
+                        record.get("details") or {}).get("not_applicable"):
+                    missing[record.get("error") or "a dependency is missing"] = None
+                    n_missing += 1
                 manifest["cells"].append({"id": cell.id, "key": cell.key,
                                           "status": outcome.status, "wall_s": outcome.wall_s})
                 checkpoint()
@@ -158,14 +210,30 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
                 if executor.name == "local" and n_done < len(items):
                     progress.update(
                         task, description=f"[cyan]{escape(items[n_done].cell.id)}[/cyan]")
+        except BaseException as exc:
+            stop = exc
+            raise
         finally:
+            close = getattr(outcomes, "close", None)
+            if close is not None:
+                close()        # the executor kills what still runs before the record is final
             summary.wall_s = time.monotonic() - t_start
             manifest.update(finished=_now(), wall_s=round(summary.wall_s, 2),
                             counts=summary.counts, interrupted=len(manifest["cells"]) < len(todo))
+            if isinstance(stop, Terminated):
+                manifest["signal"] = stop.signal
+            elif isinstance(stop, KeyboardInterrupt):
+                manifest["signal"] = "SIGINT"
             try:
                 store.save_run(run_id, manifest)
             except (OSError, StoreError) as exc:  # never mask the error that ended the run
                 console.print(f"[yellow]could not write the run record: {escape(str(exc))}")
+    if todo and n_missing == len(todo):
+        summary.missing_dependencies = list(missing)
+        console.print(f"[red]nothing was measured[/red]: all {len(todo)} cell(s) were skipped "
+                      "because a dependency is missing:")
+        for reason in missing:       # whole: the install command is at its end
+            console.print(f"  {escape(reason)}", soft_wrap=True)
     return summary
 
 

@@ -5,6 +5,7 @@ run wrote, so it says exactly what the store says."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,36 @@ def build(summary: RunSummary, store: Store, *, report: Path | None = None,
             "cells": cells}
 
 
+# What can make inline Markdown of plain text: emphasis, code spans, links and images ([ ] !),
+# HTML and entities (< > &), strikethrough, the table's cell separator, and the autolinks of
+# GitHub's Markdown (https: and www.). Escaped with a backslash, which GitHub's Markdown honours
+# before any ASCII punctuation. Block syntax (#, -, +) cannot start inside a table cell.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>!|&~:])|(?<=www)(\.)", re.IGNORECASE)
+
+
 def _cell_md(text: str) -> str:
-    """Text safe inside one Markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Untrusted text (an error, a status, a suite name) as plain text inside one Markdown
+    table cell: on one line, every metacharacter escaped, so it can neither end the cell or the
+    row nor become a link, an image (``![x](https://...)``, fetched by every viewer of the job's
+    page) or HTML."""
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), " ".join(str(text).split()))
+
+
+def _code_md(text: str) -> str:
+    """Untrusted text (a cell id, a path) as a Markdown code span: fenced by more backticks than
+    any run of them in the text (CommonMark's rule: a backtick in an id cannot close the span;
+    padded with a space when the text starts or ends with one), on one line, '|' escaped (GitHub
+    splits table rows on it even inside code spans). Nothing inside a code span is a link, an
+    image or HTML. Text with a backslash is shown as escaped plain text instead: in a code span
+    a backslash is literal, and a table would read the backslash before an escaped '|' as the
+    escape."""
+    if "\\" in str(text):
+        return _cell_md(text)
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    longest = max((len(m) for m in re.findall(r"`+", flat)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{fence}{pad}{flat}{pad}{fence}"
 
 
 def _result(cell: dict[str, Any]) -> str:
@@ -60,24 +88,25 @@ def _result(cell: dict[str, Any]) -> str:
     if not p:
         return "ok"
     err = f" ± {p['stderr']:.4g}" if p.get("stderr") else ""
-    return f"{p['name']} = {p['value']:.4g}{err}" + (f" {p['unit']}" if p.get("unit") else "")
+    return _cell_md(f"{p['name']} = {p['value']:.4g}{err}"
+                    + (f" {p['unit']}" if p.get("unit") else ""))
 
 
 def to_markdown(data: dict[str, Any]) -> str:
     """A heading line, the counts, and one table row per cell run (full ids, never wrapped)."""
     counts = ", ".join(f"{n} {s}" for s, n in data["counts"].items()) or "nothing run"
     mark = "❌" if data["failed"] or data["failed_earlier"] else "✅"
-    lines = [f"### {mark} qbench run: {data['suite']}", "",
+    lines = [f"### {mark} qbench run: {_cell_md(data['suite'])}", "",
              f"{counts}; {data['cached']} cached; {data['wall_s']:.1f} s "
-             f"(run `{data['run_id']}`, results `{data['results']}`"
-             + (f", report `{data['report']}`" if data["report"] else "") + ")", ""]
+             f"(run {_code_md(data['run_id'])}, results {_code_md(data['results'])}"
+             + (f", report {_code_md(data['report'])}" if data["report"] else "") + ")", ""]
     if data["failed_earlier"]:
         lines += ["Failed in earlier runs (`--rerun-failed` retries them): "
-                  + ", ".join(f"`{i}`" for i in data["failed_earlier"]), ""]
+                  + ", ".join(_code_md(i) for i in data["failed_earlier"]), ""]
     if data["cells"]:
         lines += ["| cell | status | result | time (s) |", "| --- | --- | --- | ---: |"]
-        lines += [f"| `{c['id']}` | {c['status']} | {_result(c)} | {c['wall_s']:.1f} |"
-                  for c in data["cells"]]
+        lines += [f"| {_code_md(c['id'])} | {_cell_md(c['status'])} | {_result(c)} | "
+                  f"{c['wall_s']:.1f} |" for c in data["cells"]]
         lines.append("")
     return "\n".join(lines) + "\n"
 

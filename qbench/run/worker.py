@@ -30,7 +30,7 @@ from qbench.backends.base import LoadOptions
 from qbench.errors import MissingExtraError, NotApplicable, QbenchError
 from qbench.host.cache import built_here
 from qbench.host import machine_lock
-from qbench.host.fsutil import atomic_write_text
+from qbench.host.fsutil import atomic_write_text, open_fresh
 from qbench.inputs.sources import resolve, sha256_file
 from qbench.metrics import metric_module
 from qbench.metrics.context import CellContext
@@ -172,25 +172,53 @@ def execute(job: Job) -> dict[str, Any]:
             **({"fitness": out["fitness"]} if out.get("fitness") is not None else {})}
 
 
-def _die_with_parent(parent: int) -> None:
-    """End this cell (and its own children) if `qbench run` dies: no orphan keeps computing.
+def _end_tree(code: int = 137) -> None:
+    """Kill everything this process started, then this process: its descendants (found by
+    walking the tree, so one that left the group dies too), then its process group when it
+    leads one (a worker leads its own session: llama-quantize, llama-imatrix, a tools build are
+    in it). Never returns."""
+    try:
+        import psutil
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001 - the group kill below still covers the usual case
+        pass
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(code)
 
-    PR_SET_PDEATHSIG covers this process; the watcher thread covers its process group
-    (llama-quantize, llama-imatrix) and the window before prctl took effect."""
+
+def _on_parent_death(signum: int, frame: Any) -> None:
+    _end_tree(128 + signum)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this cell and everything it started if `qbench run` dies, however it dies (kill -9
+    included): no orphan keeps the cores or the GPU while a rerun times its speed cells.
+
+    PR_SET_PDEATHSIG delivers SIGTERM here when the parent dies; the handler kills the tree
+    (:func:`_end_tree`). Not SIGKILL: that ended this process at once, before anything could
+    reach its children, and they ran on as orphans. The watcher thread covers the window before
+    prctl took effect and a main thread that cannot run the handler (a long C call)."""
+    import psutil  # noqa: F401 - imported now, not inside the signal handler
+
+    signal.signal(signal.SIGTERM, _on_parent_death)
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
     def watch() -> None:
         while True:
             if os.getppid() != parent:
-                try:
-                    os.killpg(0, signal.SIGKILL)
-                finally:
-                    os._exit(137)
+                _end_tree()
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True, name="qbench-parent-watch").start()
@@ -301,7 +329,7 @@ def _switch_log(path: Path) -> None:
         ctypes.CDLL(None).fflush(None)   # C stdio buffers (llama.cpp prints through them)
     except (OSError, AttributeError):
         pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_fresh(path)     # a new file: never truncate what a link points at
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)

@@ -400,23 +400,22 @@ def test_fresh_slice_passes_the_gate(tmp_path: Path, data_dir: Path, smollm2_ref
     assert "per-chunk" in tests["kld_mean"]
 
 
-def test_memory_is_gated_on_its_repetitions_for_both_backends(
+def test_memory_is_gated_on_its_repetitions_where_it_is_stable(
         tmp_path: Path, records: list[dict[str, Any]]) -> None:
-    """Peak RSS per speed repetition is judged on its spread like speed, for a torch backend
-    too (one sample per cell could not be: +29 % on an identical torch rerun)."""
-    for quant, backend in (("bnb-nf4", "transformers"), ("Q8_0", "llama.cpp")):
-        rec = _cell(records, quant, "speed", backend)
-        peak = rec["memory"]["peak_rss_mb"]
-        rec["values"]["peak_rss_mb"] = {"value": peak, "n": 3, "unit": "MiB",
-                                        "samples": [peak - 2, peak, peak + 2], "sd": 2.0}
-    b_dir = _write(tmp_path / "baseline", records)
-
+    """Peak RSS per speed repetition is judged on its spread like speed - for llama.cpp, whose
+    mmap'd weights give the same peak run after run. A torch process's peak is shown, never
+    gated: identical reruns of the default suite moved bnb-nf4's 1,163 -> 1,520 MiB (+31 %)
+    while its repetitions agreed to 0.4 % (BackendInfo.rss_gated)."""
     def bump(quant: str, backend: str) -> list[dict[str, Any]]:
         cand = copy.deepcopy(records)
         v = _cell(cand, quant, "speed", backend)["values"]["peak_rss_mb"]
         v.update(value=v["value"] * 1.5, samples=[x * 1.5 for x in v["samples"]])
         return cand
-    for quant, backend in (("bnb-nf4", "transformers"), ("Q8_0", "llama.cpp")):
-        rc, res = _gate(tmp_path / quant, bump(quant, backend), baseline=b_dir)
-        assert rc == 2, res
-        assert _regressed(res) == {f"{MODEL}/{backend}/{quant}/speed:peak_rss_mb"}
+    rc, res = _gate(tmp_path / "l", bump("Q8_0", "llama.cpp"))
+    assert rc == 2, res
+    assert _regressed(res) == {f"{MODEL}/llama.cpp/Q8_0/speed:peak_rss_mb"}
+    rc, res = _gate(tmp_path / "t", bump("bnb-nf4", "transformers"))
+    assert rc == 0, _regressed(res)
+    [row] = [c for c in res["changes"] if c["cell"].endswith("bnb-nf4/speed")
+             and c["value"] == "peak_rss_mb"]
+    assert row["verdict"] == "reported" and not row["gated"] and row["change"] > 49

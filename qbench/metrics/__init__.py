@@ -102,6 +102,10 @@ class Value:
     figure: str | None = None     # a figure title: drawn against bits per weight in the report
     # why a record's value cannot discriminate (a base at chance), None when it can
     fitness: Callable[[Mapping[str, Any]], str | None] | None = None
+    # a BackendInfo flag that must be true for this value to be gated on that backend (a
+    # torch process's peak RSS moves ~30 % between identical runs while its repetitions agree
+    # to 0.4 %: no spread measured in one run is its noise)
+    backend_gate: str | None = None
 
     def __post_init__(self) -> None:
         if self.change not in CHANGES:

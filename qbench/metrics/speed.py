@@ -37,7 +37,7 @@ INFO = MetricInfo(
     values=(Value("tg_tokens_per_s", True, change=LOG, tolerance=10.0, spread=REPETITIONS),
             Value("pp_tokens_per_s", True, change=LOG, tolerance=10.0, spread=REPETITIONS),
             Value("peak_rss_mb", False, change=LOG, tolerance=10.0, floor=16.0,
-                  spread=REPETITIONS),
+                  spread=REPETITIONS, backend_gate="rss_gated"),
             Value("peak_vram_mb", False, change=LOG, tolerance=10.0, floor=16.0,
                   spread=REPETITIONS),
             *(Value(name, True, change=LOG, gated=False, spread=NONE) for name in (

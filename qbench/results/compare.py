@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qbench.backends import known_backend_info
 from qbench.errors import QbenchError
 from qbench.metrics import Value, known_metric_info
 from qbench.results import judge as J
@@ -239,19 +240,29 @@ def config_differences(b: dict[str, Any], c: dict[str, Any]) -> str:
     return ", ".join(out)
 
 
-def _gated_specs(metric: str) -> list[Value]:
+def _gated_specs(metric: str, record: dict[str, Any] | None = None) -> list[Value]:
+    """The gated values of ``metric`` - on ``record``'s backend, where a value needs the
+    backend's say-so (Value.backend_gate)."""
     info = known_metric_info(metric)
-    return [v for v in info.value_specs() if v.gated] if info else []
+    return [v for v in info.value_specs() if v.gated and _backend_gates(v, record)] if info else []
 
 
-def _reported_specs(metric: str) -> list[Value]:
+def _reported_specs(metric: str, record: dict[str, Any] | None = None) -> list[Value]:
     info = known_metric_info(metric)
-    return [v for v in info.value_specs() if not v.gated] if info else []
+    return ([v for v in info.value_specs() if not v.gated or not _backend_gates(v, record)]
+            if info else [])
+
+
+def _backend_gates(spec: Value, record: dict[str, Any] | None) -> bool:
+    if spec.backend_gate is None or record is None:
+        return True
+    info = known_backend_info((record.get("variant") or {}).get("backend", ""))
+    return info is None or bool(getattr(info, spec.backend_gate, True))
 
 
 def _planned(b: dict[str, Any]) -> list[Value]:
     """The gated values of a baseline cell the gate must compare: those it stored."""
-    return [s for s in _gated_specs(b["metric"]) if s.name in (b.get("values") or {})]
+    return [s for s in _gated_specs(b["metric"], b) if s.name in (b.get("values") or {})]
 
 
 def _not_comparable(label: str, metric: str, spec: Value, b: dict[str, Any],
@@ -475,7 +486,7 @@ def _compare_pair(label: str, b: dict[str, Any], c: dict[str, Any], tol: Toleran
             continue
         j = J.judge(metric, spec, b, c, level=level)
         out.append(_from_judgement(label, spec, j, t, config, spreads.get((label, spec.name))))
-    for spec in _reported_specs(metric):
+    for spec in _reported_specs(metric, b):
         ch = _reported(label, metric, spec, b, c)
         if ch is not None:
             out.append(ch)

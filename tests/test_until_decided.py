@@ -33,7 +33,7 @@ chunks = 4
 [report]
 max_loss_pct = 0.5
 [decide]
-max_chunks = 32
+max_chunks = 16
 """
 
 

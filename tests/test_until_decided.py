@@ -35,6 +35,7 @@ max_loss_pct = 0.5
 [decide]
 max_chunks = 16
 """
+CEILING = 16
 
 
 def _ppl(out: Path) -> list[dict[str, Any]]:
@@ -54,7 +55,7 @@ def test_until_decided_measures_only_what_is_open(tmp_path: Path, data_dir: Path
     assert main(["run", str(suite), "--out", str(out), "--report-dir", str(tmp_path / "rep"),
                  "--until-decided"]) == 0
     text = " ".join(capsys.readouterr().err.split())
-    plan = looks(4, 32, 2.0)
+    plan = looks(4, CEILING, 2.0)
     assert f"looks at {plan} chunks" in text and f"{100 * level(0.05, len(plan)):.3g} %" in text
 
     recs = _ppl(out)
@@ -78,7 +79,7 @@ def test_until_decided_measures_only_what_is_open(tmp_path: Path, data_dir: Path
     # the end: decided, or said to be open at the ceiling
     page = (tmp_path / "rep" / "ud.html").read_text()
     q8_max = max(r["details"]["chunks"] for r in by_variant["Q8_0"])
-    if q8_max == 32 and "still open at the ceiling" in text:
+    if q8_max == CEILING and "still open at the ceiling" in text:
         assert "still open at the plan&#39;s ceiling" in page
     else:
         assert "every decision made" in text

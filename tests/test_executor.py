@@ -27,7 +27,6 @@ from qbench.host.fsutil import exclusive_lock
 from qbench.suite.plan import PlanContext, expand
 from qbench.run.job import Job
 from qbench.run.runner import is_done, job_for
-from qbench.results.store import Store
 
 CELL_ID = "m/llama.cpp/Q8_0/speed"
 

@@ -45,7 +45,6 @@ class Bigram:
 
 def _ctx(tmp: Path, backend: Bigram, base: Bigram, *, is_base: bool, sha: str,
          companions: dict | None = None, key: str = "") -> CellContext:
-    text = tmp / "t.txt"
     return CellContext(cell_id="m/fake/x/m", model_id="m", artifact_path=tmp / f"{sha}.gguf",
                        artifact={"sha256": sha}, base_dir=tmp, data_dir=None,
                        cache_dir=tmp / "cache", is_base=is_base,

@@ -4,7 +4,6 @@ and, when stderr is not a terminal, tables and messages that never wrap a cell i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

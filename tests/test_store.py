@@ -20,7 +20,7 @@ from qbench.results.store import Store, load_results, read_record
 
 
 def record(key: str = "abc123", status: str = "ok", **extra) -> dict:
-    rec = {"schema_version": SCHEMA_VERSION, "key": key, "id": f"m/llama.cpp/Q8_0/speed",
+    rec = {"schema_version": SCHEMA_VERSION, "key": key, "id": "m/llama.cpp/Q8_0/speed",
            "suite": "s", "run_id": "r1", "model": {"id": "m"},
            "variant": {"backend": "llama.cpp", "quant": "Q8_0"}, "metric": "speed",
            "metric_version": "1", "options": {}, "status": status, "error": None,

@@ -71,7 +71,7 @@ def migrate(record: dict[str, Any], *, where: str) -> dict[str, Any]:
     """Bring ``record`` to SCHEMA_VERSION or raise StoreError naming the version."""
     version = record.get("schema_version")
     if not isinstance(version, int):
-        raise StoreError(f"not a qbench cell record (no integer schema_version)", file=where)
+        raise StoreError("not a qbench cell record (no integer schema_version)", file=where)
     if version > SCHEMA_VERSION:
         raise StoreError(f"written by a newer qbench (schema version {version}; this qbench "
                          f"reads up to {SCHEMA_VERSION}): upgrade qbench", file=where)

@@ -67,12 +67,16 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
                           "measure perplexity on a positive number of chunks",
                           file=str(suite.path), key="metrics.perplexity.chunks")
     plan = looks(options.chunks, ceiling(suite, store.records()), suite.decide.growth)
-    lvl = level(suite.decide.alpha, len(plan))
+    # looks an earlier run made under another plan (another ceiling) were spent too
+    earlier = sorted(_looked_at(store.records(), suite.name) - set(plan))
+    spent = sorted(set(plan) | set(earlier))
+    lvl = level(suite.decide.alpha, len(spent))
     out = DecideSummary(plan, lvl)
-    spec = {"alpha": suite.decide.alpha, "looks": plan}
-    console.print(f"[bold]until decided[/bold]: looks at {plan} chunks, each interval at "
-                  f"{100 * lvl:.3g} % (alpha {suite.decide.alpha:g} spent over {len(plan)} "
-                  "looks)")
+    spec = {"alpha": suite.decide.alpha, "looks": spent}
+    console.print(f"[bold]until decided[/bold]: looks at {plan} chunks"
+                  + (f" (and {earlier} of an earlier plan)" if earlier else "")
+                  + f", each interval at {100 * lvl:.3g} % (alpha {suite.decide.alpha:g} "
+                  f"spent over {len(spent)} looks)")
     while True:
         records = store.records()
         open_now = open_variants(records, lvl)
@@ -122,6 +126,13 @@ def scored_chunks(records: list[dict[str, Any]], suite: str, variant: tuple[str,
                 if r["suite"] == suite and r["metric"] == SAMPLED and r["status"] == "ok"
                 and r["model"]["id"] == model and r["variant"].get("backend") == backend
                 and variant_name(r["variant"]) == name), default=0)
+
+
+def _looked_at(records: list[dict[str, Any]], suite: str) -> set[int]:
+    """The chunk counts at which a look of --until-decided scored a perplexity cell."""
+    return {int(r["details"]["chunks"]) for r in records
+            if r["suite"] == suite and r["metric"] == SAMPLED and r["status"] == "ok"
+            and r.get("decide") and (r.get("details") or {}).get("chunks")}
 
 
 def _cells_for(suite: Suite, open_now: dict[tuple[str, str, str], str]) -> list[str]:

@@ -130,23 +130,26 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 def _borderline_variants(suite: Any) -> Any:
     """The recommendation's rule for --until-decided: a variant is open while its ΔPPL
     interval (at the plan's level) straddles [decide] max_loss_pct and nothing else rules it
-    out (it fits the budget, is not degenerate, no MMLU drop)."""
+    out (it fits the budget, is not degenerate, no MMLU drop); with the chunks that would
+    decide it at 80 % power and the chunks the text holds (decide.Open.futile)."""
     from qbench.report.recommend import recommend
     from qbench.report.table import variant_rows
+    from qbench.run.decide import Open
 
     tol = suite.decide.max_loss_pct or suite.report.max_loss_pct
     budget = suite.decide.memory_budget_gib or suite.report.budget_gib
 
-    def open_variants(records: list[dict[str, Any]], level: float
-                      ) -> dict[tuple[str, str, str], str]:
+    def open_variants(records: list[dict[str, Any]], level: float) -> dict[tuple[str, str, str],
+                                                                           Open]:
         rows = variant_rows([r for r in records if r["suite"] == suite.name], level=level)
         out = {}
         for rec in recommend(rows, budget_gb=budget, max_loss_pct=tol,
                              kv_ctx=suite.report.context_tokens):
             for c in rec["candidates"]:
                 if c["open"]:
-                    r = c["row"]
-                    out[(r["model"], r["backend"], _variant_name(r))] = c["interval"]
+                    r, resolve = c["row"], c.get("resolve") or {}
+                    out[(r["model"], r["backend"], _variant_name(r))] = Open(
+                        c["interval"], resolve.get("n"), resolve.get("available"))
         return out
 
     return open_variants

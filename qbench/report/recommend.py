@@ -279,10 +279,15 @@ def _open_text(c: dict[str, Any]) -> str:
     chunks = d.get("chunks")
     where = (f"look {plan['look']} of {len(plan['looks'])}" if plan else "the suite's sample")
     ceiling = bool(plan) and chunks == plan["looks"][-1]
+    resolve = c.get("resolve") or {}
+    if ceiling:
+        then = "; still open at the plan's ceiling"
+    elif resolve.get("resolvable") is False:
+        then = f"; {resolve['text']}"
+    else:
+        then = "; qbench run --until-decided would measure it further"
     return (f"{c['label']} is undecided after {chunks} chunks ({d.get('scored_tokens'):,} "
-            f"tokens, {where}): {c['interval']}"
-            + ("; still open at the plan's ceiling" if ceiling else
-               "; qbench run --until-decided would measure it further") + ".")
+            f"tokens, {where}): {c['interval']}{then}.")
 
 
 def _borderline_text(c: dict[str, Any], tol: float, lead: str = " is borderline and not "

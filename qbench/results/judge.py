@@ -169,6 +169,7 @@ class Judgement:
         """The sample (in ``n_unit``) at which the interval would exclude ``threshold`` with
         ``power``, if the change is what it measures now: ``{"n", "text", "resolvable"}``."""
         out: dict[str, Any] = {"n": None, "resolvable": None, "unit": self.n_unit,
+                               "available": self.available,
                                "text": "the sample that would resolve it is unknown"}
         if self.change is None or not self.n or not self.se or not math.isfinite(self.se):
             return out

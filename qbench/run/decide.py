@@ -6,8 +6,9 @@ sequential plan's level. Exactly those - and their base, which their chunks are 
 get the next look's chunks (qbench.results.sequential: the sample times ``growth``, up to
 ``[decide] max_chunks`` or the text's end); a larger perplexity cell takes the chunks a
 smaller one of its family scored (qbench.run.runner.reusable), so a look costs only its new
-chunks. It stops when nothing is open or the plan's last look is made; what stayed open at
-the ceiling is said, never guessed.
+chunks. It stops when nothing is open or the plan's last look is made; a variant whose
+decision would need far more chunks than the text holds (``FUTILE``) is not grown further; what
+stayed open is said, never guessed.
 """
 
 from __future__ import annotations
@@ -30,9 +31,28 @@ from qbench.suite.identity import cell_id, variant_name
 from qbench.suite.plan import Cell, PlanContext
 
 SAMPLED = "perplexity"   # the metric whose chunks the plan grows (ΔPPL decides the loss)
+# stop growing a variant when the chunks that would decide it at 80 % power (at its current
+# estimate) exceed this many times what the text holds: even the whole text would leave its
+# interval about twice as wide as its distance from the tolerance. Stopping for futility only
+# ever ends in "open", so it cannot raise the error rate the plan keeps.
+FUTILE = 4.0
+
+
+@dataclass(frozen=True)
+class Open:
+    """Why a variant's decision is still open, and the sample (chunks) that would close it at
+    80 % power if the loss is what it measures now (None: unknown)."""
+    why: str
+    needed: int | None = None
+    available: int | None = None
+
+    def futile(self) -> bool:
+        return (self.needed is not None and self.available is not None
+                and self.needed > FUTILE * self.available)
+
 
 # records, the plan's level -> {(model id, backend, variant name): why it is open}
-OpenVariants = Callable[[list[dict[str, Any]], float], dict[tuple[str, str, str], str]]
+OpenVariants = Callable[[list[dict[str, Any]], float], dict[tuple[str, str, str], Open]]
 
 
 @dataclass
@@ -41,6 +61,7 @@ class DecideSummary:
     level: float
     rounds: list[dict[str, Any]] = field(default_factory=list)
     open_at_ceiling: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    futile: dict[tuple[str, str, str], str] = field(default_factory=dict)
     failed: bool = False
 
 
@@ -88,9 +109,17 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
             return out
         # each open variant's next look, from the chunks it has now
         groups: dict[int, dict[tuple[str, str, str], str]] = {}
-        for v, why in open_now.items():
+        for v, state in open_now.items():
+            why = state.why
             nxt = next_look(plan, scored_chunks(records, suite.name, v))
-            if nxt is None:
+            if state.futile():
+                if v not in out.futile:
+                    console.print(f"[yellow]not measured further[/yellow]: "
+                                  f"{escape('/'.join(v))}: {escape(why)}; about "
+                                  f"{state.needed:,} chunks would decide it at 80 % power, the "
+                                  f"text holds {state.available:,}")
+                out.futile[v] = why
+            elif nxt is None:
                 if v not in out.open_at_ceiling:
                     console.print(f"[yellow]still open at the ceiling ({plan[-1]} chunks)"
                                   f"[/yellow]: {escape('/'.join(v))}: {escape(why)}")
@@ -98,6 +127,9 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
             else:
                 groups.setdefault(nxt, {})[v] = why
         if not groups:
+            console.print(f"[yellow]stopped with {len(open_now)} decision(s) open[/yellow] "
+                          f"after {len(out.rounds)} more look(s): {len(out.open_at_ceiling)} at "
+                          f"the ceiling, {len(out.futile)} beyond what the text can resolve")
             return out
         nxt = min(groups)
         todo = groups[nxt]

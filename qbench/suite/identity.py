@@ -45,11 +45,21 @@ def cell_id(model_id: str, backend: str, variant_name: str, metric: str) -> str:
     return f"{model_id}/{backend}/{variant_name}/{metric}"
 
 
+def record_point(rec: Mapping[str, Any]) -> str:
+    """Which of its metric's listed contexts a stored record measured ('ctx=8192'), '' for the
+    main one (qbench.metrics.depth): read from the id the plan stored with it, since the
+    record's options hold its context but not whether that context was listed first."""
+    metric = str(rec.get("metric") or "")
+    tail = str(rec.get("id") or "").rsplit("/", 1)[-1]
+    return tail[len(metric) + 1:] if metric and tail.startswith(metric + "@") else ""
+
+
 def record_cell_id(rec: Mapping[str, Any]) -> str:
     """The id of a stored record's cell, spelled as the plan spells it."""
     v = rec.get("variant") or {}
+    point = record_point(rec)
     return cell_id(str(rec["model"]["id"]), str(v.get("backend")), variant_name(v),
-                   str(rec["metric"]))
+                   str(rec["metric"]) + (f"@{point}" if point else ""))
 
 
 def variant_label(variant: Mapping[str, Any]) -> str:

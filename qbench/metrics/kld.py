@@ -108,16 +108,21 @@ BUCKET_CHUNKS = {name: _chunks(_bucket_items(name)) for name in BUCKET_NAMES}
 
 
 def _bucket_values() -> tuple[Value, ...]:
-    """Mean KLD and token share per confidence bucket. Only the confident bucket is gated:
-    there a loss is a wrong answer the base was sure of, and the overall mean hides it (on
-    SmolLM2 the [0.95, 1] bucket holds ~10 % of the tokens and ~2 % of the summed KLD); the
-    other buckets move with the gated mean. Its tolerance is the mean's (5 %) with a floor 10x
-    the mean's (1e-4 nats): its mean rests on a tenth of the tokens."""
+    """Mean KLD and token share per confidence bucket. Only the confident bucket's mean is
+    gated: there a loss is a wrong answer the base was sure of, and the overall mean hides it.
+    On SmolLM2 (16 x 512 tokens) the [0.95, 1] bucket holds 6.4 % of the tokens and 0.4 % of
+    the summed KLD (BF16, Q8_0 and Q6_K alike), so a loss confined to it could grow it tenfold
+    and move the mean by 4 %, inside the mean's own 5 % tolerance. The other buckets carry
+    most of the mean and move with it (not gated twice). Its per-chunk spread is 3-4 x the
+    mean's (coefficient of variation over 16 chunks 0.48-0.65 against 0.12-0.17, measured):
+    tolerance 10 %, twice the mean's; the absolute floor is the mean's, 1e-5 nats (BF16's
+    confident bucket is at 1e-5). The shares are the base's and the text's, the same for every
+    variant compared with one base: shown, never compared."""
     out: list[Value] = []
     for (lo, hi), name in zip(CONF_BUCKETS, BUCKET_NAMES):
         confident = lo >= 0.95
-        out.append(Value(f"kld_conf_{name}", False, tolerance=5.0,
-                         floor=1e-4, pairing=BUCKET_CHUNKS[name], gated=confident,
+        out.append(Value(f"kld_conf_{name}", False, tolerance=10.0 if confident else 5.0,
+                         floor=1e-5, pairing=BUCKET_CHUNKS[name], gated=confident,
                          column=f"KLD, base p(top) {_range(lo, hi)}", digits=3))
         out.append(Value(f"share_conf_{name}", True, change=POINTS, gated=False, spread=NONE,
                          column=f"% tokens {_range(lo, hi)}", digits=3))

@@ -204,3 +204,15 @@ def test_cli_writes_the_evidence_pack(tmp_path: Path, capsys) -> None:
     assert main(["report", str(results), "--out", str(tmp_path / "out"),
                  "--evidence-pack", "IQ1_S"]) == 1
     assert "types present" in capsys.readouterr().err
+
+
+def test_a_depth_points_failed_rerun_does_not_hide_its_ok_record() -> None:
+    """Several records of one cell at another context (a rerun that failed, kept for the
+    record) resolve as the main context's do: the ok one shows, whatever the order."""
+    recs = _records()
+    ok = next(r for r in recs if r["id"] == "m/llama.cpp/Q4_K_M/kld@ctx=8192")
+    failed = dict(ok, status="failed", values={}, error="killed", run_id="zz-later")
+    for order in ([ok, failed], [failed, ok]):
+        rows = variant_rows([r for r in recs if r is not ok] + order)
+        got = _row(rows, "Q4_K_M")["points"]["ctx=8192"]["kld"]
+        assert got["status"] == "ok" and got["values"]["kld_mean"] == ok["values"]["kld_mean"]

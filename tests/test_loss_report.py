@@ -216,3 +216,12 @@ def test_a_depth_points_failed_rerun_does_not_hide_its_ok_record() -> None:
         rows = variant_rows([r for r in recs if r is not ok] + order)
         got = _row(rows, "Q4_K_M")["points"]["ctx=8192"]["kld"]
         assert got["status"] == "ok" and got["values"]["kld_mean"] == ok["values"]["kld_mean"]
+
+
+def test_evidence_pack_skips_a_neighbour_with_only_a_footprint() -> None:
+    """A type whose run stopped after its footprint is no neighbour: the next nearest is."""
+    recs = [r for r in _records()
+            if not (r["id"].startswith("m/llama.cpp/Q4_0/") and r["metric"] != "footprint")]
+    picked = [r["quant"] for r in evidence.pick(variant_rows(recs), "Q4_K_M")[("loss", "m")]]
+    assert "Q4_0" not in picked
+    assert picked == ["F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q2_K"]

@@ -45,7 +45,8 @@ def pick(rows: list[dict[str, Any]], quant: str) -> dict[tuple[str, str], list[d
         if target is None or target.get("bpw") is None:
             continue
         others = [r for r in mine if r is not target and not r["is_base"]
-                  and r.get("method") != "float" and r.get("bpw") is not None]
+                  and r.get("method") != "float" and r.get("bpw") is not None
+                  and _measured(r)]
         near = sorted(others, key=lambda r: abs(math.log(r["bpw"] / target["bpw"])))
         chosen = {id(r): r for r in [target, *near[:NEIGHBOURS]]}
         for r in mine:
@@ -53,6 +54,12 @@ def pick(rows: list[dict[str, Any]], quant: str) -> dict[tuple[str, str], list[d
                 chosen.setdefault(id(r), r)
         out[(suite, model)] = sorted(chosen.values(), key=lambda r: -(r.get("bpw") or 99))
     return out
+
+
+def _measured(r: dict[str, Any]) -> bool:
+    """A row with an ok cell beyond its footprint: a neighbour with only a file's size (a run
+    stopped before its measurements) would be a column of dashes."""
+    return any(m != "footprint" and c.get("status") == "ok" for m, c in r["cells"].items())
 
 
 def _cell(r: dict[str, Any], metric: str) -> dict[str, Any] | None:

@@ -225,3 +225,22 @@ def test_evidence_pack_skips_a_neighbour_with_only_a_footprint() -> None:
     picked = [r["quant"] for r in evidence.pick(variant_rows(recs), "Q4_K_M")[("loss", "m")]]
     assert "Q4_0" not in picked
     assert picked == ["F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q2_K"]
+
+
+def test_one_chunk_above_the_twin_is_not_called_indistinguishable() -> None:
+    """At one chunk the judge has a change but no interval: a variant far above the twin must
+    not read as "indistinguishable from the floor" (SmolLM2 at 8,192 tokens: Q4_K_M did)."""
+    recs = []
+    for r in _records(with_depth=False):
+        if r["metric"] == "kld":
+            d = r["details"]
+            for key, items in list(d.items()):
+                if key.startswith("per_chunk_") and isinstance(items, list):
+                    d[key] = items[:1]
+            d["per_chunk_kld_conf"] = {k: v[:1] for k, v in d["per_chunk_kld_conf"].items()}
+            d["chunks"] = 1
+        recs.append(r)
+    rows = variant_rows(recs)
+    floor.floor_verdicts(rows)
+    got = _row(rows, "Q4_K_M")["floor"]["kld.kld_mean"]["verdict"]
+    assert got.startswith(floor.NO_INTERVAL) and got != floor.INDISTINGUISHABLE

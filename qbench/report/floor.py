@@ -12,7 +12,9 @@ largest of their values: each is a format a user would call lossless.
 
 A variant is **within the floor** when its value is at or below the twin's, **indistinguishable
 from the floor** when above it but its paired 95 % interval of the change (the one judge's,
-chunk by chunk) includes no change, and **above the floor** when that whole interval is worse.
+chunk by chunk) includes no change, and **above the floor** when that whole interval is worse;
+with no interval (a single chunk) a value above the twin's is only that, never
+"indistinguishable".
 Which values: the primary value of every metric measured against the base (MetricInfo.needs_base;
 KLD's mean), from the registry - no metric is named here.
 """
@@ -27,6 +29,8 @@ from qbench.results.judge import Judgement, judge
 
 WITHIN, INDISTINGUISHABLE, ABOVE = ("within the floor", "indistinguishable from the floor",
                                     "above the floor")
+# above the twin's value, but the data give no interval (one chunk: nothing to pair)
+NO_INTERVAL = "above the floor's value, no interval"
 
 
 def is_twin(row: dict[str, Any]) -> bool:
@@ -90,7 +94,10 @@ def verdict(j: Judgement) -> str:
     if j.worse(j.change) <= 0:
         return WITHIN
     low = j.worse_low
-    return ABOVE if low is not None and low > 0 else INDISTINGUISHABLE
+    if low is None:     # no interval is no evidence of indistinguishability
+        unit = j.n_unit[:-1] if j.n == 1 and j.n_unit.endswith("s") else j.n_unit
+        return f"{NO_INTERVAL} ({j.n} {unit})" if j.n else NO_INTERVAL
+    return ABOVE if low > 0 else INDISTINGUISHABLE
 
 
 def floor_verdicts(rows: list[dict[str, Any]], point: str = "") -> None:

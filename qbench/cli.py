@@ -233,6 +233,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from qbench.results.store import load_results
 
     records = load_results([Path(p) for p in args.results])
+    if args.evidence_pack:
+        return _evidence_pack(args, records, console)
     report = None
     if args.suite:   # the suite's [report] settings; the options given here win
         from qbench.suite.config import load_suite
@@ -247,6 +249,26 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
                        kv_ctx=ctx, notes=suite_notes(Path(p) for p in args.results))
     for p in pages:
         console.print(f"wrote {p}")
+    return EXIT_OK
+
+
+def _evidence_pack(args: argparse.Namespace, records: list[dict[str, Any]],
+                   console: Console) -> int:
+    """qbench report --evidence-pack TYPE: the Markdown llama.cpp's CONTRIBUTING asks for."""
+    from qbench.host.fsutil import atomic_write_text
+    from qbench.report.build import safe_name
+    from qbench.report.evidence import evidence_pack
+
+    try:
+        text = evidence_pack(records, args.evidence_pack, suite_file=args.suite or "SUITE.toml")
+    except ValueError as exc:
+        raise QbenchError(f"--evidence-pack {args.evidence_pack}: {exc}") from None
+    suites = sorted({r["suite"] for r in records})
+    name = f"{safe_name('-'.join(suites))}-evidence-{safe_name(args.evidence_pack)}.md"
+    path = Path(args.out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text + "\n")
+    console.print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -513,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 1)")
     sp.add_argument("--context-tokens", type=int, default=None,
                     help="context the memory estimate counts the KV cache for (default 4096)")
+    sp.add_argument("--evidence-pack", metavar="TYPE", default=None,
+                    help="write, instead of the HTML, a Markdown section for one llama.cpp "
+                    "quant type in the shape llama.cpp's CONTRIBUTING asks for: PPL and KLD "
+                    "against the base, Q8_0 and the types nearest in size, CPU pp/tg, and the "
+                    "commands to reproduce it (OUT/<suite>-evidence-TYPE.md)")
     sp = sub.add_parser("compare", help="differences between two result sets; exit 2 on a "
                         "regression (the CI gate)")
     sp.add_argument("baseline", help="results folder or file (e.g. results/baselines/smoke)")

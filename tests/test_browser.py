@@ -131,7 +131,8 @@ def test_no_console_messages(rendered: dict) -> None:
 def test_every_chart_rendered_with_data(rendered: dict) -> None:
     plots = rendered["check"].plots
     expected = rendered["source"].count('class="plotly-graph-div"')
-    assert expected == 8 and len(plots) == expected
+    # 8, and each figure-declared value (PPL, KLD, MMLU) against resident memory too
+    assert expected == 11 and len(plots) == expected
     for i, p in enumerate(plots):
         assert p["svg"] >= 1, f"plot {i}: plotly drew no svg"
         assert p["traces"] >= 1, f"plot {i}: no trace drawn"

@@ -102,7 +102,8 @@ def test_unknown_key_in_metric_options(write_suite):
 
 def test_wrong_type(write_suite):
     file, err = error_of(write_suite, SUITE + '\n[metrics.perplexity]\nctx = "big"\n')
-    assert str(err) == f"{file}: metrics.perplexity.ctx: expected an integer, got 'big'"
+    assert str(err) == (f"{file}: metrics.perplexity.ctx: expected an integer or a list of "
+                        "integers, got 'big'")
 
 
 def test_bool_is_not_an_integer(write_suite):

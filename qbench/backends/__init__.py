@@ -75,6 +75,9 @@ class BackendInfo:
     kv_cache_types: frozenset[str] = frozenset()
     kv_cache_default: str = ""
     kv_cache_bytes: Mapping[str, float] = field(default_factory=dict)  # per element, by type
+    # tensor types the output / token-embedding tensors may be given (output_tensor_type,
+    # token_embedding_type in [[variants]]); empty: no such setting
+    tensor_types: frozenset[str] = frozenset()
     # "module:function" checking a local model file before any cell runs: (path, cache_dir);
     # raises SourceError naming what is wrong (a GGUF's header). None: no early check
     check_model_file: str | None = None
@@ -112,6 +115,7 @@ BUILTIN: dict[str, BackendInfo] = {
         kv_cache_types=frozenset(gguf_types.KV_CACHE_TYPES),
         kv_cache_default=gguf_types.KV_DEFAULT,
         kv_cache_bytes=gguf_types.KV_BYTES_PER_ELEMENT,
+        tensor_types=frozenset(gguf_types.TENSOR_TYPES),
         check_model_file="qbench.quantize.gguf:inspect_gguf",
         converts_hf_folder=True,
         diagnose=diagnose_llamacpp_crash,

@@ -29,6 +29,7 @@ them with ``qbench cache clear kld``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,8 +45,9 @@ from qbench.inputs.datasets import load_text
 from qbench.errors import ConfigError, QbenchError
 from qbench.host.cache import folder as cache_folder
 from qbench.host.fsutil import file_lock
-from qbench.metrics import NONE, POINTS, MetricInfo, Pairing, Value
+from qbench.metrics import NONE, POINTS, MetricInfo, Pairing, Value, token_codec
 from qbench.metrics.context import CellContext, value
+from qbench.metrics.depth import check_ctx_list as ctx_points_checked, ctx_points
 from qbench.metrics.scoring import (Chunks, chunk_tokens, dataset_identity, iter_scored,
                                     make_chunks, tokens_per_chunk)
 
@@ -56,15 +58,83 @@ def _same_top_items(details: Mapping[str, Any]) -> list[float] | None:
     return [100.0 * x for x in got] if got else None
 
 
+# The reference's confidence buckets (exllamav3 eval/qbench): the base's top-token
+# probability at each scored token. The mean KLD "is dominated by tokens where the reference
+# itself is undecided"; a loss on tokens the base is sure of hides in it.
+CONF_BUCKETS: tuple[tuple[float, float], ...] = (
+    (0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 0.95), (0.95, 1.0))
+TOP_K = (5, 10)     # agreement: the base's top token within the variant's top k (llama_kl.py)
+
+
+def bucket_name(lo: float, hi: float) -> str:
+    """'0_25' .. '95_100': the bucket's bounds in percent of probability."""
+    return f"{round(100 * lo)}_{round(100 * hi)}"
+
+
+BUCKET_NAMES = tuple(bucket_name(lo, hi) for lo, hi in CONF_BUCKETS)
+
+
+def _percent_items(key: str) -> Any:
+    def items(details: Mapping[str, Any]) -> list[float] | None:
+        got = details.get(key)
+        return [100.0 * x for x in got] if got else None
+    return items
+
+
+def _bucket_items(name: str) -> Any:
+    """Per chunk, the bucket's KLD sum over (the bucket's overall share x the chunk's tokens):
+    0 in a chunk without such tokens, and their mean over equal chunks is the bucket's mean
+    KLD. Membership is the base's, the same in both runs of a comparison, so a paired change
+    of these items is the change of the bucket's mean."""
+    def items(details: Mapping[str, Any]) -> list[float] | None:
+        got = (details.get("per_chunk_kld_conf") or {}).get(name)
+        return list(got) if got else None
+    return items
+
+
 # the same chunks of the same text, against the same base's distributions
 _KLD_IDENTITY = ("dataset_sha256", "ctx", "chunks", "scored_tokens", "base_sha256")
-KLD_CHUNKS = Pairing(items="per_chunk_kld", unit="chunks", identity=_KLD_IDENTITY,
-                     item_size=tokens_per_chunk)
-SAME_TOP_CHUNKS = Pairing(items=_same_top_items, unit="chunks", identity=_KLD_IDENTITY,
-                          item_size=tokens_per_chunk)
+
+
+def _chunks(items: Any) -> Pairing:
+    return Pairing(items=items, unit="chunks", identity=_KLD_IDENTITY, item_size=tokens_per_chunk)
+
+
+KLD_CHUNKS = _chunks("per_chunk_kld")
+SAME_TOP_CHUNKS = _chunks(_same_top_items)
+TOP_K_CHUNKS = {k: _chunks(_percent_items(f"per_chunk_top{k}")) for k in TOP_K}
+P999_CHUNKS = _chunks("per_chunk_kld_p999")
+BUCKET_CHUNKS = {name: _chunks(_bucket_items(name)) for name in BUCKET_NAMES}
+
+
+def _bucket_values() -> tuple[Value, ...]:
+    """Mean KLD and token share per confidence bucket. Only the confident bucket's mean is
+    gated: there a loss is a wrong answer the base was sure of, and the overall mean hides it.
+    On SmolLM2 (16 x 512 tokens) the [0.95, 1] bucket holds 6.4 % of the tokens and 0.4 % of
+    the summed KLD (BF16, Q8_0 and Q6_K alike), so a loss confined to it could grow it tenfold
+    and move the mean by 4 %, inside the mean's own 5 % tolerance. The other buckets carry
+    most of the mean and move with it (not gated twice). Its per-chunk spread is 3-4 x the
+    mean's (coefficient of variation over 16 chunks 0.48-0.65 against 0.12-0.17, measured):
+    tolerance 10 %, twice the mean's; the absolute floor is the mean's, 1e-5 nats (BF16's
+    confident bucket is at 1e-5). The shares are the base's and the text's, the same for every
+    variant compared with one base: shown, never compared."""
+    out: list[Value] = []
+    for (lo, hi), name in zip(CONF_BUCKETS, BUCKET_NAMES):
+        confident = lo >= 0.95
+        out.append(Value(f"kld_conf_{name}", False, tolerance=10.0 if confident else 5.0,
+                         floor=1e-5, pairing=BUCKET_CHUNKS[name], gated=confident,
+                         column=f"KLD, base p(top) {_range(lo, hi)}", digits=3))
+        out.append(Value(f"share_conf_{name}", True, change=POINTS, gated=False, spread=NONE,
+                         column=f"% tokens {_range(lo, hi)}", digits=3))
+    return tuple(out)
+
+
+def _range(lo: float, hi: float) -> str:
+    return f"[{lo:g}, {hi:g}]" if hi >= 1.0 else f"[{lo:g}, {hi:g})"
+
 
 INFO = MetricInfo(
-    name="kld", version="3", primary="kld_mean", higher_is_better=False, needs_base=True,
+    name="kld", version="4", primary="kld_mean", higher_is_better=False, needs_base=True,
     own_memory=False,          # loads the base too
     gated={"same_top_pct": True},
     reported=("ln_ppl_ratio",),    # the KLD cell's view of the PPL (gated in perplexity)
@@ -73,7 +143,18 @@ INFO = MetricInfo(
     values=(Value("kld_mean", False, tolerance=5.0, floor=1e-5, pairing=KLD_CHUNKS,
                   figure="KL divergence from the base vs bits per weight"),
             Value("same_top_pct", True, change=POINTS, tolerance=1.0,
-                  pairing=SAME_TOP_CHUNKS),
+                  pairing=SAME_TOP_CHUNKS, column="top-1 agreement %", digits=4),
+            # the base's top token among the variant's 5 / 10 most probable: shown, not gated
+            # (same-top is; a top-5 miss is a same-top miss too, so gating both counts one
+            # regression twice and costs the Bonferroni budget of every other value)
+            *(Value(f"top{k}_pct", True, change=POINTS, tolerance=0.5, gated=False,
+                    pairing=TOP_K_CHUNKS[k], column=f"top-{k} agreement %", digits=4)
+              for k in TOP_K),
+            # the 99.9 % tail (Unsloth's headline): on 2,040 tokens it rests on 2 tokens, and
+            # per chunk it is a chunk's near-maximum: shown with its paired change, not gated
+            Value("kld_p999", False, tolerance=10.0, floor=1e-4, gated=False,
+                  pairing=P999_CHUNKS, column="KLD p99.9", digits=3),
+            *_bucket_values(),
             Value("ln_ppl_ratio", False, change=POINTS, gated=False, spread=NONE)),
     cost=lambda options: 1.3 * chunk_tokens(options) / 8192.0,
     methodology=(
@@ -86,11 +167,17 @@ INFO = MetricInfo(
         "on the stored tokens, tail mass x the mean over the draws for the rest. That estimate "
         "is unbiased and never negative, so no value is clipped: the mean and its standard "
         "error are unbiased at any KLD level (checked within 2 % of the exact KLD from 1e-4 to "
-        "1e-1). Statistics as llama-perplexity: mean +/- standard error, percentiles, "
-        "same-top-token % +/- sqrt(p(1-p)/(N-1)), RMS and percentiles of delta-p (change in the "
-        "probability of the correct token), mean ln(PPL(Q)/PPL(base)) with its "
-        "covariance-corrected error; per chunk (the perplexity chunks, in order) the mean KLD "
-        "and the same-top fraction."),
+        "1e-1). Statistics as llama-perplexity: mean +/- standard error, percentiles (99.9 % "
+        "included), same-top-token % +/- sqrt(p(1-p)/(N-1)), RMS and percentiles of delta-p "
+        "(change in the probability of the correct token), mean ln(PPL(Q)/PPL(base)) with its "
+        "covariance-corrected error. Top-5 / top-10 agreement: the share of tokens whose base "
+        "top token is among the variant's 5 / 10 most probable (llama.cpp's llama_kl.py). "
+        "Confidence buckets (exllamav3's eval/qbench): tokens grouped by the base's top-token "
+        "probability, [0, .25), [.25, .5), [.5, .75), [.75, .95), [.95, 1], with each bucket's "
+        "share of tokens and mean KLD. Per chunk (the perplexity chunks, in order) every paired "
+        "value's chunk figure, so two runs compare chunk by chunk. Every token's KLD is kept in "
+        "the record as a log-scale 16-bit code (within 0.034 %, from 1e-12 nats up), for "
+        "paired per-token histograms of any two variants."),
 )
 
 
@@ -101,13 +188,20 @@ DP_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
 @dataclass(frozen=True)
 class Options:
     dataset: str | None = None    # None: the same as [metrics.perplexity] (else wikitext-2)
-    ctx: int | None = None        # None: as perplexity (else 512)
-    chunks: int | None = None     # None: as perplexity (else 16)
+    # None: as perplexity (else 512); a list: one cell per context (qbench.metrics.depth)
+    ctx: int | tuple[int, ...] | None = None
+    chunks: int | tuple[int, ...] | None = None     # None: as perplexity (else 16)
     coverage: float = 0.9999      # base probability mass stored per token
     max_tokens: int = 1024        # ... with at most this many tokens per position
     tail_samples: int = 64        # draws from the rest of the vocabulary per position
 
     def validate(self, *, file: str, key: str) -> None:
+        if self.ctx is not None:
+            ctx_points_checked(self.ctx, self.chunks, file=file, key=key)
+        elif isinstance(self.chunks, (list, tuple)):
+            raise ConfigError("a list of chunk counts goes with a list of contexts: set ctx "
+                              "too (or set both under [metrics.perplexity])", file=file,
+                              key=f"{key}.chunks")
         if not 0.5 <= self.coverage < 1.0:
             raise ConfigError(f"expected a probability mass in [0.5, 1), got {self.coverage}",
                               file=file, key=f"{key}.coverage")
@@ -127,6 +221,11 @@ class Options:
         return Options(pick(self.dataset, "dataset", "wikitext-2"), pick(self.ctx, "ctx", 512),
                        pick(self.chunks, "chunks", 16), self.coverage, self.max_tokens,
                        self.tail_samples)
+
+    def points(self) -> list[tuple[str, "Options"]]:
+        """(point label, options of one context) per listed context (qbench.metrics.depth)."""
+        return [(label, dataclasses.replace(self, ctx=c, chunks=n))
+                for label, c, n in ctx_points(self.ctx, self.chunks)]
 
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:
@@ -156,6 +255,11 @@ def _top_mass(logprobs: np.ndarray, coverage: float, cap: int
             counts.astype(np.int32), rest.astype(np.float32))
 
 
+# what the base cache stores and how (KLD v4 added statistics, not stored base rows: the caches
+# v3 built stay valid, and rebuilding them would cost a base pass per text and context)
+BASE_CACHE_FORMAT = "3"
+
+
 def base_cache_path(cache_dir: Path, base_sha: str, text_sha: str, options: Options,
                     runtime: dict[str, Any] | None = None) -> Path:
     """The base cache of (base file, text, ctx, requested chunks, storage settings, and how the
@@ -165,7 +269,7 @@ def base_cache_path(cache_dir: Path, base_sha: str, text_sha: str, options: Opti
     ident = {"base_sha256": base_sha, "text_sha256": text_sha, "ctx": options.ctx,
              "chunks": options.chunks, "coverage": options.coverage,
              "max_tokens": options.max_tokens, "tail_samples": options.tail_samples,
-             "version": INFO.version}
+             "version": BASE_CACHE_FORMAT}
     if runtime:
         ident["runtime"] = runtime
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
@@ -228,11 +332,25 @@ def _tail_term(b: dict[str, np.ndarray], lq: np.ndarray) -> np.ndarray:
     return np.where(p_rest > 1e-29, p_rest * _excess(d).mean(axis=1), 0.0)
 
 
+def _rank_of(lq: np.ndarray, ids: np.ndarray, block: int = 256) -> np.ndarray:
+    """Per row, how many tokens the variant ranks strictly above token ``ids[row]``: 0 when it
+    is the variant's top token. In row blocks, so a ctx-8192 chunk (4,096 x 49,152 log-probs)
+    never needs a second array of its size."""
+    out = np.empty(len(ids), dtype=np.int32)
+    for a in range(0, len(ids), block):
+        rows = lq[a:a + block]
+        ref = rows[np.arange(len(rows)), ids[a:a + block]]
+        out[a:a + block] = (rows > ref[:, None]).sum(axis=1)
+    return out
+
+
 def _compare_rows(b: dict[str, np.ndarray], lq: np.ndarray, targets: np.ndarray
                   ) -> dict[str, np.ndarray]:
-    """Per-token KLD, same-top, NLLs and delta-p of one chunk against its base rows. The
-    per-token KLD is unbiased and, by construction, never negative: exact Bregman terms on
-    the stored tokens plus the tail's estimated share (see ``_tail_term``)."""
+    """Per-token KLD, same-top, NLLs and delta-p of one chunk against its base rows, with the
+    base's top-token probability (the confidence buckets) and the rank of the base's top token
+    among the variant's (top-k agreement). The per-token KLD is unbiased and, by construction,
+    never negative: exact Bregman terms on the stored tokens plus the tail's estimated share
+    (see ``_tail_term``)."""
     if not np.array_equal(b["targets"], targets):
         raise QbenchError("the base cache was made from different tokens (tokenizer "
                           "mismatch between variant and base?)")
@@ -244,8 +362,12 @@ def _compare_rows(b: dict[str, np.ndarray], lq: np.ndarray, targets: np.ndarray
     kld += _tail_term(b, lq)
     lq_t = lq[np.arange(n), targets].astype(np.float64)
     lb_t = b["target_logp"].astype(np.float64)
+    starts = np.concatenate([[0], np.cumsum(b["counts"])[:-1]]).astype(np.int64)
     return {"kld": kld, "same": lq.argmax(axis=1) == b["top"],
-            "nll_q": -lq_t, "nll_b": -lb_t, "dp": np.exp(lq_t) - np.exp(lb_t)}
+            "nll_q": -lq_t, "nll_b": -lb_t, "dp": np.exp(lq_t) - np.exp(lb_t),
+            # stored rows are sorted by probability: each row's first is the base's top token
+            "conf": np.exp(lp[starts]).astype(np.float32),
+            "rank": _rank_of(lq, b["top"].astype(np.int64))}
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -369,16 +491,61 @@ def _mean_unc(s: float, s2: float, n: int) -> tuple[float, float]:
     return f, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
 
 
-def per_chunk(t: dict[str, np.ndarray]) -> dict[str, list[float]]:
-    """Mean KLD and same-top fraction of each chunk, in the order scored (the chunks of the
-    perplexity metric): the paired units a regression gate compares run against run."""
+def per_chunk(t: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Each paired value's figure per chunk, in the order scored (the chunks of the perplexity
+    metric): the units a regression gate compares run against run. Mean KLD and same-top
+    fraction always; with the base's confidence and rank stored (v4) also top-k agreement,
+    the chunk's 99.9 % KLD and each confidence bucket's items (``_bucket_items``)."""
     if "chunk" not in t:
         return {}
     _, first, inv = np.unique(t["chunk"], return_index=True, return_inverse=True)
     order = np.argsort(first)
     n = np.bincount(inv)
-    return {"per_chunk_kld": (np.bincount(inv, t["kld"]) / n)[order].tolist(),
-            "per_chunk_same_top": (np.bincount(inv, t["same"]) / n)[order].tolist()}
+    out: dict[str, Any] = {
+        "per_chunk_kld": (np.bincount(inv, t["kld"]) / n)[order].tolist(),
+        "per_chunk_same_top": (np.bincount(inv, t["same"]) / n)[order].tolist()}
+    if "rank" in t:
+        for k in TOP_K:
+            out[f"per_chunk_top{k}"] = (np.bincount(inv, t["rank"] < k) / n)[order].tolist()
+    kld = np.maximum(t["kld"], 0.0)
+    out["per_chunk_kld_p999"] = [float(np.percentile(kld[inv == c], 99.9)) for c in order]
+    if "conf" in t:
+        total = len(t["kld"])
+        buckets: dict[str, list[float]] = {}
+        for name, mask in zip(BUCKET_NAMES, _bucket_masks(t["conf"])):
+            share = mask.sum() / total
+            if share == 0:
+                continue
+            sums = np.bincount(inv, np.where(mask, t["kld"], 0.0), minlength=len(n))
+            buckets[name] = (sums / (share * n))[order].tolist()
+        out["per_chunk_kld_conf"] = buckets
+    return out
+
+
+def _bucket_masks(conf: np.ndarray) -> list[np.ndarray]:
+    """Per confidence bucket, which tokens fall in it (the last bucket includes 1.0)."""
+    c = np.asarray(conf, dtype=np.float64)
+    return [(c >= lo) & ((c < hi) if hi < 1.0 else (c <= 1.0 + 1e-6)) for lo, hi in CONF_BUCKETS]
+
+
+def _detail_values(t: dict[str, np.ndarray], kld: np.ndarray) -> dict[str, Any]:
+    """Values of v4: the 99.9 % tail, top-k agreement and the confidence buckets (those whose
+    per-token data the comparison holds)."""
+    n = len(kld)
+    out = {"kld_p999": value(float(np.percentile(kld, 99.9)), None, n, "nats")}
+    if "rank" in t:
+        for k in TOP_K:
+            p = float((t["rank"] < k).mean())
+            out[f"top{k}_pct"] = value(100 * p, 100 * math.sqrt(p * (1 - p) / (n - 1)), n, "%")
+    if "conf" in t:
+        for name, mask in zip(BUCKET_NAMES, _bucket_masks(t["conf"])):
+            m = int(mask.sum())
+            out[f"share_conf_{name}"] = value(100 * m / n, None, n, "%")
+            if m:
+                mean, se = _mean_unc(float(t["kld"][mask].sum()),
+                                     float((t["kld"][mask] ** 2).sum()), m)
+                out[f"kld_conf_{name}"] = value(mean, se, m, "nats")
+    return out
 
 
 def statistics(t: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -413,7 +580,7 @@ def statistics(t: dict[str, np.ndarray]) -> dict[str, Any]:
         "ppl_ratio": value(math.exp(ln_ratio), math.exp(ln_ratio) * ln_ratio_unc, n),
         "ppl": value(math.exp(m_q), math.exp(m_q) * se_q, n),
         "ppl_base": value(math.exp(m_b), math.exp(m_b) * se_b, n),
-    }
+    } | _detail_values(t, kld)
     details = {
         "kld_percentiles": {f"{p:g}": float(np.percentile(kld, p)) for p in PERCENTILES}
         | {"max": float(kld.max()), "min": float(kld.min())},
@@ -465,5 +632,8 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
         "computed_in": ("the perplexity cell's forward pass (shared, same tokens)" if shared
                         else "this cell"),
         "coverage_min": 1 - float(rest_mass.max()),
+        # every token's KLD (floored at 0, as the percentiles), 2 bytes each, in scoring
+        # order: two variants' tokens pair by position (qbench.metrics.token_codec)
+        "per_token": {"kld": token_codec.encode(np.maximum(per_token["kld"], 0.0))},
     })
     return out

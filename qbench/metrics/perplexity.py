@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qbench.options import positive
-from qbench.metrics import LOG, NONE, MetricInfo, Pairing, Value, shared_pass
+from qbench.metrics import LOG, NONE, MetricInfo, Pairing, Value, depth, shared_pass
 from qbench.metrics.context import CellContext, value
 from qbench.metrics.scoring import (chunk_ppl_items, chunk_tokens, chunks_available,
                                     dataset_identity, iter_nll, iter_scored, make_chunks,
@@ -53,15 +52,17 @@ INFO = MetricInfo(
 @dataclass(frozen=True)
 class Options:
     dataset: str = "wikitext-2"   # a name (resolved in the data dir) or a text file path
-    ctx: int = 512
-    chunks: int = 16              # <= 0: every chunk of the text
+    # a list makes one cell per context, the first the main one (qbench.metrics.depth)
+    ctx: int | tuple[int, ...] = 512
+    chunks: int | tuple[int, ...] = 16    # <= 0: every chunk of the text; or one per ctx
 
     def validate(self, *, file: str, key: str) -> None:
-        positive(self.ctx, file=file, key=f"{key}.ctx")
-        if self.ctx < 8 or self.ctx % 2:
-            from qbench.errors import ConfigError
-            raise ConfigError(f"expected an even context of at least 8 tokens, got {self.ctx}",
-                              file=file, key=f"{key}.ctx")
+        depth.check_ctx_list(self.ctx, self.chunks, file=file, key=key)
+
+    def points(self) -> list[tuple[str, "Options"]]:
+        """(point label, options of one context) per listed context (qbench.metrics.depth)."""
+        return [(label, dataclasses.replace(self, ctx=c, chunks=n))
+                for label, c, n in depth.ctx_points(self.ctx, self.chunks)]
 
 
 def key_extras(options: Options, plan_ctx: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from qbench.host.cache import folder as cache_folder
 from qbench.host.cache import note_built
 from qbench.host.fsutil import atomic_write_text, file_lock, fsync_file, fsync_folder
 from qbench.inputs.sources import check_gguf, sha256_file, split_shards
-from qbench.quantize.gguf_types import FLOAT_TYPES, FTYPES
+from qbench.quantize.gguf_types import FLOAT_TYPES, FTYPES, TENSOR_TYPES
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ def _merge_shards(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "tensor_bytes": n_bytes, "bpw": 8.0 * n_bytes / n_params if n_params else None,
         "types": dict(sorted(hist.items(), key=lambda kv: -kv[1]["params"])),
         "data_end": parts[0]["data_end"],
+        "roles": {k: next((p["roles"][k] for p in parts if (p.get("roles") or {}).get(k)),
+                          None) for k in ("token_embd", "output")},
         "traffic": parts[0]["traffic"] | {k: sum(p["traffic"][k] for p in parts) for k in (
             "embed_bytes", "output_bytes", "expert_bytes")} | {
             "has_output": any(p["traffic"]["has_output"] for p in parts)}}
@@ -152,7 +154,17 @@ def tensor_summary(path: Path) -> dict[str, Any]:
             "attention.head_count_kv", "context_length")} if arch else {},
         "provenance": provenance_fields(reader),
         "traffic": traffic_facts(reader, arch),
+        "roles": role_types(reader),
     }
+
+
+def role_types(reader: Any) -> dict[str, str | None]:
+    """The types the file holds for the tensors people choose (llama-quantize's
+    --token-embedding-type / --output-tensor-type): what was asked may not be what a row width
+    allows. ``output`` None: the model ties its output to the token embedding."""
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    return {"token_embd": next((types[n] for n in _EMBED_NAMES if n in types), None),
+            "output": next((types[n] for n in _OUTPUT_NAMES if n in types), None)}
 
 
 _EMBED_NAMES = ("token_embd.weight",)
@@ -189,7 +201,7 @@ def traffic_facts(reader: Any, arch: str | None) -> dict[str, Any]:
 # URLs, quantization_version, ...) and the imatrix llama-quantize records (file, dataset,
 # entries, chunks). Large arrays (tokenizer, tensors) are not provenance.
 PROVENANCE_PREFIXES = ("general.", "quantize.")
-SUMMARY_VERSION = 3     # memoised summaries of an older shape are recomputed (3: traffic)
+SUMMARY_VERSION = 4     # memoised summaries of an older shape are recomputed (4: roles)
 
 
 def provenance_fields(reader: Any) -> dict[str, Any]:
@@ -230,13 +242,20 @@ def dominant_type(path: Path, cache_dir: Path | None = None) -> str:
     return next(iter(types)) if types else "?"
 
 
-def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | None) -> None:
+def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | None,
+              tensors: dict[str, str] | None = None) -> None:
     """One llama_model_quantize call (or llama-quantize with an imatrix: the C API takes the
-    imatrix only as a C++ object)."""
+    imatrix only as a C++ object). ``tensors``: the output / token-embedding tensors' types
+    (``output_tensor_type``, ``token_embedding_type``), as llama-quantize's flags of those
+    names set them."""
+    tensors = {k: v for k, v in (tensors or {}).items() if v}
     if imatrix is not None:
         from qbench.quantize.llama_tools import find_tool
         tool = find_tool("llama-quantize")
-        cmd = [tool, "--imatrix", str(imatrix), str(inp), str(out), ftype, str(threads or physical_cores())]
+        flags = [x for k, v in sorted(tensors.items())
+                 for x in (f"--{k.replace('_', '-')}", v.lower())]
+        cmd = [tool, "--imatrix", str(imatrix), *flags, str(inp), str(out), ftype,
+               str(threads or physical_cores())]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise QbenchError(f"llama-quantize {ftype} failed (exit {proc.returncode}): "
@@ -248,6 +267,8 @@ def _quantize(inp: Path, out: Path, ftype: str, threads: int, imatrix: Path | No
     params.ftype = FTYPES[ftype]
     params.nthread = threads
     params.allow_requantize = True
+    for name, tensor_type in tensors.items():   # output_tensor_type, token_embedding_type
+        setattr(params, name, TENSOR_TYPES[tensor_type])
     rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(),
                                         ctypes.byref(params))
     if rc != 0:
@@ -320,20 +341,30 @@ def _cached(cache_dir: Path, recipe: dict[str, Any], build: Any) -> Artifact:
 
 def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
                   cache_dir: Path, threads: int, imatrix_path: Path | None = None,
-                  imatrix_sha: str = "") -> Artifact:
-    """The GGUF file of ``quant``, made from ``source`` via the float ``base_quant``."""
+                  imatrix_sha: str = "", output_tensor_type: str = "",
+                  token_embedding_type: str = "") -> Artifact:
+    """The GGUF file of ``quant``, made from ``source`` via the float ``base_quant``; with
+    ``output_tensor_type`` / ``token_embedding_type`` those tensors get that ggml type
+    (llama-quantize's flags of those names)."""
     import llama_cpp
 
     lib = {"llama_cpp_python": llama_cpp.__version__}
     if base_quant not in FLOAT_TYPES:
         raise QbenchError(f"the base must be a float type ({', '.join(sorted(FLOAT_TYPES))}), "
                           f"got {base_quant}")
+    tensors = {"output_tensor_type": output_tensor_type,
+               "token_embedding_type": token_embedding_type}
+    for name, t in tensors.items():
+        if t and t not in TENSOR_TYPES:
+            raise QbenchError(f"{name}: unknown ggml tensor type {t!r}")
+    tensors = {k: v for k, v in tensors.items() if v}
     base = _float_base(source, source_sha, base_quant, cache_dir, threads, lib)
-    if quant == base_quant:
+    if quant == base_quant and not tensors:
         return base
+    # tensor types only where set, so every other file keeps its recipe (and cache entry)
     recipe = {"tool": "llama_model_quantize", "input_sha256": base.sha256,
               "input_type": base_quant, "output_type": quant, "base_recipe": base.recipe,
-              "imatrix_sha256": imatrix_sha or None, **lib}
+              "imatrix_sha256": imatrix_sha or None, **lib, **tensors}
     if imatrix_path is not None:
         recipe["tool"] = "llama-quantize --imatrix"
         if os.environ.get("QBENCH_LLAMA_CPP_BIN"):
@@ -342,7 +373,7 @@ def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
             from qbench.quantize.llama_tools import tool_version
             recipe["llama_quantize"] = tool_version(("llama-quantize",))["binaries"]
     return _cached(cache_dir, recipe,
-                   lambda out: _quantize(base.path, out, quant, threads, imatrix_path))
+                   lambda out: _quantize(base.path, out, quant, threads, imatrix_path, tensors))
 
 
 def _float_base(source: Path, source_sha: str, base_quant: str, cache_dir: Path, threads: int,
@@ -391,5 +422,7 @@ def footprint(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
         "details": {"tensor_types": summary["types"], "file_type": summary["file_type"],
                     "architecture": summary["architecture"], "shape": summary["shape"],
                     "n_tensors": summary["n_tensors"], "file_size_bytes": size,
+                    "tensor_bytes": summary["tensor_bytes"],
+                    "roles": summary.get("roles") or {},
                     "provenance": summary.get("provenance", {})},
     }

@@ -24,7 +24,9 @@ def prepare(req: PrepareRequest) -> Prepared:
         imatrix_path, imatrix_sha = build_imatrix(req)
     art = build_variant(req.model_file, req.model_sha, variant["quant"], req.model["base"],
                         cache_dir=req.cache_dir, threads=req.threads, imatrix_path=imatrix_path,
-                        imatrix_sha=imatrix_sha)
+                        imatrix_sha=imatrix_sha,
+                        output_tensor_type=variant.get("output_tensor_type") or "",
+                        token_embedding_type=variant.get("token_embedding_type") or "")
     described = art.describe()
     if imatrix_path is not None:   # where the importance matrix came from, for the report
         prov = {k: v for k, v in provenance(imatrix_path).items() if k != "command"}

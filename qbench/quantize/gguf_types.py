@@ -67,3 +67,24 @@ KV_DEFAULT = "f16"
 def canonical_kv(name: str) -> str | None:
     low = name.strip().lower()
     return low if low in KV_CACHE_TYPES else None
+
+
+# Tensor storage types llama-quantize's --output-tensor-type / --token-embedding-type take
+# (ggml_type values, ggml.h; llama_model_quantize_params.output_tensor_type and
+# token_embedding_type). Spelled as ggml_type_name upper-cased; the CLI matches them case-
+# insensitively. A K-quant on a row not a multiple of 256 wide (SmolLM2's 576) is replaced by
+# llama.cpp with a type that fits: the report shows the type the file really holds.
+TENSOR_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10,
+    "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ2_XS": 17,
+    "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23,
+    "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35,
+}
+# ... of which llama-quantize refuses these without an importance matrix
+TENSOR_TYPES_NEED_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S"})
+
+
+def canonical_tensor_type(name: str) -> str | None:
+    """The ggml spelling of a tensor type (case-insensitive), None when it is not one."""
+    upper = name.strip().upper()
+    return upper if upper in TENSOR_TYPES else None

@@ -21,7 +21,12 @@ from qbench.version import __version__
 from qbench.host.fsutil import atomic_write_text
 from qbench.metrics import known_metric_info, metric_names
 from qbench.report import claims as claims_mod
+from qbench.report.contexts import depth_figures, depth_view
+from qbench.report.detail import detail_tables
 from qbench.report.figures import suite_figures
+from qbench.report.floor import floor_verdicts, twins
+from qbench.report.resident import add_resident
+from qbench.report.tokens import token_figures
 from qbench.report.recommend import DEFAULT_KV_CTX, fp16_rule, recommend
 from qbench.report.table import (extra_columns, file_facts, fmt, signed, type_mix,
                                  variant_rows)
@@ -42,9 +47,15 @@ def plotly_js() -> Markup:
     return Markup(f'<script type="text/javascript">{get_plotlyjs()}</script>')
 
 
-def _figures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _figures(rows: list[dict[str, Any]], kv_ctx: int | None = None) -> list[dict[str, Any]]:
+    return _rendered(suite_figures(rows, kv_ctx))
+
+
+def _rendered(figures: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """(id, plotly figure or None) -> {id, html} with the figure as a div (plotly.js is in
+    the page's head once)."""
     out = []
-    for fig_id, fig in suite_figures(rows):
+    for fig_id, fig in figures:
         html = None
         if fig is not None:
             html = Markup(pio.to_html(fig, include_plotlyjs=False, full_html=False,
@@ -188,10 +199,18 @@ def render_suite(suite: str, records: list[dict[str, Any]], *, budget_gb: float 
                  max_loss_pct: float | None = None, kv_ctx: int = DEFAULT_KV_CTX,
                  notes: dict[str, Any] | None = None) -> str:
     rows = variant_rows(records)
+    floor_verdicts(rows)
+    add_resident(rows, kv_ctx)
+    depth = depth_view(rows)
+    floors = {(s, m): ts[0]["label"] for (s, m, _), ts in twins(rows).items()}
     claims = claims_mod.check_claims(rows)
     return _ENV.get_template("suite.html").render(
         suite=suite, rows=rows, extra_columns=extra_columns(rows), files=file_facts(rows),
-        figures=_figures(rows),
+        figures=_figures(rows, kv_ctx),
+        detail_tables=detail_tables(rows), depth=depth,
+        depth_figures=_rendered(depth_figures(depth)),
+        token_figures=_rendered(token_figures(rows, floors)),
+        kv_ctx=kv_ctx,
         plotly_js=plotly_js(),
         envs=_environments(records), backends=_backends(records),
         methods=_methodology(records), calibration=_calibration(records),

@@ -14,6 +14,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from qbench.metrics import Value, known_metric_info, metric_names
+from qbench.report.floor import floor_lines
 from qbench.report.table import memory_of
 
 BACKEND_COLOURS = {"llama.cpp": "#1f77b4", "transformers": "#d62728", "vllm": "#2ca02c",
@@ -64,11 +65,16 @@ def pareto(rows: list[dict[str, Any]], x: str, y: str, *, maximize_y: bool = Fal
 
 
 def quality_vs_size(rows: list[dict[str, Any]], key: str, *, title: str, y_label: str,
-                    higher_is_better: bool = False, fmt_y: str = ".4g") -> go.Figure | None:
-    """Measured bits per weight vs a stored value (``metric.value``), each model's Pareto
-    frontier dotted, error bars from the stored standard error."""
-    pts = [r | {"_y": r["values"][key][0], "_e": r["values"][key][1]} for r in rows
-           if r.get("bpw") is not None and (r.get("values") or {}).get(key, (None,))[0]
+                    higher_is_better: bool = False, fmt_y: str = ".4g", x: str = "bpw",
+                    x_label: str = "bits per weight (measured from the file)",
+                    floors: list[tuple[str, str, float, str]] | None = None
+                    ) -> go.Figure | None:
+    """Measured bits per weight (or another size, ``x``: resident MiB) vs a stored value
+    (``metric.value``), each model's Pareto frontier dotted, error bars from the stored
+    standard error; ``floors`` (model, backend, value, twin): a dashed line per model at the
+    value a no-loss twin of its base shows (qbench.report.floor)."""
+    pts = [r | {"_y": r["values"][key][0], "_e": r["values"][key][1], "_x": r[x]} for r in rows
+           if r.get(x) is not None and (r.get("values") or {}).get(key, (None,))[0]
            is not None]
     if not pts:
         return None
@@ -78,7 +84,7 @@ def quality_vs_size(rows: list[dict[str, Any]], key: str, *, title: str, y_label
     for backend, model, sel in _groups(pts):
         err = [r["_e"] or 0 for r in sel]
         fig.add_trace(go.Scatter(
-            x=[r["bpw"] for r in sel], y=[r["_y"] for r in sel], mode="markers+text",
+            x=[r["_x"] for r in sel], y=[r["_y"] for r in sel], mode="markers+text",
             name=esc(backend) + (f" · {esc(model)}" if len(models) > 1 else ""),
             text=[esc(r["quant"]) for r in sel], textposition="top center",
             marker={"size": 11, "color": colour(backend, backends),
@@ -89,18 +95,31 @@ def quality_vs_size(rows: list[dict[str, Any]], key: str, *, title: str, y_label
                 else f"{r['bpw']:.3f} bits/weight",
                 f"{esc(y_label)}: {format(r['_y'], fmt_y)}"
                 + (f" ± {format(r['_e'], '.2g')}" if r["_e"] else ""),
+                f"resident {r['resident_mb']:.1f} MiB: {esc(r.get('resident_how') or '')}"
+                if x == "resident_mb" and r.get("resident_mb") else "",
                 "base" if r["is_base"] else ""]) for r in sel],
             hoverinfo="text",
         ))
     for model in models:
         sel = [r for r in pts if r["model"] == model]
-        front = pareto(sel, "bpw", "_y", maximize_y=higher_is_better)
+        front = pareto(sel, "_x", "_y", maximize_y=higher_is_better)
         if len(front) > 1:
             fig.add_trace(go.Scatter(
-                x=[r["bpw"] for r in front], y=[r["_y"] for r in front], mode="lines",
+                x=[r["_x"] for r in front], y=[r["_y"] for r in front], mode="lines",
                 name="Pareto frontier" + (f" · {esc(model)}" if len(models) > 1 else ""),
                 line={"dash": "dot", "color": "#888"}, hoverinfo="skip"))
-    fig.update_layout(title=esc(title), xaxis_title="bits per weight (measured from the file)",
+    lo, hi = min(r["_x"] for r in pts), max(r["_x"] for r in pts)
+    for model, backend, level, twin in floors or []:
+        if model not in models:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[lo, hi], y=[level, level], mode="lines",
+            name=esc(f"floor: {twin} ({backend}" + (f", {model})" if len(models) > 1 else ")")),
+            line={"dash": "dash", "color": "#2ca02c"},
+            hovertext=esc(f"{model}: the {twin} twin of the base at {level:.3g}: a variant at "
+                          "or below it loses no more than a change of float format"),
+            hoverinfo="text"))
+    fig.update_layout(title=esc(title), xaxis_title=esc(x_label),
                       yaxis_title=esc(y_label) + (" (higher is better)" if higher_is_better
                                                   else " (lower is better)"), **_LAYOUT)
     return fig
@@ -239,24 +258,47 @@ def _figure_id(metric: str, value: Value, primary: str, kind: str) -> str:
     return f"{kind}-{metric}" if value.name == primary else f"{kind}-{metric}-{value.name}"
 
 
-def suite_figures(rows: list[dict[str, Any]]) -> list[tuple[str, go.Figure | None]]:
+def suite_figures(rows: list[dict[str, Any]], kv_ctx: int | None = None
+                  ) -> list[tuple[str, go.Figure | None]]:
     """(id, figure or None) in page order; None where this run has no data for that plot.
     Quality plots and deltas come from the registry: every value a metric declares with a
-    ``figure`` is drawn against bits per weight, every paired value as a delta vs the base."""
+    ``figure`` is drawn against bits per weight and, when rows carry ``resident_mb``
+    (qbench.report.resident), against resident MiB at ``kv_ctx``; a value of a metric measured
+    against the base gets its floor line (qbench.report.floor); every paired value a delta vs
+    the base."""
     metrics = sorted({m for r in rows for m in r.get("cells", {})},
                      key=lambda m: (metric_names().index(m) if m in metric_names() else 99, m))
-    quality, deltas = [], []
+    quality, resident, deltas = [], [], []
     for metric in metrics:
         info = known_metric_info(metric)
         for v in info.value_specs() if info else ():
             if v.figure:
+                key = f"{metric}.{v.name}"
+                floors = floor_lines(rows, key) if info.needs_base else None
                 quality.append((_figure_id(metric, v, info.primary, "bpw"),
-                                quality_vs_size(rows, f"{metric}.{v.name}", title=v.figure,
+                                quality_vs_size(rows, key, title=v.figure,
                                                 y_label=f"{metric} {v.name}",
-                                                higher_is_better=v.higher_is_better)))
+                                                higher_is_better=v.higher_is_better,
+                                                floors=floors)))
+                if kv_ctx:
+                    resident.append((_figure_id(metric, v, info.primary, "resident"),
+                                     quality_vs_size(
+                                         rows, key, title=_resident_title(v.figure, kv_ctx),
+                                         y_label=f"{metric} {v.name}",
+                                         higher_is_better=v.higher_is_better, floors=floors,
+                                         x="resident_mb",
+                                         x_label=f"resident MiB: every weight tensor (embedding "
+                                                 f"and output included) + KV cache at "
+                                                 f"{kv_ctx:,} tokens")))
             # a metric measured against the base (KLD) is itself the delta: no bars for it
             if v.pairing is not None and v.name == info.primary and not info.needs_base:
                 deltas.append((_figure_id(metric, v, info.primary, "delta"),
                                deltas_vs_base(rows, f"{metric}.{v.name}")))
-    return [*quality, ("speed-memory", speed_vs_memory(rows)), ("roofline", roofline(rows)),
-            ("speed-depth", speed_vs_depth(rows)), *deltas]
+    return [*quality, *resident, ("speed-memory", speed_vs_memory(rows)),
+            ("roofline", roofline(rows)), ("speed-depth", speed_vs_depth(rows)), *deltas]
+
+
+def _resident_title(title: str, kv_ctx: int) -> str:
+    """'X vs bits per weight' restated against resident memory."""
+    head = title.split(" vs ")[0]
+    return f"{head} vs resident memory (weights + KV cache at {kv_ctx:,} tokens)"

@@ -15,7 +15,7 @@ from typing import Any
 from qbench.backends import kv_bytes_per_element, method_of, nominal_bits
 from qbench.metrics import ReportColumn, known_metric_info, metric_names
 from qbench.results.schema import FAILED
-from qbench.suite.identity import variant_key
+from qbench.suite.identity import record_point, variant_key
 
 MIB = 2 ** 20
 
@@ -56,14 +56,24 @@ def variant_rows(records: list[dict[str, Any]], *, level: float | None = None
     """Pivot cells into rows: one per (suite, model, backend, variant), metrics as columns.
     Of several records of one cell (a larger sample measured later, --until-decided), the ok
     one with the largest sample, then the latest. ``level``: the comparisons' interval level
-    (default: 95 %, or the sequential plan's a record was measured under)."""
+    (default: 95 %, or the sequential plan's a record was measured under). Cells at a metric's
+    other listed contexts (``@ctx=N``, qbench.metrics.depth) go to
+    ``row["points"][point][metric]``; the table's columns are the main context's."""
     groups: dict[tuple[str, str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    points: dict[tuple[str, str, str, str], dict[str, dict[str, dict[str, Any]]]] = \
+        defaultdict(lambda: defaultdict(dict))
     for rec in records:
-        cells = groups[variant_key(rec)]
+        point = record_point(rec)
+        cells = points[variant_key(rec)][point] if point else groups[variant_key(rec)]
         old = cells.get(rec["metric"])
         if old is None or _preference(rec) >= _preference(old):
             cells[rec["metric"]] = rec
-    rows = [_row(key, cells) for key, cells in groups.items()]
+    for key in points:   # a variant measured at other contexts only
+        if key not in groups:
+            groups[key] = {}
+    rows = [_row(key, cells or next(iter(points[key].values())))
+            | {"points": {p: dict(c) for p, c in points.get(key, {}).items()}}
+            for key, cells in groups.items()]
     _model_facts(rows)
     _add_deltas(rows, level)
     rows.sort(key=lambda r: (r["suite"], r["model"], not r["is_base"], r["backend"],
@@ -166,6 +176,11 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
                                else None)
     row["imatrix"] = variant.get("imatrix") or None
     row["kv_cache"] = variant.get("kv_cache") or None
+    # the tensors people choose: what was asked (the variant) and what the file holds
+    row["output_asked"] = variant.get("output_tensor_type") or None
+    row["token_embd_asked"] = variant.get("token_embedding_type") or None
+    row["roles"] = dict((fp.get("details") or {}).get("roles") or {}) if fp_ok else {}
+    row["tensor_bytes"] = (fp.get("details") or {}).get("tensor_bytes") if fp_ok else None
     row["kv_bytes"] = kv_bytes_per_element(backend, row["kv_cache"])
     row["source_label"] = variant.get("tag") or None
     row["provenance"] = gguf_provenance(fp) if fp_ok else {}

@@ -7,6 +7,7 @@ unknown quant names, duplicate ids, missing local files. Errors name the file an
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import tomllib
 from collections.abc import Mapping
@@ -86,6 +87,10 @@ class VariantGroup:
     # KV-cache types (llama.cpp type_k/type_v): one variant per entry (kv_cache = ["f16",
     # "q8_0", "q4_0"]); quantizing V turns flash attention on
     kv_cache: tuple[str, ...] | str = ""
+    # the output / token-embedding tensors' types (llama-quantize --output-tensor-type /
+    # --token-embedding-type): one variant per entry, "default" = llama.cpp's choice for the type
+    output_tensor_type: tuple[str, ...] | str = ""
+    token_embedding_type: tuple[str, ...] | str = ""
     n_gpu_layers: int = -1           # -1: all layers when on a GPU
     batch: int = 2048                # llama.cpp n_batch (logical batch)
     ubatch: int = 512                # llama.cpp n_ubatch (physical batch)
@@ -115,13 +120,16 @@ class VariantSpec:
     metrics: tuple[str, ...] = ()    # empty: every metric of the suite
     kv_cache: str = ""               # "": the backend's default (llama.cpp: f16)
     tag: str = ""                    # the suite's label for a pre-quantized file
+    output_tensor_type: str = ""     # "": the quantizer's choice for the type
+    token_embedding_type: str = ""
 
     @property
     def name(self) -> str:
-        """The variant as ids and the report name it: quant[@file or label][+imatrix=..][+kv=..]
-        (see qbench.suite.identity)."""
+        """The variant as ids and the report name it: quant[@file or label][+imatrix=..]
+        [+output=..][+token_embd=..][+kv=..] (see qbench.suite.identity)."""
         return quant_label(self.quant, self.source, tag=self.tag, imatrix=self.imatrix,
-                           kv_cache=self.kv_cache)
+                           kv_cache=self.kv_cache, output=self.output_tensor_type,
+                           token_embd=self.token_embedding_type)
 
     def measures(self, metric: str) -> bool:
         """Whether this variant gets ``metric`` (footprint and sanity always run)."""
@@ -137,6 +145,8 @@ class VariantSpec:
         """backend/quant[@whole source]...: for messages, where the whole path helps."""
         return f"{self.backend}/" + quant_label(self.quant, self.source, tag=self.tag,
                                                 imatrix=self.imatrix, kv_cache=self.kv_cache,
+                                                output=self.output_tensor_type,
+                                                token_embd=self.token_embedding_type,
                                                 whole_source=True)
 
     def params(self) -> dict[str, Any]:
@@ -146,6 +156,10 @@ class VariantSpec:
                   "batch": self.batch, "ubatch": self.ubatch}
         if self.kv_cache:   # only where set: every other variant's key stays as it was
             params["kv_cache"] = self.kv_cache
+        if self.output_tensor_type:        # likewise
+            params["output_tensor_type"] = self.output_tensor_type
+        if self.token_embedding_type:
+            params["token_embedding_type"] = self.token_embedding_type
         if self.calibrated:  # only where it changes the artifact: other keys stay stable
             params |= {"calibration": self.calibration or "wikitext-2",
                        "calibration_samples": self.calibration_samples,
@@ -248,9 +262,11 @@ class Suite:
         that backend, else that backend's first unquantized variant (so a transformers variant
         is compared with transformers fp32, on the same tokenizer and engine)."""
         backend = backend or model.base_backend
-        # the plain build: not a pre-quantized file, no imatrix, the default KV cache
+        # the plain build: not a pre-quantized file, no imatrix, the default KV cache and
+        # tensor types
         variants = [v for v in self.variants_for(model) if v.backend == backend
-                    and not v.source and not v.imatrix and not v.kv_cache]
+                    and not v.source and not v.imatrix and not v.kv_cache
+                    and not v.output_tensor_type and not v.token_embedding_type]
         if backend == model.base_backend:
             return next((v for v in variants if v.quant == model.base), None)
         floats = backend_info(backend).float_quants
@@ -370,6 +386,9 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                                   file=file, key=f"{key}.models")
         imatrices = _imatrix_options(group, info, "imatrix_chunks" in table, file=file, key=key)
         kv_types = _kv_options(group, info, file=file, key=key)
+        outputs = _tensor_type_options(group, info, "output_tensor_type", file=file, key=key)
+        embeddings = _tensor_type_options(group, info, "token_embedding_type", file=file,
+                                          key=key)
         if group.label and not group.source:
             raise ConfigError("'label' names a pre-quantized file: set 'source' too",
                               file=file, key=f"{key}.label")
@@ -387,7 +406,11 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                     raise ConfigError(f"{canon} needs an importance matrix: set "
                                       f"imatrix = \"wikitext-2\" (or a text file) in {key}",
                                       file=file, key=qkey)
-                for kv in kv_types:
+                _check_tensor_types_need_imatrix(outputs, "output_tensor_type", imatrix,
+                                                 file=file, key=key)
+                _check_tensor_types_need_imatrix(embeddings, "token_embedding_type", imatrix,
+                                                 file=file, key=key)
+                for kv, out_type, embd_type in itertools.product(kv_types, outputs, embeddings):
                     spec = VariantSpec(backend=group.backend, quant=canon, source=group.source,
                                        imatrix=imatrix, imatrix_chunks=group.imatrix_chunks,
                                        n_gpu_layers=group.n_gpu_layers,
@@ -395,7 +418,9 @@ def _parse_variants(value: Any, models: tuple[ModelSpec, ...], file: str
                                        models=group.models, calibration=group.calibration,
                                        calibration_samples=group.calibration_samples,
                                        calibration_seq_len=group.calibration_seq_len,
-                                       metrics=group.metrics, kv_cache=kv, tag=group.label)
+                                       metrics=group.metrics, kv_cache=kv, tag=group.label,
+                                       output_tensor_type=out_type,
+                                       token_embedding_type=embd_type)
                     _check_unique(spec, group, models, seen, file=file, key=qkey)
                     out.append(spec)
         _check_calibration(group, table, out[start:], file=file, key=key)
@@ -459,12 +484,61 @@ def _kv_options(group: VariantGroup, info: Any, *, file: str, key: str) -> tuple
     return tuple(out)
 
 
+def _tensor_type_options(group: VariantGroup, info: Any, attr: str, *, file: str,
+                         key: str) -> tuple[str, ...]:
+    """The group's output / token-embedding tensor types, one variant per entry ("" =
+    "default": the quantizer's own choice for the quant type)."""
+    raw = getattr(group, attr)
+    given = (raw,) if isinstance(raw, str) else raw
+    if not given:
+        raise ConfigError(f"empty {attr} list (use \"default\" for llama.cpp's choice)",
+                          file=file, key=f"{key}.{attr}")
+    if given == ("",):
+        return ("",)
+    if not info.tensor_types:
+        raise ConfigError(f"the {group.backend} backend has no {attr} setting (it is "
+                          "llama-quantize's: a llama.cpp variant's)", file=file,
+                          key=f"{key}.{attr}")
+    if group.source:
+        raise ConfigError(f"{attr} applies when qbench builds a variant; a pre-quantized "
+                          "'source' is measured as it is (the report shows its tensor types)",
+                          file=file, key=f"{key}.{attr}")
+    from qbench.quantize.gguf_types import canonical_tensor_type
+    out = []
+    for v in given:
+        if v.strip().lower() in ("", "default"):
+            out.append("")
+            continue
+        canon = canonical_tensor_type(v)
+        if canon is None or canon not in info.tensor_types:
+            raise ConfigError(f"unknown tensor type '{v}'"
+                              f"{did_you_mean(v.upper(), sorted(info.tensor_types))}; expected "
+                              f"\"default\" or one of {', '.join(sorted(info.tensor_types))}",
+                              file=file, key=f"{key}.{attr}")
+        out.append(canon)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"the {attr} list names a type twice", file=file,
+                          key=f"{key}.{attr}")
+    return tuple(out)
+
+
+def _check_tensor_types_need_imatrix(types: tuple[str, ...], attr: str, imatrix: str, *,
+                                     file: str, key: str) -> None:
+    """llama-quantize refuses IQ1/IQ2 tensors without an importance matrix."""
+    from qbench.quantize.gguf_types import TENSOR_TYPES_NEED_IMATRIX
+    for t in types:
+        if t in TENSOR_TYPES_NEED_IMATRIX and not imatrix:
+            raise ConfigError(f"{t} needs an importance matrix: set imatrix = \"wikitext-2\" "
+                              f"(or a text file) in {key}", file=file, key=f"{key}.{attr}")
+
+
 def _check_unique(spec: VariantSpec, group: VariantGroup, models: tuple[ModelSpec, ...],
                   seen: dict[tuple[str, ...], str], *, file: str, key: str) -> None:
     """Per model, overlapping groups ([[variants]] for all models and one restricted with
     models = [...]) must not give a model the same variant twice."""
     for mid in dict.fromkeys(group.models or tuple(m.id for m in models)):
-        ident = (mid, spec.backend, spec.quant, spec.source, spec.imatrix, spec.kv_cache)
+        ident = (mid, spec.backend, spec.quant, spec.source, spec.imatrix, spec.kv_cache,
+                 spec.output_tensor_type, spec.token_embedding_type)
         if ident in seen:
             which = f" for model {mid!r}" if len(models) > 1 else ""
             raise ConfigError(f"duplicate variant {spec.backend}/{spec.name}{which} "

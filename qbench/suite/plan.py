@@ -31,6 +31,7 @@ from qbench.inputs.datasets import locate_text
 from qbench.errors import ConfigError, DatasetError, QbenchError, SourceError
 from qbench.host.envinfo import library_version
 from qbench.metrics import metric_info, metric_module, metric_names, shared_pass
+from qbench.metrics.depth import point_suffix
 from qbench.inputs.sources import locate, parse_hf, sha256_file
 
 # device nodes of GPU drivers: 'auto' may pick a GPU here even when NVML is not installed
@@ -104,13 +105,16 @@ class Cell:
     # this cell serves in its own pass (see qbench.metrics.shared_pass): attached once by expand
     base_variant: VariantSpec | None = field(default=None, compare=False)
     companions: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # which of the metric's listed contexts ('ctx=8192'; '' the main one: qbench.metrics.depth)
+    point: str = ""
     # the key without the sample size (MetricInfo.sample_option): cells of one family differ
     # only in how many chunks or questions they score ("" when the metric has no such option)
     family: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
-        return cell_id(self.model.id, self.variant.backend, self.variant.name, self.metric)
+        return cell_id(self.model.id, self.variant.backend, self.variant.name,
+                       self.metric + point_suffix(self.point))
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able spec stored with every result."""
@@ -218,33 +222,45 @@ def _base_part(suite: Suite, model: ModelSpec, variant: VariantSpec, needs_base:
 
 def _attach_companions(cells: list[Cell], suite: Suite) -> list[Cell]:
     """Each cell with the metrics it serves in its own pass (a perplexity cell: the KLD cell of
-    its model and variant, by key). Done on the whole plan, before --only or --shard narrow
-    it, so a perplexity cell serves its KLD cell even when that one runs elsewhere."""
-    kld_keys = {(c.model.id, c.variant): c.key for c in cells if c.metric == "kld"}
-    kld_options = suite.metrics.get("kld")
+    its model and variant at the same context, by key). Done on the whole plan, before --only
+    or --shard narrow it, so a perplexity cell serves its KLD cell even when that one runs
+    elsewhere."""
+    kld = {(c.model.id, c.variant, c.point): c for c in cells if c.metric == "kld"}
     out = []
     for c in cells:
-        serves = shared_pass.companions(c.metric, c.options, kld_options,
-                                        kld_keys.get((c.model.id, c.variant)))
+        mate = kld.get((c.model.id, c.variant, c.point))
+        serves = shared_pass.companions(c.metric, c.options,
+                                        mate.options if mate else None,
+                                        mate.key if mate else None)
         out.append(dataclasses.replace(c, companions=serves) if serves else c)
     return out
 
 
-def grid(suite: Suite) -> Iterator[tuple[ModelSpec, VariantSpec, str, Any]]:
-    """(model, variant, metric, options) of every cell of ``suite``, in run order: per model,
-    its base variants first, metrics in registry order. The one walk over a suite that
-    :func:`expand` (the plan) and :func:`cell_ids` (the gate's expected cells) share."""
+def metric_points(options: Any) -> list[tuple[str, Any]]:
+    """(point, options) of each cell a metric's options make: one per listed context for a
+    metric whose options list several (``Options.points``), else the options themselves."""
+    points = getattr(options, "points", None)
+    return points() if callable(points) else [("", options)]
+
+
+def grid(suite: Suite) -> Iterator[tuple[ModelSpec, VariantSpec, str, Any, str]]:
+    """(model, variant, metric, options, point) of every cell of ``suite``, in run order: per
+    model, its base variants first, metrics in registry order, each metric's contexts in the
+    order listed. The one walk over a suite that :func:`expand` (the plan) and
+    :func:`cell_ids` (the gate's expected cells) share."""
     for model in suite.models:
         bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
         for variant in sorted(suite.variants_for(model), key=lambda v: v not in bases):
             for metric, options in _in_run_order(suite.metrics):
                 if variant.measures(metric):
-                    yield model, variant, metric, options
+                    for point, opts in metric_points(options):
+                        yield model, variant, metric, opts, point
 
 
 def cell_ids(suite: Suite) -> list[str]:
     """Every cell id ``suite`` plans, without touching models or data."""
-    return [cell_id(m.id, v.backend, v.name, metric) for m, v, metric, _ in grid(suite)]
+    return [cell_id(m.id, v.backend, v.name, metric + point_suffix(point))
+            for m, v, metric, _, point in grid(suite)]
 
 
 def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> list[Cell]:
@@ -261,14 +277,14 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
     settings = run_settings(suite.defaults, ctx.env if ctx.env is not None else envinfo.collect())
     models: dict[str, tuple[str, str | None]] = {}
     libs_memo: dict[VariantSpec, dict[str, str]] = {}
-    for model, variant, metric, options in grid(suite):
+    for model, variant, metric, options, point in grid(suite):
         if model.id not in models:   # each model's files are hashed once
             models[model.id] = (model_identity(model, ctx), converter_identity(model, ctx))
         sha, converter = models[model.id]
         if variant not in libs_memo:
             libs_memo[variant] = libraries(variant)
         module = metric_module(metric)
-        if metric not in extras_memo:
+        if metric not in extras_memo:   # the dataset's hash: the same at every context
             key_extras = getattr(module, "key_extras", None)
             extras_memo[metric] = key_extras(options, ctx) if key_extras else {}
         run = settings.key_part(metric)
@@ -291,7 +307,8 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
         is_base = any(variant == suite.base_variant(model, v.backend)
                       for v in suite.variants_for(model))
         cells.append(Cell(suite.name, model, variant, metric, options, is_base, sha, key,
-                          inputs(variant), run, base_variant=base, family=family))
+                          inputs(variant), run, base_variant=base, point=point,
+                          family=family))
     cells = _attach_companions(cells, suite)
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in only)]

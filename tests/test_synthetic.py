@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,10 @@ def test_values_are_deterministic_and_independent_of_the_write_pieces(tmp_path, 
     a, pieces_a = values(0, 1)
     b, pieces_b = values(0, 7)
     assert pieces_a > pieces_b > 1
+    with ThreadPoolExecutor(3) as pool:                      # computed ahead, in parallel
+        threaded = np.concatenate(list(syn.tensor_chunks(shape, 0, t, gguf_layout=True,
+                                                         pool=pool)))
+    assert np.array_equal(a, threaded)
     assert a.dtype == np.float16 and a.size == t.elements
     assert np.array_equal(a, b)                               # same numbers, other pieces
     assert not np.array_equal(a, values(1, 7)[0])             # another seed, other numbers
@@ -186,6 +191,7 @@ def test_llama_cpp_loads_and_runs_it(tmp_path):
         backend.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [
     {},                                                      # llama: Q/K rows permuted
     {"model_type": "qwen2", "vocab_size": 3000, "tie_word_embeddings": True},   # biases, tied

@@ -43,7 +43,9 @@ import shutil
 import sys
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -62,12 +64,22 @@ GENERATOR_VERSION = "1"
 FORMATS = ("gguf", "safetensors")
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}   # HF -> GGUF arch
 BLOCK = 1 << 20                  # elements per seeded generator block
+MAX_WORKERS = 8                  # generation threads (the pieces are independent)
 WRITE_BLOCKS = 16                # blocks per write: 16 Mi elements, 32 MiB of F16
 SHARD_BYTES = 2 * 2**30          # safetensors shard size
 MARGIN_BYTES = 256 * 2**20       # free disk kept beyond the file
 GGUF_ALIGN = 32
 # llama.cpp's token types (gguf.TokenType), as the converter writes them
 NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
+
+
+def workers() -> int:
+    """Threads generating values: the usable cores, at most MAX_WORKERS."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, n))
 
 
 def _say(message: str) -> None:
@@ -359,26 +371,48 @@ def _permute_rows(x: np.ndarray, n_heads: int) -> np.ndarray:
     return x.reshape(n_heads, 2, half, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def tensor_chunks(shape: Shape, seed: int, t: TensorSpec, *, gguf_layout: bool
-                  ) -> Iterator[np.ndarray]:
-    """The tensor's values in order, in pieces of at most WRITE_BLOCKS blocks: F16 for matrices,
+def tensor_pieces(shape: Shape, seed: int, t: TensorSpec, *, gguf_layout: bool
+                  ) -> list[Callable[[], np.ndarray]]:
+    """The tensor's values as an ordered list of independent pieces (each computes at most
+    WRITE_BLOCKS blocks when called, so pieces can be computed in parallel): F16 for matrices,
     F32 for vectors; in the GGUF's layout (Q/K permuted) or the checkpoint's."""
     if t.kind == "rope_freqs":
-        yield _rope_freqs(shape)
-        return
+        return [lambda: _rope_freqs(shape)]
     if t.kind == "norm":
-        yield np.ones(t.shape, dtype=np.float32)
-        return
+        return [lambda: np.ones(t.shape, dtype=np.float32)]
     n_blocks = -(-t.elements // BLOCK)
     scale = _scale(shape, t)
     if t.permute_heads and gguf_layout:   # a whole Q/K matrix (at most 64 Mi elements)
-        x = np.concatenate(list(_blocks(seed, t, scale, 0, n_blocks))).reshape(t.shape)
-        yield _permute_rows(x, t.permute_heads).astype(t.gguf_dtype).ravel()
-        return
-    for start in range(0, n_blocks, WRITE_BLOCKS):
+        def whole() -> np.ndarray:
+            x = np.concatenate(list(_blocks(seed, t, scale, 0, n_blocks))).reshape(t.shape)
+            return _permute_rows(x, t.permute_heads).astype(t.gguf_dtype).ravel()
+        return [whole]
+
+    def piece(start: int) -> np.ndarray:
         parts = list(_blocks(seed, t, scale, start, min(start + WRITE_BLOCKS, n_blocks)))
-        yield np.concatenate(parts).astype(t.gguf_dtype) if len(parts) > 1 \
+        return np.concatenate(parts).astype(t.gguf_dtype) if len(parts) > 1 \
             else parts[0].astype(t.gguf_dtype)
+    return [lambda start=start: piece(start) for start in range(0, n_blocks, WRITE_BLOCKS)]
+
+
+def tensor_chunks(shape: Shape, seed: int, t: TensorSpec, *, gguf_layout: bool,
+                  pool: ThreadPoolExecutor | None = None) -> Iterator[np.ndarray]:
+    """The tensor's values in order, piece by piece (:func:`tensor_pieces`); with a thread pool,
+    up to twice its workers pieces are computed ahead (numpy's generators and casts release the
+    GIL), never more, so memory stays bounded."""
+    pieces = tensor_pieces(shape, seed, t, gguf_layout=gguf_layout)
+    if pool is None:
+        for p in pieces:
+            yield p()
+        return
+    window = 2 * pool._max_workers
+    ahead: deque[Future[np.ndarray]] = deque()
+    for p in pieces:
+        ahead.append(pool.submit(p))
+        if len(ahead) >= window:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
 
 
 # -- the vocabulary --------------------------------------------------------------------------
@@ -567,9 +601,11 @@ def write_gguf(shape: Shape, seed: int, path: Path, *, data: bool = True,
         if data:
             progress = _Progress(f"synthetic {shape.name} (seed {seed}): F16 GGUF",
                                  gguf_data_bytes(shape), say)
-            for t in plan:
-                writer.write_tensor_data(_Streamed(
-                    t.gguf_bytes, tensor_chunks(shape, seed, t, gguf_layout=True), progress))
+            with ThreadPoolExecutor(workers()) as pool:
+                for t in plan:
+                    writer.write_tensor_data(_Streamed(
+                        t.gguf_bytes, tensor_chunks(shape, seed, t, gguf_layout=True, pool=pool),
+                        progress))
             writer.write_padding(writer.fout[0], writer.fout[0].tell())
         else:
             fh = writer.fout[0]
@@ -608,7 +644,9 @@ def write_safetensors(shape: Shape, seed: int, folder: Path,
     for name, shard in zip(names, shards):
         tensors = {}
         for t in shard:
-            x = np.concatenate(list(tensor_chunks(shape, seed, t, gguf_layout=False)))
+            with ThreadPoolExecutor(workers()) as pool:
+                x = np.concatenate(list(tensor_chunks(shape, seed, t, gguf_layout=False,
+                                                      pool=pool)))
             tensors[t.hf_name] = x.astype(np.float16).reshape(t.shape)
             weight_map[t.hf_name] = name
             progress(tensors[t.hf_name].nbytes)
@@ -706,12 +744,26 @@ def expected_bytes(shape: Shape, fmt: str) -> int:
 
 
 def peak_memory_bytes(shape: Shape) -> int:
-    """RAM generation needs at most: a whole Q/K matrix (float32 + its permuted copy + F16), or
-    one write piece, and for the safetensors twin one shard."""
+    """RAM generation needs at most: the pieces computed ahead (two per worker: float32 blocks,
+    their F16 copy) or a whole Q/K matrix (float32 + its permuted copy + F16), plus the
+    tokenizer's strings; the safetensors twin adds one shard (:func:`check_room`)."""
     plan = tensor_plan(shape)
     whole = max((t.elements * 10 for t in plan if t.permute_heads), default=0)
-    piece = WRITE_BLOCKS * BLOCK * 10
-    return max(whole, piece) + 256 * 2**20
+    ahead = 2 * workers() * WRITE_BLOCKS * BLOCK * 6
+    return max(whole, ahead) + 256 * 2**20
+
+
+def memory_available() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable; psutil where /proc is
+    not there)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import psutil
+    return int(psutil.virtual_memory().available)
 
 
 def check_room(shape: Shape, fmt: str, folder: Path, *,
@@ -729,11 +781,7 @@ def check_room(shape: Shape, fmt: str, folder: Path, *,
                           f"{need / 1e9:.1f} GB free in {folder}, and {free / 1e9:.1f} GB are; "
                           "free some space, or set QBENCH_CACHE_DIR to a larger disk")
     mem_need = peak_memory_bytes(shape) + (SHARD_BYTES if fmt == "safetensors" else 0)
-    if available_memory is None:
-        import psutil
-        available = int(psutil.virtual_memory().available)
-    else:
-        available = available_memory()
+    available = (available_memory or memory_available)()
     if available < mem_need:
         raise SourceError(f"synthetic {shape.name}: generating it needs about "
                           f"{mem_need / 2**30:.1f} GiB of free memory, and "

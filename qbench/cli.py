@@ -127,6 +127,38 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _borderline_variants(suite: Any) -> Any:
+    """The recommendation's rule for --until-decided: a variant is open while its ΔPPL
+    interval (at the plan's level) straddles [decide] max_loss_pct and nothing else rules it
+    out (it fits the budget, is not degenerate, no MMLU drop)."""
+    from qbench.report.recommend import recommend
+    from qbench.report.table import variant_rows
+
+    tol = suite.decide.max_loss_pct or suite.report.max_loss_pct
+    budget = suite.decide.memory_budget_gib or suite.report.budget_gib
+
+    def open_variants(records: list[dict[str, Any]], level: float
+                      ) -> dict[tuple[str, str, str], str]:
+        rows = variant_rows([r for r in records if r["suite"] == suite.name], level=level)
+        out = {}
+        for rec in recommend(rows, budget_gb=budget, max_loss_pct=tol,
+                             kv_ctx=suite.report.context_tokens):
+            for c in rec["candidates"]:
+                if c["open"]:
+                    r = c["row"]
+                    out[(r["model"], r["backend"], _variant_name(r))] = c["interval"]
+        return out
+
+    return open_variants
+
+
+def _variant_name(row: dict[str, Any]) -> str:
+    """The variant's id part (quant[@file][+imatrix=..][+kv=..]) of a report row."""
+    from qbench.suite.identity import variant_name
+    any_cell = next(iter(row["cells"].values()))
+    return variant_name(any_cell["variant"])
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from qbench.results.store import load_results
     from qbench.run.runner import run_suite
@@ -146,6 +178,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         summary = run_suite(suite, ctx, store, only=tuple(args.only or ()),
                             rerun_failed=args.rerun_failed, console=console,
                             executor=executor, select=select)
+        decided = None
+        if args.until_decided and not summary.any_failed:
+            from qbench.run.decide import run_until_decided
+            decided = run_until_decided(suite, ctx, store, console=console, executor=executor,
+                                        open_variants=_borderline_variants(suite))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing run"
     console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
                   f"{summary.cached} cached. Results: {escape(str(store.dir))}")
@@ -160,7 +197,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                            kv_ctx=suite.report.context_tokens)
         report = pages[1] if len(pages) > 1 else pages[0]
         console.print(f"report: {report}")
-    code = EXIT_CELLS_FAILED if summary.any_failed else EXIT_OK
+    code = EXIT_CELLS_FAILED if summary.any_failed or (decided and decided.failed) else EXIT_OK
     if summary.missing_dependencies and not summary.any_failed:
         code = EXIT_USER          # nothing could run here: an install, not a measurement, is due
     if args.summary_json or args.summary_md:
@@ -445,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local CPU runs: do not make the next variant's file while this "
                     "variant's accuracy cells run (one thing at a time, as before)")
     sp.add_argument("--rerun-failed", action="store_true", help="rerun failed/crashed cells")
+    sp.add_argument("--until-decided", action="store_true",
+                    help="after the suite's sample, add chunks - look by look, to exactly the "
+                    "variants whose recommendation is still borderline, and their base - until "
+                    "each is decided or [decide] max_chunks / the text's end is reached "
+                    "(a group-sequential plan: alpha spent over the looks)")
     sp.add_argument("--report-dir", default="reports", help="where the HTML goes")
     sp.add_argument("--no-report", action="store_true")
     sp.add_argument("--summary-json", metavar="FILE",

@@ -134,13 +134,19 @@ def test_ppl_without_chunks_is_not_comparable(base: list[dict]) -> None:
     assert cmp.exit_code == 4 and not cmp.failed
 
 
-def test_other_chunks_are_not_comparable(base: list[dict]) -> None:
-    _with_chunks(base, "Q8_0", _chunks(10))
+def test_more_chunks_of_the_same_text_pair_on_the_chunks_both_scored(base: list[dict]) -> None:
+    """Chunks are cut in order: a candidate that scored 16 chunks of the same text pairs with
+    an 8-chunk baseline on the first 8; another text is not comparable."""
+    chunks = _chunks(10, n=16)
+    _with_chunks(base, "Q8_0", chunks[:8])
     cand = copy.deepcopy(base)
-    _with_chunks(cand, "Q8_0", _chunks(11, n=16))
+    _with_chunks(cand, "Q8_0", _scaled(chunks[:8], 1.0, 0.0, seed=1) + chunks[8:])
     ch = _change(compare_records(base, cand), "Q8_0", "ppl")
-    assert not ch.comparable
-    assert ch.why == "not the same chunks: chunks changed (8 → 16)" and not ch.regression
+    assert ch.comparable and "paired on the first 8 chunks (8 and 16)" in ch.why
+    assert ch.change == pytest.approx(0.0, abs=1e-9) and "8 chunks" in ch.test
+    _rec(cand, "Q8_0", "perplexity")["details"]["dataset_sha256"] = "ff" * 32
+    ch = _change(compare_records(base, cand), "Q8_0", "ppl")
+    assert not ch.comparable and "not the same chunks: dataset_sha256 changed" in ch.why
 
 
 # ---------------------------------------------------------------------------------- KLD

@@ -84,7 +84,7 @@ def test_unknown_quant_single_string(write_suite):
 def test_unknown_section(write_suite):
     file, err = error_of(write_suite, SUITE + "\n[metric.perplexity]\nctx = 512\n")
     assert str(err) == (f"{file}: metric: unknown section 'metric' (did you mean metrics?); "
-                        "expected one of: suite, defaults, models, variants, metrics, report")
+                        "expected one of: suite, defaults, models, variants, metrics, report, decide")
 
 
 def test_unknown_key_in_defaults_lists_expected_keys(write_suite):

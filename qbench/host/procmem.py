@@ -107,16 +107,11 @@ class VramProbe:
     def available(self) -> bool:
         return bool(self.handles)
 
-    def used_mb(self, pid: int | None = None) -> float | None:
-        """MiB of GPU memory NVML attributes to ``pid`` (this process); None when it lists no
-        size for it: no GPU process at all counts 0, PIDs of another namespace (a container)
-        None, with ``reason`` set."""
-        if not self.handles:
-            return None
-        pid = os.getpid() if pid is None else pid
-        total, found, sized, listed = 0, False, False, False
-        for h in self.handles:
-            mine: list[int] = []       # a process in both lists is counted once (the larger)
+    def processes(self) -> dict[tuple[int, int], int | None]:
+        """(device, pid) -> bytes (None: not reported) of every GPU process NVML lists; a
+        process in both the compute and graphics lists is counted once (the larger)."""
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for i, h in enumerate(self.handles):
             for query in (self.nv.nvmlDeviceGetComputeRunningProcesses,
                           self.nv.nvmlDeviceGetGraphicsRunningProcesses):
                 try:
@@ -124,19 +119,25 @@ class VramProbe:
                 except Exception:  # noqa: BLE001 - a query the device does not support
                     continue
                 for p in procs:
-                    listed = True
-                    if p.pid == pid:
-                        found = True
-                        if p.usedGpuMemory is not None:
-                            sized = True
-                            mine.append(int(p.usedGpuMemory))
-            total += max(mine, default=0)
-        if found and not sized:
+                    sizes.setdefault((i, p.pid), []).extend(
+                        [int(p.usedGpuMemory)] if p.usedGpuMemory is not None else [])
+        return {k: max(v) if v else None for k, v in sizes.items()}
+
+    def used_mb(self, pid: int | None = None) -> float | None:
+        """MiB of GPU memory NVML attributes to ``pid`` (this process); None when it lists no
+        size for it: no GPU process at all counts 0, PIDs of another namespace (a container)
+        None, with ``reason`` set."""
+        if not self.handles:
+            return None
+        pid = os.getpid() if pid is None else pid
+        procs = self.processes()
+        mine = [v for (_, p), v in procs.items() if p == pid]
+        if mine and all(v is None for v in mine):
             self.reason = "NVML lists this process but reports no size for it"
             return None
-        if found:
-            return total / 2**20
-        if listed:
+        if mine:
+            return sum(v for v in mine if v is not None) / 2**20
+        if procs:
             self.reason = ("NVML lists GPU processes but not this one (another PID namespace, "
                            "or this process uses no GPU)")
             return None

@@ -75,6 +75,9 @@ class Pairing:
     identity: tuple[str, ...] = ()
     available: Callable[[Mapping[str, Any]], int | None] | None = None
     item_size: Callable[[Mapping[str, Any]], float | None] | None = None  # e.g. tokens a chunk
+    # samples nest (the first n chunks of a larger run are a smaller run's; a subset holds a
+    # smaller one of the same seed): two runs of different sizes pair on what they share
+    nested: bool = False
 
     def values_of(self, details: Mapping[str, Any]) -> Sequence[float] | None:
         """The per-item numbers of one run (None when the record has none)."""
@@ -147,6 +150,11 @@ class MetricInfo:
     # every stored value as comparisons read it (see Value); empty: derived from primary,
     # gated, reported and columns (plugins written before values existed)
     values: tuple[Value, ...] = ()
+    # the option that sizes the sample (perplexity: chunks, mmlu: subset) when a larger
+    # sample holds the smaller one item for item (the same chunks in order; nested subsets):
+    # cells that differ only in it are one family, and a larger one reuses a smaller one's
+    # items (qbench.run.runner) instead of scoring them again
+    sample_option: str | None = None
 
     def value_specs(self) -> tuple[Value, ...]:
         """The declared values, the primary first; derived from the older fields when none

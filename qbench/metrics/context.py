@@ -33,6 +33,9 @@ class CellContext:
     # the backend is the worker's, lent for this cell: the variant's next cell reuses it, so
     # closing the context only lets go of it (the worker closes it after its last cell)
     shared_backend: bool = False
+    # a smaller finished cell of this cell's family ({"key", "details"}): a metric with a
+    # sample_option takes the items it already scored from it
+    reuse: dict[str, Any] | None = None
 
     @property
     def backend(self) -> Backend:

@@ -26,6 +26,7 @@ questions (see :mod:`qbench.results.stats` for the paired test on the stored ``c
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections import Counter
@@ -86,10 +87,12 @@ def _questions_available(record: Mapping[str, Any]) -> int | None:
 
 
 QUESTIONS = Pairing(items="correct", ids="question_ids", binary=True, unit="questions",
-                    identity=("dataset", "shots"), available=_questions_available)
+                    identity=("dataset", "shots", "seed", "subset_rule"),
+                    available=_questions_available, nested=True)
 
 INFO = MetricInfo(
     name="mmlu", version="1", primary="acc", higher_is_better=True,
+    sample_option="subset",    # subsets of one seed nest: 570 questions hold the 285
     cost=lambda options: (5.0 * (options.subset if options.subset > 0 else 14042) / 285.0
                           * (1.0 + options.shots)),
     methodology=(
@@ -273,6 +276,23 @@ def binomial_stderr(p: float, n: int) -> float | None:
 
 
 # -- the metric -----------------------------------------------------------------------------
+def reused_answers(reuse: dict[str, Any] | None, ids: list[int], options: Options,
+                   questions_in_dataset: int) -> dict[int, tuple[int, str]]:
+    """question id -> (correct, predicted letter) from a smaller cell of this family, when its
+    questions are a subset of these (subsets of one seed nest: select_subset), on the same
+    dataset file, shots and seed; {} otherwise."""
+    d = (reuse or {}).get("details") or {}
+    qids, correct, predicted = d.get("question_ids"), d.get("correct"), d.get("predicted")
+    if not reuse or not qids or not correct or not predicted:
+        return {}
+    if (len(qids) != len(correct) or len(qids) != len(predicted) or d.get("shots") != options.shots
+            or d.get("seed") != options.seed or d.get("dataset") != options.dataset
+            or d.get("questions_in_dataset") != questions_in_dataset
+            or d.get("subset_rule") != SUBSET_RULE or not set(qids) < set(ids)):
+        return {}
+    return {int(q): (int(c), str(p)) for q, c, p in zip(qids, correct, predicted)}
+
+
 def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     test = load_split(options.dataset, ctx.data_dir, ctx.base_dir, "test")
     fewshot: dict[str, tuple[Question, ...]] = {}
@@ -282,6 +302,11 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
         dev_origin = dev.origin
         fewshot = fewshot_examples(dev, options.shots)
     ids = select_subset(test.questions, options.subset, options.seed)
+    prior = reused_answers(ctx.reuse, ids, options, len(test.questions))
+    if prior:
+        ctx.notes.append(f"mmlu: {len(prior)} of {len(ids)} questions taken from cell "
+                         f"{ctx.reuse['key']} (a smaller subset of the same seed)")
+    all_ids, ids = ids, [i for i in ids if i not in prior]
     questions = [test.questions[i] for i in ids]
     if options.shots > 0:
         short = sorted({q.subject for q in questions
@@ -309,8 +334,14 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     cached = stats.get("prefix_cached", 0)
 
-    predicted = lls.argmax(axis=1)   # ties: the first letter, as np.argmax in lm-eval
-    correct = [int(p == q.answer) for p, q in zip(predicted, questions)]
+    predicted_here = lls.argmax(axis=1)   # ties: the first letter, as np.argmax in lm-eval
+    answers = {i: (int(p == q.answer), LETTERS[int(p)])
+               for i, p, q in zip(ids, predicted_here, questions)} | prior
+    scored_here = len(ids)
+    ids = all_ids
+    questions = [test.questions[i] for i in ids]
+    correct = [answers[i][0] for i in ids]
+    predicted_letters = [answers[i][1] for i in ids]
     n = len(correct)
     acc = sum(correct) / n
     per_subject: dict[str, list[int]] = defaultdict(list)
@@ -327,7 +358,8 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
     return {
         "values": {
             "acc": value(acc, binomial_stderr(acc, n), n),
-            "questions_per_s": value(n / elapsed, None, n, "questions/s"),
+            "questions_per_s": value(scored_here / elapsed if elapsed > 0 and scored_here
+                                     else math.nan, None, scored_here, "questions/s"),
         },
         "details": {
             "dataset": options.dataset, "dataset_origin": test.origin,
@@ -338,7 +370,9 @@ def run(ctx: CellContext, options: Options) -> dict[str, Any]:
                             for s, v in sorted(per_subject.items())},
             "question_ids": ids,
             "correct": correct,
-            "predicted": [LETTERS[int(p)] for p in predicted],
+            "predicted": predicted_letters,
+            "questions_scored_here": scored_here,
+            "questions_reused_from": ctx.reuse["key"] if prior else None,
             "bos_added": bool(backend.add_bos),
             "letter_token_ids": [list(t) for t in letter_tokens],
             "multi_token_fallbacks": fallbacks,

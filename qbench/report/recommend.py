@@ -94,7 +94,9 @@ def recommend(rows: list[dict[str, Any]], *, budget_gb: float | None,
         border = ranked([c for c in cands if c["borderline"] and c["fits"]], budget_mb)
         if choice is not None:   # only those the rule would have taken over the choice
             border = [c for c in border if ranked([c, choice], budget_mb)[0] is c]
+        open_text = [_open_text(c) for c in cands if c["open"]]
         out.append({"model": model, "kv_ctx": kv_ctx, "budget_gb": budget_gb,
+                    "open_text": open_text,
                     "max_loss_pct": tol, "tol_default": max_loss_pct is None,
                     "choice": choice, "borderline": border,
                     "why": _why(choice, cands, budget_mb, tol, kv_ctx),
@@ -135,7 +137,7 @@ def loss_verdict(r: dict[str, Any], tol: float) -> dict[str, Any]:
     j: Judgement | None = r.get("dppl_judged")
     out = {"loss": point, "low": r.get("dppl_ci_low"), "high": high,
            "paired": r.get("dppl_paired"), "n": r.get("dppl_n"), "resolve": None,
-           "how": r.get("dppl_how")}
+           "how": r.get("dppl_how"), "level": j.level if j is not None else 0.95}
     if point is None:
         return out | {"status": UNKNOWN}
     if point > tol:
@@ -154,7 +156,7 @@ def interval_text(v: dict[str, Any]) -> str:
         return "ΔPPL unknown"
     text = f"ΔPPL {v['loss']:+.2f} %"
     if v["low"] is not None and v["high"] is not None:
-        text += f" [95 %: {v['low']:+.2f}, {v['high']:+.2f}]"
+        text += f" [{100 * v.get('level', 0.95):.3g} %: {v['low']:+.2f}, {v['high']:+.2f}]"
     else:
         text += " (no interval)"
     facts = [x for x in (v.get("paired"), f"{v['n']:,} tokens" if v.get("n") else None) if x]
@@ -251,7 +253,13 @@ def _candidate(r: dict[str, Any], kv_ctx: int, budget_mb: float | None,
             reasons.append(f"needs {need / 1024:.2f} GiB > budget {budget_mb / 1024:g} GiB")
     speed = (r.get("cells") or {}).get("speed") or {}
     tg_reliable = speed.get("status") == "ok" and unreliable(speed) is None
+    straddles = (v["low"] is not None and v["high"] is not None
+                 and v["low"] <= tol < v["high"])
     return {"row": r, "label": r["label"], **mem, "fits": fits,
+            # the loss is undecided (its interval straddles the tolerance) and nothing else
+            # rules the variant out: more chunks could decide it (--until-decided)
+            "open": straddles and fits and len(reasons) == (1 if v["status"] in (
+                BORDERLINE, FAIL) else 0),
             "loss": v["loss"] if v["loss"] is not None else math.inf,
             "loss_known": v["loss"] is not None, "loss_err": r.get("dppl_err"),
             "loss_low": v["low"], "loss_high": v["high"], "loss_paired": v["paired"],
@@ -261,6 +269,20 @@ def _candidate(r: dict[str, Any], kv_ctx: int, budget_mb: float | None,
             "eligible": v["status"] == PASS and other == 0,
             "borderline": v["status"] == BORDERLINE and other == 0,
             "reasons": reasons}
+
+
+def _open_text(c: dict[str, Any]) -> str:
+    """What an undecided variant cost so far and why it is still open: its sample, whether
+    it was measured under the sequential plan, and whether that plan's ceiling was reached."""
+    cell = (c["row"].get("cells") or {}).get("perplexity") or {}
+    d, plan = cell.get("details") or {}, cell.get("decide")
+    chunks = d.get("chunks")
+    where = (f"look {plan['look']} of {len(plan['looks'])}" if plan else "the suite's sample")
+    ceiling = bool(plan) and chunks == plan["looks"][-1]
+    return (f"{c['label']} is undecided after {chunks} chunks ({d.get('scored_tokens'):,} "
+            f"tokens, {where}): {c['interval']}"
+            + ("; still open at the plan's ceiling" if ceiling else
+               "; qbench run --until-decided would measure it further") + ".")
 
 
 def _borderline_text(c: dict[str, Any], tol: float, lead: str = " is borderline and not "
@@ -279,11 +301,11 @@ def _why(choice: dict[str, Any] | None, cands: list[dict[str, Any]], budget_mb: 
     loss = "is the base itself" if r["is_base"] else f"measures {choice['interval']}"
     if budget_mb:
         rule = (f"the lowest loss among the variants that fit {budget_mb / 1024:g} GiB and "
-                f"lose at most {tol:g} % at the upper end of their 95 % interval")
+                f"lose at most {tol:g} % at the upper end of their interval")
     else:
         rule = (f"the least memory (weights + KV cache, ties within {100 * TIE_BAND:g} % to the "
                 f"smaller loss) among the variants that lose at most {tol:g} % at the upper end "
-                "of their 95 % interval (no budget given)")
+                "of their interval (no budget given)")
     extra = []
     if choice["tg_rank"]:
         extra.append(f"generates {r['tg_tps']:.1f} tokens/s")

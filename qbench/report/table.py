@@ -19,7 +19,7 @@ from qbench.suite.identity import variant_key
 
 MIB = 2 ** 20
 
-from qbench.results.judge import Judgement, judge, unreliable
+from qbench.results.judge import LEVEL, Judgement, judge, unreliable
 
 
 def own_cells() -> tuple[str, ...]:
@@ -51,14 +51,21 @@ def _short_error(rec: dict[str, Any]) -> str:
     return err
 
 
-def variant_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pivot cells into rows: one per (suite, model, backend, variant), metrics as columns."""
+def variant_rows(records: list[dict[str, Any]], *, level: float | None = None
+                 ) -> list[dict[str, Any]]:
+    """Pivot cells into rows: one per (suite, model, backend, variant), metrics as columns.
+    Of several records of one cell (a larger sample measured later, --until-decided), the ok
+    one with the largest sample, then the latest. ``level``: the comparisons' interval level
+    (default: 95 %, or the sequential plan's a record was measured under)."""
     groups: dict[tuple[str, str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
     for rec in records:
-        groups[variant_key(rec)][rec["metric"]] = rec
+        cells = groups[variant_key(rec)]
+        old = cells.get(rec["metric"])
+        if old is None or _preference(rec) >= _preference(old):
+            cells[rec["metric"]] = rec
     rows = [_row(key, cells) for key, cells in groups.items()]
     _model_facts(rows)
-    _add_deltas(rows)
+    _add_deltas(rows, level)
     rows.sort(key=lambda r: (r["suite"], r["model"], not r["is_base"], r["backend"],
                              -(r["bpw"] or r["bits"] or 0), r["quant"]))
     return rows
@@ -319,7 +326,27 @@ def _model_facts(rows: list[dict[str, Any]]) -> None:
         r["model_shape"] = shapes.get(k, {})
 
 
-def _add_deltas(rows: list[dict[str, Any]]) -> None:
+def _preference(rec: dict[str, Any]) -> tuple[bool, int, str]:
+    """Which record of a cell the report shows: ok first, then the larger sample (the
+    metric's sample_option), then the later run."""
+    info = known_metric_info(rec["metric"])
+    sample = info.sample_option if info else None
+    n = int((rec.get("options") or {}).get(sample) or 0) if sample else 0
+    return rec.get("status") == "ok", n if n > 0 else 1 << 30, str(rec.get("run_id") or "")
+
+
+def sequential_level(*records: dict[str, Any] | None) -> float | None:
+    """The interval level of the sequential plan (--until-decided) a record was measured
+    under: 1 - alpha / looks; None when none was."""
+    from qbench.results.sequential import level
+
+    plans = [r["decide"] for r in records if r and isinstance(r.get("decide"), dict)]
+    if not plans:
+        return None
+    return min(level(float(p["alpha"]), len(p["looks"])) for p in plans)
+
+
+def _add_deltas(rows: list[dict[str, Any]], level: float | None = None) -> None:
     """Every paired comparison of a variant with its base, by the one judge
     (:func:`qbench.results.judge.judge`): ``row["judged"]["metric.value"]`` for each value a
     metric declares with a pairing, at 95 %. Each backend's variants are compared with that
@@ -334,25 +361,27 @@ def _add_deltas(rows: list[dict[str, Any]]) -> None:
         base = (bases.get((r["suite"], r["model"], r["backend"]))
                 or model_bases.get((r["suite"], r["model"])))
         r["base_label"] = base["label"] if base else None
-        r["judged"] = {} if r["is_base"] or base is None else judged_against(r, base)
+        r["judged"] = {} if r["is_base"] or base is None else judged_against(r, base, level)
         r.update(dppl_fields(r, base))
         _add_mmlu_delta(r, base)
         r["dppl_detects"] = detectable(r, "perplexity.ppl")
         r["dacc_detects"] = detectable(r, "mmlu.acc")
 
 
-def judged_against(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Judgement]:
+def judged_against(r: dict[str, Any], base: dict[str, Any], level: float | None = None
+                   ) -> dict[str, Judgement]:
     """metric.value -> the judge's comparison of ``r`` with ``base`` for every paired value of
-    every metric both rows measured ok."""
+    every metric both rows measured ok, at ``level`` (else 95 %, or the sequential plan's)."""
     out: dict[str, Judgement] = {}
     for metric, cell in r["cells"].items():
         ref = base["cells"].get(metric)
         info = known_metric_info(metric)
         if info is None or cell.get("status") != "ok" or not ref or ref.get("status") != "ok":
             continue
+        lvl = level or sequential_level(cell, ref) or LEVEL
         for spec in info.value_specs():
             if spec.pairing is not None and spec.name in (cell.get("values") or {}):
-                out[f"{metric}.{spec.name}"] = judge(metric, spec, ref, cell)
+                out[f"{metric}.{spec.name}"] = judge(metric, spec, ref, cell, level=lvl)
     return out
 
 
@@ -375,10 +404,15 @@ def dppl_fields(r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any
         return DPPL_NONE | {"dppl_how": why}
     if not j.comparable:
         return DPPL_NONE | {"dppl_how": "not comparable: " + j.reason, "dppl_judged": j}
+    seq = (r["cells"].get("perplexity") or {}).get("decide")
+    paired = f"chunk-paired t, {j.n} chunks" if j.n else j.method
+    if j.level != LEVEL:
+        paired += (f", {100 * j.level:.3g} % interval (sequential: {len(seq['looks'])} looks)"
+                   if seq else f", {100 * j.level:.3g} % interval")
     return DPPL_NONE | {"dppl_pct": j.change, "dppl_err": j.se, "dppl_how": j.method,
-                        "dppl_ci_low": j.low, "dppl_ci_high": j.high,
-                        "dppl_paired": f"chunk-paired t, {j.n} chunks" if j.n else j.method,
-                        "dppl_n": _scored_tokens(r), "dppl_judged": j}
+                        "dppl_ci_low": j.low, "dppl_ci_high": j.high, "dppl_paired": paired,
+                        "dppl_n": round(j.n * j.item_size) if j.n and j.item_size
+                        else _scored_tokens(r), "dppl_judged": j}
 
 
 def _ppl_details(r: dict[str, Any]) -> dict[str, Any]:

@@ -441,13 +441,22 @@ def _paired(j: Judgement, spec: Value, reference: Mapping[str, Any],
         if len(rids) != len(ri) or len(cids) != len(ci):
             return _not(j, f"{pairing.ids} do not match the per-item data")
         rmap, cmap = dict(zip(rids, ri)), dict(zip(cids, ci))
-        if set(rmap) != set(cmap):
+        shared = set(rmap) & set(cmap)
+        nests = pairing.nested and (shared == set(rmap) or shared == set(cmap))
+        if set(rmap) != set(cmap) and not nests:
             return _not(j, f"not the same {pairing.unit}: {len(set(rmap) ^ set(cmap))} ids "
                            "differ")
-        order = sorted(rmap)
+        if set(rmap) != set(cmap):
+            j.notes.append(f"paired on the {len(shared)} {pairing.unit} both scored "
+                           f"({len(rmap)} and {len(cmap)})")
+        order = sorted(shared)
         ri, ci = [rmap[k] for k in order], [cmap[k] for k in order]
     elif len(ri) != len(ci):
-        return _not(j, f"not the same {pairing.unit}: {len(ri)} vs {len(ci)}")
+        if not pairing.nested:
+            return _not(j, f"not the same {pairing.unit}: {len(ri)} vs {len(ci)}")
+        k = min(len(ri), len(ci))   # in order: the first k are the same items
+        j.notes.append(f"paired on the first {k} {pairing.unit} ({len(ri)} and {len(ci)})")
+        ri, ci = ri[:k], ci[:k]
     if pairing.binary:
         return _flips(j, spec, ri, ci)
     rf = [number(x) for x in ri]

@@ -131,4 +131,7 @@ def make_record(spec: dict[str, Any], outcome: Outcome, run_id: str, started: st
         "env": env,
         # how the cell held the machine lock, and whether its timing is fit to compare
         **{k: res[k] for k in ("lock", "fitness") if k in res},
+        # the cell's family (same cell, other sample size) and the sequential plan it was
+        # measured under (qbench run --until-decided)
+        **{k: spec[k] for k in ("family", "decide") if spec.get(k)},
     }

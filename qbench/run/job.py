@@ -31,6 +31,9 @@ class Job:
     companions: dict[str, dict[str, Any]] = field(default_factory=dict)
     parent_pid: int | None = None        # the worker ends itself when this process is gone
     memory_limit_mb: int = 0             # address-space cap of the worker (0: none)
+    # a smaller finished cell of the same family (its key and details): the items it scored
+    # are taken from it, not scored again (MetricInfo.sample_option)
+    reuse: dict[str, Any] | None = None
 
     @property
     def cell_id(self) -> str:

@@ -105,15 +105,40 @@ def is_done(record: dict[str, Any] | None, rerun_failed: bool) -> bool:
     return not rerun_failed
 
 
-def job_for(cell: Cell, suite: Suite, ctx: PlanContext) -> Job:
+def job_for(cell: Cell, suite: Suite, ctx: PlanContext, store: Store | None = None,
+            decide: dict[str, Any] | None = None) -> Job:
     """The worker's job for ``cell``: its spec, its base and companions (attached by the
-    planner), and where things are."""
+    planner), where things are, and a smaller finished cell of its family to take items from.
+    ``decide``: the sequential plan the cell is measured under (--until-decided)."""
     base = cell.base_variant
-    return Job(cell=cell.describe(), base_dir=str(ctx.base_dir), cache_dir=str(ctx.cache_dir),
+    spec = cell.describe() | ({"decide": decide} if decide else {})
+    return Job(cell=spec, base_dir=str(ctx.base_dir), cache_dir=str(ctx.cache_dir),
                data_dir=str(ctx.data_dir) if ctx.data_dir else None,
                device=suite.defaults.device, threads=int(cell.run["threads"]),
                base_variant=dataclasses.asdict(base) | {"is_base": True} if base else None,
-               companions=cell.companions)
+               companions=cell.companions,
+               reuse=reusable(store, cell) if store is not None else None)
+
+
+def reusable(store: Store, cell: Cell) -> dict[str, Any] | None:
+    """The largest finished cell of ``cell``'s family with a smaller sample (fewer chunks,
+    a smaller nested subset): its items need not be scored again. None when there is none
+    (or the metric's sample does not nest)."""
+    sample = known_metric_info(cell.metric).sample_option if known_metric_info(cell.metric) \
+        else None
+    if not cell.family or not sample:
+        return None
+    want = getattr(cell.options, sample, 0)
+    best: tuple[int, dict[str, Any]] | None = None
+    for rec in store.records():
+        if rec.get("family") != cell.family or rec.get("status") != "ok":
+            continue
+        n = int((rec.get("options") or {}).get(sample) or 0)
+        if 0 < n and (want <= 0 or n < want) and (best is None or n > best[0]):
+            best = (n, rec)
+    if best is None:
+        return None
+    return {"key": best[1]["key"], sample: best[0], "details": best[1].get("details") or {}}
 
 
 def headline(record: dict[str, Any]) -> str:
@@ -132,8 +157,10 @@ def headline(record: dict[str, Any]) -> str:
 def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, ...] = (),
               rerun_failed: bool = False, console: Console | None = None,
               executor: Executor | None = None,
-              select: Callable[[list[Cell]], list[Cell]] | None = None) -> RunSummary:
-    """Run every cell of ``suite`` not already done; ``select`` narrows the plan (sharding)."""
+              select: Callable[[list[Cell]], list[Cell]] | None = None,
+              decide: dict[str, Any] | None = None) -> RunSummary:
+    """Run every cell of ``suite`` not already done; ``select`` narrows the plan (sharding);
+    ``decide``: the sequential plan these cells are measured under (stored with them)."""
     console = console or Console(stderr=True)
     executor = executor or LocalExecutor()
     cells = expand(suite, ctx, only=only)   # companions attached on the whole plan
@@ -176,7 +203,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
     with terminate_as_interrupt(), Progress(*columns, console=console,
                                             transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
-        items = [WorkItem(c, job_for(c, suite, ctx), store.log_path(c.key),
+        items = [WorkItem(c, job_for(c, suite, ctx, store, decide), store.log_path(c.key),
                           suite.defaults.timeout_s, suite.defaults.memory_limit_mb,
                           tmp_dir=store.tmp_dir) for c in todo]
         if items:
@@ -191,7 +218,7 @@ def run_suite(suite: Suite, ctx: PlanContext, store: Store, *, only: tuple[str, 
         try:
             for n_done, (item, outcome) in enumerate(outcomes, start=1):
                 cell = item.cell
-                record = make_record(cell.describe(), outcome, run_id, started, env)
+                record = make_record(item.job.cell, outcome, run_id, started, env)
                 store.save(record)
                 summary.counts[outcome.status] = summary.counts.get(outcome.status, 0) + 1
                 if outcome.status in FAILED:

@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 
+from qbench.host.procmem import VramProbe
 from qbench.run.control import ParentEnd
 
 VRAM_NOT_ATTRIBUTABLE = (
@@ -212,34 +212,13 @@ def _now() -> float:
 
 
 class _NvmlProbe:
-    """Per-process GPU memory from NVML; inert (None) without NVML or GPUs."""
+    """Per-process GPU memory from NVML (qbench.host.procmem's listing); inert (None) without
+    NVML or GPUs."""
 
     def __init__(self) -> None:
-        self.handles: list[Any] = []
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            self.nv = pynvml
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                            for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # no pynvml, no driver, no GPU
-            self.handles = []
-
-    def _processes(self) -> dict[tuple[int, int], int | None]:
-        """(device, pid) -> bytes (None: not reported) of every GPU process NVML lists; a
-        process in both the compute and graphics lists is counted once."""
-        sizes: dict[tuple[int, int], list[int]] = {}
-        for i, h in enumerate(self.handles):
-            for query in (self.nv.nvmlDeviceGetComputeRunningProcesses,
-                          self.nv.nvmlDeviceGetGraphicsRunningProcesses):
-                try:
-                    procs = query(h)
-                except Exception:  # noqa: BLE001 - a query a device does not support
-                    continue
-                for p in procs:
-                    sizes.setdefault((i, p.pid), []).extend(
-                        [p.usedGpuMemory] if p.usedGpuMemory is not None else [])
-        return {k: max(v) if v else None for k, v in sizes.items()}
+        self.nvml = VramProbe()
+        self.handles = self.nvml.handles
+        self._processes = self.nvml.processes
 
     def sample(self, pids: set[int]) -> tuple[int | None, str] | None:
         """(bytes used by ``pids``, kind of sample), or None without NVML. Kinds: "ours" (the
@@ -266,8 +245,4 @@ class _NvmlProbe:
         return None if sample is None else sample[0]
 
     def close(self) -> None:
-        if self.handles:
-            try:
-                self.nv.nvmlShutdown()
-            except Exception:
-                pass
+        self.nvml.close()

@@ -158,7 +158,8 @@ def execute(job: Job) -> dict[str, Any]:
                       base_artifact=base_artifact, _load=loader("variant", job.variant, path),
                       _load_base=(lambda: Borrowed(load_base())) if load_base else None,
                       companions=job.companions if serving else {}, cell_key=job.key,
-                      backend_name=job.variant["backend"], shared_backend=True)
+                      backend_name=job.variant["backend"], shared_backend=True,
+                      reuse=job.reuse)
     t1 = time.perf_counter()
     try:
         out = module.run(ctx, metric_options(job))

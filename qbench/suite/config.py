@@ -200,6 +200,37 @@ def variant_from_dict(d: Mapping[str, Any], *, where: str) -> VariantSpec:
 
 
 @dataclass(frozen=True)
+class DecideSpec:
+    """``qbench run --until-decided``: measure more only where a decision is still open.
+
+    After the suite's own sample, the variants whose ΔPPL interval straddles the tolerated
+    loss (and that are otherwise eligible and fit the budget) get more chunks, with their
+    base, round by round (the sample times ``growth``), until each is decided or reaches
+    ``max_chunks`` or the text's end. The rounds are looks of a group-sequential plan: every
+    look's interval is taken at level 1 - alpha/looks (Bonferroni spending over the planned
+    looks), so the chance of recommending a variant that loses more than tolerated stays
+    under ``alpha`` however many looks it took."""
+
+    max_loss_pct: float = 0.0        # 0: the [report] section's
+    memory_budget_gib: float = 0.0   # 0: the [report] section's
+    max_chunks: int = 0              # per variant; 0: every chunk the text holds
+    growth: float = 2.0              # each round multiplies the sample
+    alpha: float = 0.05              # the error rate the whole plan keeps
+
+    def validate(self, *, file: str, key: str) -> None:
+        positive(self.max_loss_pct, file=file, key=f"{key}.max_loss_pct", allow_zero=True)
+        positive(self.memory_budget_gib, file=file, key=f"{key}.memory_budget_gib",
+                 allow_zero=True)
+        positive(self.max_chunks, file=file, key=f"{key}.max_chunks", allow_zero=True)
+        if not 1.1 <= self.growth <= 16:
+            raise ConfigError(f"expected a growth between 1.1 and 16, got {self.growth}",
+                              file=file, key=f"{key}.growth")
+        if not 0 < self.alpha < 0.5:
+            raise ConfigError(f"expected 0 < alpha < 0.5, got {self.alpha}", file=file,
+                              key=f"{key}.alpha")
+
+
+@dataclass(frozen=True)
 class Suite:
     path: Path
     suite: SuiteInfo
@@ -208,6 +239,7 @@ class Suite:
     variants: tuple[VariantSpec, ...]
     metrics: dict[str, Any] = field(default_factory=dict)  # name -> that metric's Options
     report: ReportSpec = field(default_factory=ReportSpec)
+    decide: DecideSpec = field(default_factory=DecideSpec)
 
     @property
     def name(self) -> str:
@@ -237,7 +269,7 @@ class Suite:
         return next((v for v in variants if v.quant in floats), None)
 
 
-_TOP_KEYS = ("suite", "defaults", "models", "variants", "metrics", "report")
+_TOP_KEYS = ("suite", "defaults", "models", "variants", "metrics", "report", "decide")
 # what each metric a synthetic model cannot have would measure (its weights are random)
 SYNTHETIC_REFUSED = {
     "perplexity": "how well it predicts text", "kld": "how far a quant's predictions move",
@@ -280,8 +312,9 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
     variants = _parse_variants(data.get("variants"), models, file)
     metrics = _parse_metrics(data.get("metrics", {}), file)
     report = from_table(ReportSpec, data.get("report", {}), file=file, key="report")
+    decide = from_table(DecideSpec, data.get("decide", {}), file=file, key="decide")
     suite = Suite(path=path, suite=info, defaults=defaults, models=models, variants=variants,
-                  metrics=metrics, report=report)
+                  metrics=metrics, report=report, decide=decide)
     _check_bases(suite, file)
     return suite
 

@@ -104,6 +104,9 @@ class Cell:
     # this cell serves in its own pass (see qbench.metrics.shared_pass): attached once by expand
     base_variant: VariantSpec | None = field(default=None, compare=False)
     companions: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # the key without the sample size (MetricInfo.sample_option): cells of one family differ
+    # only in how many chunks or questions they score ("" when the metric has no such option)
+    family: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
@@ -119,7 +122,7 @@ class Cell:
             "options": dataclasses.asdict(self.options),
             "metric_version": metric_module(self.metric).INFO.version,
             "run": self.run,
-        }
+        } | ({"family": self.family} if self.family else {})
 
 
 def libraries(variant: VariantSpec) -> dict[str, str]:
@@ -274,7 +277,7 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
             extras_memo[metric] = key_extras(options, ctx) if key_extras else {}
         run = settings.key_part(metric)
         base = suite.base_variant(model, variant.backend)
-        key = _key({
+        parts = {
             "model": {"id": model.id, "sha256": sha} | (
                 {"converter": converter}
                 if converter and backend_info(variant.backend).converts_hf_folder else {}),
@@ -283,11 +286,16 @@ def expand(suite: Suite, ctx: PlanContext, *, only: tuple[str, ...] = ()) -> lis
             "metric": metric, "metric_version": module.INFO.version,
             "options": dataclasses.asdict(options), "extras": extras_memo[metric],
             "library": libs_memo[variant], "run": run,
-        })
+        }
+        key = _key(parts)
+        sample = module.INFO.sample_option
+        family = (_key(parts | {"options": {k: v for k, v in parts["options"].items()
+                                            if k != sample}, "family": True})
+                  if sample else "")
         is_base = any(variant == suite.base_variant(model, v.backend)
                       for v in suite.variants_for(model))
         cells.append(Cell(suite.name, model, variant, metric, options, is_base, sha, key,
-                          inputs(variant), run, base_variant=base))
+                          inputs(variant), run, base_variant=base, family=family))
     cells = _attach_companions(cells, suite)
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in only)]

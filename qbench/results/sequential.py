@@ -1,0 +1,36 @@
+"""A group-sequential plan for measuring until a decision is made (``--until-decided``).
+
+The sample grows in looks - the suite's own chunks, then times ``growth`` each round up to a
+ceiling - and after each look a variant whose interval still straddles the tolerated loss is
+measured further. Looking again and again would spend the error rate many times over, so the
+plan spends it up front: with K planned looks every interval is taken at level 1 - alpha/K
+(Bonferroni spending). However many looks a variant takes, the chance that any of its
+intervals lies wholly on the wrong side of the tolerance is at most alpha - checked by
+simulation in tests/test_sequential.py. Simple and conservative: a variant decided at the first
+look is judged at the same level as one decided at the last.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def looks(first: int, ceiling: int, growth: float) -> list[int]:
+    """The sample sizes of the planned looks: ``first``, then times ``growth`` (rounded up),
+    capped at ``ceiling`` (which is always the last look when larger than ``first``)."""
+    if first <= 0 or ceiling <= 0:
+        raise ValueError(f"looks need positive sizes, got first={first}, ceiling={ceiling}")
+    out = [min(first, ceiling)]
+    while out[-1] < ceiling:
+        out.append(min(ceiling, max(out[-1] + 1, math.ceil(out[-1] * growth))))
+    return out
+
+
+def level(alpha: float, n_looks: int) -> float:
+    """Each look's two-sided interval level: 1 - alpha / looks."""
+    return 1.0 - alpha / max(n_looks, 1)
+
+
+def next_look(plan: list[int], now: int) -> int | None:
+    """The planned size after ``now`` (None at the ceiling)."""
+    return next((n for n in plan if n > now), None)

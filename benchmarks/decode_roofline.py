@@ -174,13 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     exe, how = find_llama_bench(a.tools, a.build)
     print(f"preset {a.preset}: {', '.join(f'{q} {f}' for q, f in files.items())} "
           f"(prepared in {prep_s:.0f} s)\nllama-bench: {exe or 'none'} ({how})", file=sys.stderr)
-    rounds = [one_round(i, files, a, exe) for i in range(a.rounds)]
-    summary = summarise(rounds, files, traffic)
-    result = {"preset": a.preset, "threads": a.threads, "gen_tokens": a.gen_tokens,
-              "reps": a.reps, "rounds": a.rounds, "depth": a.depth, "llama_bench": str(exe),
-              "files": {q: str(f) for q, f in files.items()}, "per_round": rounds,
-              "summary": summary}
-    print(f"\n{a.preset}: tg{a.gen_tokens} @ depth {a.depth}, {a.threads} threads, {a.rounds} "
+    rounds: list[dict[str, Any]] = []
+    for i in range(a.rounds):
+        rounds.append(one_round(i, files, a, exe))
+        summary = summarise(rounds, files, traffic)
+        result = {"preset": a.preset, "threads": a.threads, "gen_tokens": a.gen_tokens,
+                  "reps": a.reps, "rounds": len(rounds), "depth": a.depth,
+                  "llama_bench": str(exe), "files": {q: str(f) for q, f in files.items()},
+                  "per_round": rounds, "summary": summary}
+        if a.json:   # after every round: a run cut short by a time limit keeps what it measured
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(result, indent=1, default=str))
+    print(f"\n{a.preset}: tg{a.gen_tokens} @ depth {a.depth}, {a.threads} threads, {len(rounds)} "
           f"rounds x {a.reps} reps; median [min-max] over rounds")
     print(f"{'quant':<8}{'GB/token':>9}{'bandwidth GB/s':>22}{'qbench t/s':>22}"
           f"{'qbench GB/s':>22}{'% of bw':>22}{'llama-bench t/s':>22}{'% of bw':>22}  ratio")
@@ -196,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':<8}1 thread: llama-bench {fmt(s['llama_bench_tg_1t'])} t/s = "
                   f"{fmt(s['gbs_1t'])} GB/s of {fmt(s['bandwidth_1t'])}; 2 threads / 1: tg "
                   f"x{fmt(s['tg_gain_2_over_1'])}, bandwidth x{fmt(s['bandwidth_gain_2_over_1'])}")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 

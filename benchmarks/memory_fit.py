@@ -42,9 +42,20 @@ PROMPT = 512
 GEN = 16
 
 
-def child(path: Path, ctx: int, kv: str, threads: int, fill: bool) -> dict[str, Any]:
+def child(path: Path, ctx: int, kv: str, threads: int, fill: bool, mmap: bool = True
+          ) -> dict[str, Any]:
     """Run one configuration in this process; its peak RSS and the stages' RSS (MiB)."""
     import numpy as np
+    import llama_cpp
+
+    if not mmap:   # read the weights into memory instead of mapping the file
+        default = llama_cpp.llama_model_default_params
+
+        def no_mmap() -> Any:   # this llama.cpp's load_mode replaced use_mmap
+            params = default()
+            params.load_mode = 0          # LLAMA_LOAD_MODE_NONE: read, don't map
+            return params
+        llama_cpp.llama_model_default_params = no_mmap
 
     from qbench.backends.base import LoadOptions
     from qbench.backends.llamacpp import load
@@ -67,6 +78,8 @@ def child(path: Path, ctx: int, kv: str, threads: int, fill: bool) -> dict[str, 
     for t in rng.integers(0, backend.n_vocab, GEN):
         backend.decode_tokens([int(t)], 1)
     stages["generated"] = rss()
+    anon, file_backed = status_kib("RssAnon", "RssFile")
+    stages["anon"], stages["file"] = (anon or 0) / 1024, (file_backed or 0) / 1024
     backend.close()
     return {"peak_rss_mb": (hwm_kib() or 0) / 1024, "stages_mb": stages,
             "seconds": round(time.perf_counter() - t0, 1), "prompt_tokens": n_prompt}
@@ -74,7 +87,7 @@ def child(path: Path, ctx: int, kv: str, threads: int, fill: bool) -> dict[str, 
 
 def run_child(path: Path, ctx: int, kv: str, a: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", str(path), str(ctx), kv, str(a.threads)] + \
-        (["--fill"] if a.fill else [])
+        (["--fill"] if a.fill else []) + (["--no-mmap"] if a.no_mmap else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             _logger.set_verbose(False)
         except (ImportError, AttributeError):
             pass
-        print(json.dumps(child(Path(path), ctx, kv, threads, "--fill" in sys.argv)))
+        print(json.dumps(child(Path(path), ctx, kv, threads, "--fill" in sys.argv,
+                               mmap="--no-mmap" not in sys.argv)))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="llama-3.2-1b,llama-3.1-8b")
@@ -113,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fill", action="store_true", help="fill the whole context (slow)")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into memory (llama.cpp use_mmap = false) instead of "
+                        "mapping the file, as qbench's backend does")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                            "peak_rss_mb": peaks, "measured_mb": measured,
                            "error_pct": 100 * (pred["estimate_mb"] / measured - 1),
                            "stages_mb": runs[-1]["stages_mb"], "fill": a.fill,
+                           "mmap": not a.no_mmap,
                            "prompt_tokens": runs[-1]["prompt_tokens"]}
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)

@@ -4,7 +4,7 @@ qbench.report.recommend predicts for it (``_memory``'s estimate: weights + ``kv_
 
     .venv/bin/python benchmarks/memory_fit.py [--presets llama-3.2-1b,llama-3.1-8b] \
         [--quants Q4_K_M] [--ctx 4096,8192] [--kv f16,q8_0] [--reps 2] [--fill] \
-        [--threads 2] [--cache-dir DIR] [--json out.json]
+        [--threads 2] [--no-mmap] [--cache-dir DIR] [--json out.json]
 
 Each configuration runs in a fresh process (``--child``) that loads the file as qbench's
 llama.cpp backend does (mmap, the suite's default batch 2048 / ubatch 512), makes a context of

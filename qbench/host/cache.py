@@ -17,6 +17,7 @@ KINDS = {
     "hf": "Hugging Face hub downloads",
     "tools": "llama.cpp's HF-to-GGUF converter, installed on first use",
     "host": "measurements of this machine (memory bandwidth), once per hardware id",
+    "synthetic": "synthetic models (random weights of a real architecture), by recipe",
 }
 HASH_MEMO = "sha256.json"   # a file's stamp (path, size, mtime) -> its sha256
 FOLDERS = {"kld": "kld-base"}

@@ -62,6 +62,11 @@ class ModelSpec:
     trust_remote_code: bool = False  # refused unless set: it runs code from the hub
     allow_pickle: bool = False       # refused unless set: .bin/.pt checkpoints run code on load
 
+    @property
+    def synthetic(self) -> bool:
+        """A random-weight model of a real architecture (qbench.inputs.synthetic)."""
+        return self.source.startswith("synthetic:")
+
     def validate(self, *, file: str, key: str) -> None:
         if not self.id or _CONTROL.search(self.id) or len(self.id) > 200:
             raise ConfigError(f"expected a printable id of 1-200 characters, got {self.id!r}",
@@ -254,6 +259,13 @@ class Suite:
     def name(self) -> str:
         return self.suite.name
 
+    def measures(self, model: ModelSpec, variant: VariantSpec, metric: str) -> bool:
+        """Whether the cell (model, variant, metric) is planned: the variant measures the metric,
+        unless it is one a synthetic model's random weights make meaningless (an implicit one,
+        sanity, is left out for it; one asked for is refused when the suite is read)."""
+        return variant.measures(metric) and not (model.synthetic
+                                                 and metric in SYNTHETIC_REFUSED)
+
     def variants_for(self, model: ModelSpec) -> tuple[VariantSpec, ...]:
         return tuple(v for v in self.variants if not v.models or model.id in v.models)
 
@@ -274,6 +286,12 @@ class Suite:
 
 
 _TOP_KEYS = ("suite", "defaults", "models", "variants", "metrics", "report", "decide")
+# what each metric a synthetic model cannot have would measure (its weights are random)
+SYNTHETIC_REFUSED = {
+    "perplexity": "how well it predicts text", "kld": "how far a quant's predictions move",
+    "mmlu": "what it knows", "sanity": "whether its output is degenerate",
+    "lm_eval": "task accuracy",
+}
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -618,14 +636,35 @@ def _check_variant_metrics(suite: Suite, file: str) -> None:
                                   file=file, key=f"variants ({base.label}).metrics")
 
 
+def _check_synthetic(suite: Suite, file: str) -> None:
+    """Refuse a quality metric asked of a synthetic model: its weights are random, so only the
+    hardware-bound metrics (speed, its memory, footprint) mean anything."""
+    for i, model in enumerate(suite.models):
+        if not model.synthetic:
+            continue
+        for variant in suite.variants_for(model):
+            for name in suite.metrics:
+                implicit = metric_module(name).INFO.implicit
+                asked = name in variant.metrics or (not variant.metrics and not implicit)
+                if name in SYNTHETIC_REFUSED and asked:
+                    raise ConfigError(
+                        f"{name} on model {model.id!r} ({model.source}): a synthetic model has "
+                        f"random weights, so {SYNTHETIC_REFUSED[name]} means nothing; only speed, "
+                        "memory and footprint run on it. Give its [[variants]] models = "
+                        f"[\"{model.id}\"] and metrics = [\"speed\"] (and the groups that measure "
+                        "quality models = [...] naming the real models)", file=file,
+                        key=f"models[{i}].source")
+
+
 def _check_bases(suite: Suite, file: str) -> None:
+    _check_synthetic(suite, file)
     _check_variant_metrics(suite, file)
     needs_base = [n for n in suite.metrics if metric_module(n).INFO.needs_base]
     for i, model in enumerate(suite.models):
         if not suite.variants_for(model):
             raise ConfigError(f"no variant applies to model {model.id!r}: empty matrix",
                               file=file, key=f"models[{i}]")
-        if not needs_base:
+        if not needs_base or model.synthetic:   # nothing is compared with a synthetic base
             continue
         if suite.base_variant(model) is None:
             raise ConfigError(

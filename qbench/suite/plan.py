@@ -32,7 +32,7 @@ from qbench.errors import ConfigError, DatasetError, QbenchError, SourceError
 from qbench.host.envinfo import library_version
 from qbench.metrics import metric_info, metric_module, metric_names, shared_pass
 from qbench.metrics.depth import point_suffix
-from qbench.inputs.sources import locate, parse_hf, sha256_file
+from qbench.inputs.sources import SYNTHETIC, locate, parse_hf, sha256_file
 
 # device nodes of GPU drivers: 'auto' may pick a GPU here even when NVML is not installed
 _GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
@@ -140,7 +140,11 @@ def libraries(variant: VariantSpec) -> dict[str, str]:
 def input_identity(ref: str, ctx: PlanContext) -> str:
     """Content sha256 of a local model input (a file, every shard of a split GGUF, a model
     folder's files); for a hub reference, the reference itself with its @revision (planning
-    never downloads: pin a revision, or an unpinned ref's cells follow the branch by name)."""
+    never downloads: pin a revision, or an unpinned ref's cells follow the branch by name); for
+    a synthetic model, its recipe's hash (planning never generates)."""
+    if ref.startswith(SYNTHETIC):
+        from qbench.inputs.synthetic import identity
+        return identity(ref, ctx.base_dir)
     local = locate(ref, base_dir=ctx.base_dir)
     if local is None:
         return f"ref:{ref}"
@@ -252,7 +256,7 @@ def grid(suite: Suite) -> Iterator[tuple[ModelSpec, VariantSpec, str, Any, str]]
         bases = {suite.base_variant(model, v.backend) for v in suite.variants_for(model)}
         for variant in sorted(suite.variants_for(model), key=lambda v: v not in bases):
             for metric, options in _in_run_order(suite.metrics):
-                if variant.measures(metric):
+                if suite.measures(model, variant, metric):
                     for point, opts in metric_points(options):
                         yield model, variant, metric, opts, point
 

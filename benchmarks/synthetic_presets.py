@@ -1,0 +1,179 @@
+"""Each synthetic preset against its real model: parameter count, and quantized file sizes
+beside the published ones, without downloading or generating any weights.
+
+    .venv/bin/python benchmarks/synthetic_presets.py [--types F16,Q8_0,Q4_K_M] \
+        [--measured PRESET=TYPE:PATH ...] [--json out.json]
+
+Per preset: the parameters of its tensor plan (qbench.inputs.synthetic.n_params), and per type
+the file size llama.cpp's own quantizer gives it, from a *sparse* F16 GGUF (the real header and
+tensor table, the data a hole: a 70B's 141 GB take no disk) quantized in dry-run mode
+(``llama_model_quantize_params.dry_run``: llama.cpp picks every tensor's type by its own rules
+and adds up the sizes without reading a weight). Predicted file = the F16 file's header + the
+dry run's tensor bytes (the header changes by a few bytes: the file type). ``--measured`` adds
+the size of a file really quantized (e.g. by benchmarks/decode_roofline.py) to check the dry
+run against. Published figures come from ``PUBLISHED`` below, each with where it was read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GIB = 2**30
+
+# Published figures: parameter counts from the model cards, file sizes from hub listings or
+# llama.cpp's own tables (unit as published: GB = 1e9 bytes on the hub, GiB in llama.cpp's logs).
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": {
+        "params": ("1.23B", "Llama 3.2 model card, meta-llama/Llama-3.2-1B README (table 'Params': "
+                            "'1B (1.23B)'); read from the copy in ZHUI/paddlenlp_model_readme "
+                            "meta-llama/Llama-3.2-1B/index.md @ 0abc042b"),
+        "sizes": {"F16": (2.48e9, "GB"), "Q8_0": (1.32e9, "GB"), "Q4_K_M": (0.81e9, "GB")},
+        "sizes_source": "bartowski/Llama-3.2-1B-Instruct-GGUF, README file table (llama.cpp "
+                        "b3821, imatrix: sizes are the type mix's, the imatrix changes no byte "
+                        "count): f16 2.48GB, Q8_0 1.32GB, Q4_K_M 0.81GB",
+    },
+    "llama-3.1-8b": {
+        "params": ("8.03B", "model.safetensors.index.json total_size 16,060,522,496 bytes of bf16 "
+                            "(the Llama 3 8B index quoted in transformers' docs; 3.1 adds no "
+                            "parameter) = 8,030,261,248; the card says '8B'"),
+        "sizes": {"F16": (14.97 * GIB, "GiB"), "Q8_0": (7.96 * GIB, "GiB"),
+                  "Q4_K_M": (4.58 * GIB, "GiB")},
+        "sizes_source": "llama.cpp tools/perplexity/README.md, 'LLaMA 3 8b Scoreboard' (Llama 3 "
+                        "8B: the same tensors as 3.1 but rope_freqs, 256 bytes); qbench's "
+                        "qbench/data/published.json source llamacpp-l3-8b-scoreboard",
+    },
+    "llama-3.1-70b": {
+        "params": ("70B", "Llama 3.1 model card ('8B, 70B, 405B')"),
+        "sizes": {"F16": (131.43 * GIB, "GiB"), "Q8_0": (69.83 * GIB, "GiB"),
+                  "Q4_K_M": (39.60 * GIB, "GiB"), "Q3_K_M": (31.91 * GIB, "GiB")},
+        "sizes_source": "llama.cpp PR #6745, dranger003's Llama 3 70B table (2024-05-03; qbench's "
+                        "published.json source llamacpp-pr6745-l3-70b-imatrix)",
+    },
+    "qwen2.5-0.5b": {
+        "params": ("0.49B", "Qwen/Qwen2.5-0.5B README ('Number of Parameters: 0.49B'); read from "
+                            "ZHUI/paddlenlp_model_readme Qwen/Qwen2.5-0.5B/index.md @ ffc26950"),
+        "sizes": {}, "sizes_source": "no published Q4_K_M size found in the stores searched",
+    },
+    "qwen2.5-7b": {
+        "params": ("7.61B", "Qwen/Qwen2.5-7B README ('Number of Parameters: 7.61B'); read from "
+                            "ZHUI/paddlenlp_model_readme Qwen/Qwen2.5-7B/index.md @ ffc26950"),
+        "sizes": {}, "sizes_source": "no published Q4_K_M size found in the stores searched",
+    },
+    "mistral-7b": {
+        "params": ("7.25B", "the hub's parameter count of mistralai/Mistral-7B-v0.3 "
+                            "(safetensors metadata, as shown on its page)"),
+        "sizes": {}, "sizes_source": "no published Q4_K_M size found in the stores searched",
+    },
+}
+
+_TOTAL = re.compile(r"quant size\s*=\s*([\d.]+) MiB")
+_TENSOR = re.compile(r"\]\s+(\S+)\s+-\s+\[.*?type =\s*(\S+),.*?(?:->\s*([\d.]+) MiB \((\S+)\)|"
+                     r"size =\s*([\d.]+) MiB)")
+
+
+def dry_run(f16: Path, quant: str) -> dict[str, Any]:
+    """llama.cpp's quantizer in dry-run mode on ``f16``, in a child process (its log is the
+    result): tensor bytes it would write, and the type of each tensor."""
+    code = ("import ctypes, sys, llama_cpp\n"
+            "from qbench.quantize.gguf_types import FTYPES\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            "p.ftype = FTYPES[sys.argv[2]]\np.nthread = 1\np.dry_run = True\n"
+            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), b'/dev/null', "
+            "ctypes.byref(p)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(f16), quant], capture_output=True,
+                          text=True, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    m = _TOTAL.search(log)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(f"dry run {quant} of {f16} failed ({proc.returncode}): {log[-1500:]}")
+    types: dict[str, int] = {}
+    for line in log.splitlines():
+        t = re.search(r"\((q\d\w*|f16|f32|bf16|iq\w+)\)\s*$", line)
+        if t:
+            types[t.group(1)] = types.get(t.group(1), 0) + 1
+    return {"tensor_bytes": round(float(m.group(1)) * 2**20), "types": types}
+
+
+def sizes(preset: str, types: list[str], work: Path) -> dict[str, Any]:
+    """Parameters and per-type predicted file sizes of ``preset`` (nothing but a sparse file)."""
+    from qbench.inputs import synthetic as syn
+
+    shape = syn.load_shape(preset, REPO)
+    f16 = work / f"{preset}.gguf"
+    syn.write_gguf(shape, 0, f16, data=False, say=lambda m: None)
+    header = f16.stat().st_size - syn.gguf_data_bytes(shape)
+    out: dict[str, Any] = {"params": syn.n_params(shape), "header_bytes": header,
+                           "sparse_disk_bytes": f16.stat().st_blocks * 512, "types": {}}
+    for q in types:
+        if q == "F16":
+            out["types"][q] = {"predicted_bytes": f16.stat().st_size}
+        else:
+            d = dry_run(f16, q)
+            out["types"][q] = {"predicted_bytes": header + d["tensor_bytes"], "mix": d["types"]}
+    f16.unlink()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="")
+    p.add_argument("--types", default="F16,Q8_0,Q4_K_M,Q3_K_M")
+    p.add_argument("--measured", action="append", default=[],
+                   help="PRESET=TYPE:PATH of a file really quantized, to check the dry run")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    from qbench.inputs.synthetic import preset_names
+
+    presets = [x for x in a.presets.split(",") if x] or list(preset_names())
+    types = [x for x in a.types.split(",") if x]
+    measured: dict[tuple[str, str], int] = {}
+    for m in a.measured:
+        left, _, path = m.partition(":")
+        preset, _, q = left.partition("=")
+        measured[(preset, q)] = Path(path).stat().st_size
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in presets:
+            rows[preset] = sizes(preset, types, Path(tmp))
+            pub = PUBLISHED.get(preset, {})
+            for q, r in rows[preset]["types"].items():
+                if (preset, q) in measured:
+                    r["measured_bytes"] = measured[(preset, q)]
+                if q in pub.get("sizes", {}):
+                    value, unit = pub["sizes"][q]
+                    r["published_bytes"] = value
+                    r["published_unit"] = unit
+                    r["vs_published_pct"] = 100 * (r["predicted_bytes"] / value - 1)
+            rows[preset]["published"] = pub
+            print(f"{preset}: {json.dumps(rows[preset]['types'])}", file=sys.stderr, flush=True)
+    print(f"\n{'preset':<15}{'params':>14}{'card':>7}  " + "".join(f"{q:>24}" for q in types))
+    for preset, r in rows.items():
+        pub = r["published"]
+        cells = []
+        for q in types:
+            t = r["types"][q]
+            gb = t["predicted_bytes"] / (GIB if t.get("published_unit") == "GiB" else 1e9)
+            unit = t.get("published_unit", "GB")
+            cell = f"{gb:.2f} {unit}"
+            if "published_bytes" in t:
+                cell += f" ({t['vs_published_pct']:+.1f} %)"
+            cells.append(f"{cell:>24}")
+        print(f"{preset:<15}{r['params']:>14,}{pub.get('params', ('?',))[0]:>7}  " + "".join(cells))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

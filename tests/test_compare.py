@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from qbench.cli import main
-from qbench.results.compare import Tolerances, compare_records, expected_cells
+from qbench.results.compare import (EXIT_NOT_COMPARABLE, Tolerances, compare_records,
+                                    expected_cells)
 from synthetic_records import demo_records
 
 
@@ -253,6 +254,18 @@ def test_mmlu_other_questions_are_not_comparable(base: list[dict]) -> None:
 
 
 # -------------------------------------------------------------------------- speed, memory
+
+def test_a_timing_taken_under_load_is_not_comparable(base: list[dict]) -> None:
+    """A candidate speed cell flagged unreliable (other work ran in its windows) is never a
+    pass or a regression, even with tokens/s unchanged."""
+    cand = copy.deepcopy(base)
+    r = _rec(cand, "Q8_0", "speed")
+    r["fitness"] = {"reliable": False, "reasons": ["other processes used 1.6 cores"],
+                    "rounds": 3, "windows": []}
+    cmp = compare_records(base, cand)
+    ch = _change(cmp, "Q8_0", "tg_tokens_per_s")
+    assert not ch.comparable and not ch.regression
+    assert cmp.exit_code == EXIT_NOT_COMPARABLE and ch in cmp.incomparable
 
 def test_speed_direction_and_interval(base: list[dict]) -> None:
     cand = copy.deepcopy(base)

@@ -10,6 +10,7 @@ inference library runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -48,6 +50,21 @@ repetitions = 1
 """
 
 PATIENCE_S = 120     # generous: the machine is shared and slow; nothing here is timed
+
+
+@contextlib.contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """Spawn ``qbench run`` with SIGINT at its default, as a terminal or a CI runner does.
+
+    A shell without job control starts background jobs with SIGINT ignored (`pytest ... &` in a
+    script), the ignored disposition survives exec, and Python keeps an ignored SIGINT ignored:
+    `qbench run` would then rightly go on and this test would wait for an exit that never
+    comes. A handler installed here is reset to the default by exec in the child."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -84,9 +101,11 @@ def test_no_descendant_outlives_a_signalled_run(sig, write_suite, smollm2_ref, i
     private_tmp.mkdir()
     env = dict(os.environ, QBENCH_FAULT="*=hang-tree", TMPDIR=str(private_tmp))
     err = (tmp_path / "stderr").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "qbench.cli", "run", str(suite), "--out",
-                             str(results), "--no-report"], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    with sigint_not_ignored():
+        proc = subprocess.Popen([sys.executable, "-m", "qbench.cli", "run", str(suite), "--out",
+                                 str(results), "--no-report"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
     tree: list[psutil.Process] = []
     try:
         pid = _grandchild(results / "signals" / "logs", proc)

@@ -259,9 +259,16 @@ def signal_run(b: Bench, sig: signal.Signals, timeout: float = 300) -> dict[str,
     system_tmp.mkdir(parents=True, exist_ok=True)
     err_path = b.work / f"{name}.stderr"
     env = b.env("*=hang-tree", TMPDIR=str(system_tmp))
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(b.run_args(suite, out), stdout=subprocess.DEVNULL, stderr=err,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    # SIGINT at its default in qbench even when the bench runs as a background job of a shell
+    # without job control (SIGINT ignored there, which exec keeps); exec resets a handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with err_path.open("w") as err:
+            proc = subprocess.Popen(b.run_args(suite, out), stdout=subprocess.DEVNULL,
+                                    stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
     grandchild = None
     tree: list[psutil.Process] = []
     deadline = time.monotonic() + timeout

@@ -127,39 +127,19 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _borderline_variants(suite: Any) -> Any:
-    """The recommendation's rule for --until-decided: a variant is open while its ΔPPL
-    interval (at the plan's level) straddles [decide] max_loss_pct and nothing else rules it
-    out (it fits the budget, is not degenerate, no MMLU drop); with the chunks that would
-    decide it at 80 % power and the chunks the text holds (decide.Open.futile)."""
-    from qbench.report.recommend import recommend
-    from qbench.report.table import variant_rows
-    from qbench.run.decide import Open
+def _open_decisions(suite: Any) -> Any:
+    """The report's rules for --until-decided (qbench.report.open_decisions) at the suite's
+    [decide] tolerance and budget (else its [report] section's)."""
+    from qbench.report.open_decisions import open_decisions
 
     tol = suite.decide.max_loss_pct or suite.report.max_loss_pct
-    budget = suite.decide.memory_budget_gib or suite.report.budget_gib
+    budget = suite.decide.budget_gib or suite.report.budget_gib
 
-    def open_variants(records: list[dict[str, Any]], level: float) -> dict[tuple[str, str, str],
-                                                                           Open]:
-        rows = variant_rows([r for r in records if r["suite"] == suite.name], level=level)
-        out = {}
-        for rec in recommend(rows, budget_gb=budget, max_loss_pct=tol,
-                             kv_ctx=suite.report.context_tokens):
-            for c in rec["candidates"]:
-                if c["open"]:
-                    r, resolve = c["row"], c.get("resolve") or {}
-                    out[(r["model"], r["backend"], _variant_name(r))] = Open(
-                        c["interval"], resolve.get("n"), resolve.get("available"))
-        return out
+    def open_variants(records: list[dict[str, Any]], level: float) -> dict[Any, Any]:
+        return open_decisions([r for r in records if r["suite"] == suite.name], level,
+                              tol=tol, budget_gib=budget, kv_ctx=suite.report.context_tokens)
 
     return open_variants
-
-
-def _variant_name(row: dict[str, Any]) -> str:
-    """The variant's id part (quant[@file][+imatrix=..][+kv=..]) of a report row."""
-    from qbench.suite.identity import variant_name
-    any_cell = next(iter(row["cells"].values()))
-    return variant_name(any_cell["variant"])
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -185,7 +165,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         if args.until_decided and not summary.any_failed:
             from qbench.run.decide import run_until_decided
             decided = run_until_decided(suite, ctx, store, console=console, executor=executor,
-                                        open_variants=_borderline_variants(suite))
+                                        open_variants=_open_decisions(suite))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing run"
     console.print(f"[bold]done[/bold] in {summary.wall_s:.1f} s: {counts}; "
                   f"{summary.cached} cached. Results: {escape(str(store.dir))}")

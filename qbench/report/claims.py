@@ -107,6 +107,12 @@ class Interval:
         return cls(value - e, value + e, value, how + ("" if err else " (no error estimate)"),
                    se=err or None, **kw)
 
+    @property
+    def level_text(self) -> str:
+        """"95 %", or the sequential plan's level the judge took the interval at."""
+        lvl = self.judged.level if self.judged is not None else 0.95
+        return f"{100 * lvl:.3g} %"
+
     def text(self, unit: str = "%", digits: int = 2) -> str:
         if self.lo == self.hi:
             return f"{self.point:+.{digits}f}{unit}"
@@ -365,8 +371,9 @@ def _lossless_measured(rows: list[dict[str, Any]], by_label: dict[str, dict[str,
             v = mmlu_lossless(r)
             note, n = _resolve_note(d, (LOSSLESS_MMLU_PTS,)) if v == UNRESOLVED else ("", None)
             out.append(_ev("measured", "MMLU", r["label"], v,
-                           f"drop {d.text(' pts', 1)} (95 % CI, {d.how}); lossless needs no "
-                           f"significant drop and CI within {LOSSLESS_MMLU_PTS:g} point" + note,
+                           f"drop {d.text(' pts', 1)} ({d.level_text} CI, {d.how}); lossless "
+                           f"needs no significant drop and CI within {LOSSLESS_MMLU_PTS:g} point"
+                           + note,
                            group=g, caveats=cav, n_needed=n, n_now=d.n, n_unit="questions"))
         elif r.get("mmlu_note"):
             out.append(_ev("measured", "MMLU", r["label"], NED, r["mmlu_note"], group=g,
@@ -397,8 +404,9 @@ def _loss_measured(rows: list[dict[str, Any]], rule: Rule, what: str,
         elif acc:
             note, n = _resolve_note(acc, rule.thresholds())
             out.append(_ev("measured", ACC, r["label"], rule.judge(acc),
-                           f"relative MMLU drop {acc.text()} (paired 95 % CI); {what}" + note,
-                           group=g, caveats=cav, n_needed=n, n_now=acc.n, n_unit="questions"))
+                           f"relative MMLU drop {acc.text()} (paired {acc.level_text} CI); "
+                           f"{what}" + note, group=g, caveats=cav, n_needed=n, n_now=acc.n,
+                           n_unit="questions"))
         else:
             out.append(_ev("measured", ACC, r["label"], NED,
                            r.get("mmlu_note") or "no paired MMLU result for this variant "

@@ -352,13 +352,15 @@ def _preference(rec: dict[str, Any]) -> tuple[bool, int, str]:
 
 def sequential_level(*records: dict[str, Any] | None) -> float | None:
     """The interval level of the sequential plan (--until-decided) a record was measured
-    under: 1 - alpha / looks; None when none was."""
+    under: 1 - alpha / looks (the plan's count over every metric it grows, ``n_looks``, else
+    this metric's looks); None when none was."""
     from qbench.results.sequential import level
 
     plans = [r["decide"] for r in records if r and isinstance(r.get("decide"), dict)]
     if not plans:
         return None
-    return min(level(float(p["alpha"]), len(p["looks"])) for p in plans)
+    return min(level(float(p["alpha"]), int(p.get("n_looks") or len(p["looks"])))
+               for p in plans)
 
 
 def _add_deltas(rows: list[dict[str, Any]], level: float | None = None) -> None:
@@ -422,7 +424,8 @@ def dppl_fields(r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any
     seq = (r["cells"].get("perplexity") or {}).get("decide")
     paired = f"chunk-paired t, {j.n} chunks" if j.n else j.method
     if j.level != LEVEL:
-        paired += (f", {100 * j.level:.3g} % interval (sequential: {len(seq['looks'])} looks)"
+        paired += (f", {100 * j.level:.3g} % interval (sequential: "
+                   f"{seq.get('n_looks') or len(seq['looks'])} looks)"
                    if seq else f", {100 * j.level:.3g} % interval")
     return DPPL_NONE | {"dppl_pct": j.change, "dppl_err": j.se, "dppl_how": j.method,
                         "dppl_ci_low": j.low, "dppl_ci_high": j.high, "dppl_paired": paired,

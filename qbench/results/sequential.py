@@ -13,6 +13,7 @@ look is judged at the same level as one decided at the last.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def looks(first: int, ceiling: int, growth: float) -> list[int]:
@@ -34,3 +35,32 @@ def level(alpha: float, n_looks: int) -> float:
 def next_look(plan: list[int], now: int) -> int | None:
     """The planned size after ``now`` (None at the ceiling)."""
     return next((n for n in plan if n > now), None)
+
+
+# stop growing a decision when the sample that would settle it at 80 % power (at its current
+# estimate) exceeds this many times what the dataset holds: even all of it would leave the
+# interval about twice as wide as its distance from the threshold. Stopping for futility only
+# ever ends in "open", so it cannot raise the error rate the plan keeps.
+FUTILE = 4.0
+
+
+@dataclass(frozen=True)
+class Open:
+    """Why a variant's decision on one metric's sample is still open, and the sample (in that
+    metric's unit: chunks, questions) that would close it at 80 % power if the loss is what it
+    measures now, and what the dataset holds (None: unknown)."""
+    why: str
+    needed: int | None = None
+    available: int | None = None
+
+    def futile(self) -> bool:
+        return (self.needed is not None and self.available is not None
+                and self.needed > FUTILE * self.available)
+
+    def merged(self, other: Open) -> Open:
+        """Two decisions open on one sample (the recommendation and a claim): it grows while
+        either may still be settled: the smaller need counts, and an unknown one (never
+        futile) stays unknown."""
+        needed = (None if self.needed is None or other.needed is None
+                  else min(self.needed, other.needed))
+        return Open(f"{self.why}; {other.why}", needed, self.available or other.available)

@@ -1,14 +1,19 @@
 """``qbench run SUITE --until-decided``: measure more only where a decision is still open.
 
-After the suite's own sample, ``open_variants`` (given by the caller: the recommendation's
-rule, which lives in the report layer) names the variants whose decision is still open at the
-sequential plan's level. Exactly those - and their base, which their chunks are paired with -
-get the next look's chunks (qbench.results.sequential: the sample times ``growth``, up to
-``[decide] max_chunks`` or the text's end); a larger perplexity cell takes the chunks a
-smaller one of its family scored (qbench.run.runner.reusable), so a look costs only its new
-chunks. It stops when nothing is open or the plan's last look is made; a variant whose
-decision would need far more chunks than the text holds (``FUTILE``) is not grown further; what
-stayed open is said, never guessed.
+After the suite's own sample, ``open_variants`` (given by the caller: the report's rules,
+qbench.report.open_decisions) names the decisions still open at the sequential plan's level,
+each with the metric whose sample settles it: perplexity chunks (a ΔPPL interval) or MMLU
+questions. Exactly those variants - and their base, which they are paired with - get that
+metric's next look (qbench.results.sequential: the sample times ``growth``, up to the [decide]
+ceiling or the dataset's end); a larger cell takes the items a smaller one of its family scored
+(qbench.run.runner.reusable), so a look costs only its new chunks or questions. It stops when
+nothing is open or every open decision has reached its last look; one that would need far more
+than the dataset holds (``Open.futile``) is not grown further; what stayed open is said, never
+guessed.
+
+One level for every look of every metric: 1 - alpha / K, K the largest number of looks any
+grown metric's plan has (earlier runs' looks included), so each metric's plan spends at most
+alpha.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qbench.errors import QbenchError
-from qbench.results.sequential import level, looks, next_look
+from qbench.results.sequential import FUTILE, Open, level, looks, next_look
 from qbench.results.store import Store
 from qbench.run.executors import Executor
 from qbench.run.runner import run_suite
@@ -30,154 +35,222 @@ from qbench.suite.config import Suite
 from qbench.suite.identity import cell_id, variant_name
 from qbench.suite.plan import Cell, PlanContext
 
-SAMPLED = "perplexity"   # the metric whose chunks the plan grows (ΔPPL decides the loss)
-# stop growing a variant when the chunks that would decide it at 80 % power (at its current
-# estimate) exceed this many times what the text holds: even the whole text would leave its
-# interval about twice as wide as its distance from the tolerance. Stopping for futility only
-# ever ends in "open", so it cannot raise the error rate the plan keeps.
-FUTILE = 4.0
+__all__ = ["FUTILE", "Open", "SAMPLES", "DecideSummary", "Sample", "run_until_decided"]
+
+Variant = tuple[str, str, str]        # (model id, backend, variant name)
+DecisionKey = tuple[str, str, str, str]   # a Variant and the metric whose sample settles it
+
+
+def _chunks_in_text(d: dict[str, Any]) -> int | None:
+    return int(d["tokens_in_text"]) // int(d["ctx"]) if d.get("tokens_in_text") and \
+        d.get("ctx") else None
+
+
+def _questions_in_dataset(d: dict[str, Any]) -> int | None:
+    return int(d["questions_in_dataset"]) if d.get("questions_in_dataset") else None
 
 
 @dataclass(frozen=True)
-class Open:
-    """Why a variant's decision is still open, and the sample (chunks) that would close it at
-    80 % power if the loss is what it measures now (None: unknown)."""
-    why: str
-    needed: int | None = None
-    available: int | None = None
+class Sample:
+    """A metric whose sample the plan grows: the option that sizes it, its unit, the detail a
+    record states its size in, and what its dataset holds."""
+    metric: str
+    option: str
+    unit: str
+    size_key: str
+    held: Callable[[dict[str, Any]], int | None]
+    holder: str                       # "the text", "the dataset"
 
-    def futile(self) -> bool:
-        return (self.needed is not None and self.available is not None
-                and self.needed > FUTILE * self.available)
+    def size(self, record: dict[str, Any]) -> int:
+        return int((record.get("details") or {}).get(self.size_key) or 0)
 
 
-# records, the plan's level -> {(model id, backend, variant name): why it is open}
-OpenVariants = Callable[[list[dict[str, Any]], float], dict[tuple[str, str, str], Open]]
+SAMPLES = {"perplexity": Sample("perplexity", "chunks", "chunks", "chunks", _chunks_in_text,
+                                "the text"),
+           "mmlu": Sample("mmlu", "subset", "questions", "n", _questions_in_dataset,
+                          "the dataset")}
+
+# records, the plan's level -> {(model id, backend, variant name, metric): why it is open}
+OpenVariants = Callable[[list[dict[str, Any]], float], dict[DecisionKey, Open]]
 
 
 @dataclass
 class DecideSummary:
-    plan: list[int]
+    plans: dict[str, list[int]]       # metric -> the sizes of its planned looks
     level: float
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    open_at_ceiling: dict[tuple[str, str, str], str] = field(default_factory=dict)
-    futile: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    open_at_ceiling: dict[DecisionKey, str] = field(default_factory=dict)
+    futile: dict[DecisionKey, str] = field(default_factory=dict)
     failed: bool = False
 
+    @property
+    def plan(self) -> list[int]:
+        """The perplexity plan (the chunks of each look)."""
+        return self.plans.get("perplexity", [])
 
-def ceiling(suite: Suite, records: list[dict[str, Any]]) -> int:
-    """The plan's last look: [decide] max_chunks, capped by the chunks the text holds (from
-    a stored perplexity record)."""
-    held = [int(d["tokens_in_text"]) // int(d["ctx"]) for r in records
-            if r["metric"] == SAMPLED and r["status"] == "ok"
-            for d in [r.get("details") or {}] if d.get("tokens_in_text") and d.get("ctx")]
+
+def _ok(records: list[dict[str, Any]], suite: str, metric: str) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("suite", suite) == suite and r["metric"] == metric
+            and r["status"] == "ok"]
+
+
+def ceiling(suite: Suite, records: list[dict[str, Any]], sample: Sample) -> int | None:
+    """The plan's last look for ``sample``: what its dataset holds (from a stored ok record),
+    capped by [decide] max_chunks and max_tokens (perplexity) or max_questions (MMLU). None:
+    no ok record says what the dataset holds."""
+    oks = _ok(records, suite.name, sample.metric)
+    held = [n for r in oks if (n := sample.held(r.get("details") or {}))]
     if not held:
-        raise QbenchError("--until-decided needs an ok perplexity cell (to know how many "
-                          "chunks the text holds); none is stored")
-    cap = max(held)
-    return min(cap, suite.decide.max_chunks) if suite.decide.max_chunks else cap
+        return None
+    caps = [max(held)]
+    spec = suite.decide
+    if sample.metric == "perplexity":
+        if spec.max_chunks:
+            caps.append(spec.max_chunks)
+        per_chunk = [int(d["scored_tokens"]) / int(d["chunks"]) for r in oks
+                     for d in [r.get("details") or {}] if d.get("scored_tokens") and
+                     d.get("chunks")]
+        if spec.max_tokens and per_chunk:
+            caps.append(max(1, int(spec.max_tokens // max(per_chunk))))
+    elif sample.metric == "mmlu" and spec.max_questions:
+        caps.append(spec.max_questions)
+    return min(caps)
+
+
+def plans_for(suite: Suite, records: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The looks of every metric the plan can grow: measured with a sample that is a part of
+    its dataset (MMLU ``subset = 0`` is every question: nothing to grow)."""
+    out = {}
+    for metric, sample in SAMPLES.items():
+        options = suite.metrics.get(metric)
+        first = int(getattr(options, sample.option, 0) or 0) if options is not None else 0
+        top = ceiling(suite, records, sample) if first > 0 else None
+        if top is not None:
+            out[metric] = looks(first, top, suite.decide.growth)
+    if "perplexity" not in out and "mmlu" not in out:
+        raise QbenchError("--until-decided grows [metrics.perplexity] chunks or [metrics.mmlu] "
+                          "subset: the suite must measure one of them on a positive sample, "
+                          "with an ok cell stored (it tells how much the dataset holds)",
+                          file=str(suite.path), key="metrics")
+    return out
 
 
 def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
                       open_variants: OpenVariants, console: Console,
                       executor: Executor | None = None) -> DecideSummary:
-    """Grow the sample of the open variants look by look (see the module docstring)."""
-    options = suite.metrics.get(SAMPLED)
-    if options is None or options.chunks <= 0:
-        raise QbenchError("--until-decided grows [metrics.perplexity] chunks: the suite must "
-                          "measure perplexity on a positive number of chunks",
-                          file=str(suite.path), key="metrics.perplexity.chunks")
-    plan = looks(options.chunks, ceiling(suite, store.records()), suite.decide.growth)
+    """Grow the samples of the open decisions look by look (see the module docstring)."""
+    plans = plans_for(suite, store.records())
     # looks an earlier run made under another plan (another ceiling) were spent too
-    earlier = sorted(_looked_at(store.records(), suite.name) - set(plan))
-    spent = sorted(set(plan) | set(earlier))
-    lvl = level(suite.decide.alpha, len(spent))
-    out = DecideSummary(plan, lvl)
-    spec = {"alpha": suite.decide.alpha, "looks": spent}
-    console.print(f"[bold]until decided[/bold]: looks at {plan} chunks"
-                  + (f" (and {earlier} of an earlier plan)" if earlier else "")
+    spent = {m: sorted(set(plan) | _looked_at(store.records(), suite.name, SAMPLES[m]))
+             for m, plan in plans.items()}
+    earlier = {m: sorted(set(spent[m]) - set(plan)) for m, plan in plans.items()}
+    n_looks = max(len(s) for s in spent.values())
+    lvl = level(suite.decide.alpha, n_looks)
+    out = DecideSummary(plans, lvl)
+    specs = {m: {"alpha": suite.decide.alpha, "looks": spent[m], "n_looks": n_looks}
+             for m in plans}
+    console.print("[bold]until decided[/bold]: "
+                  + " and ".join(f"looks at {plan} {SAMPLES[m].unit}"
+                                 + (f" (and {earlier[m]} of an earlier plan)" if earlier[m]
+                                    else "") for m, plan in plans.items())
                   + f", each interval at {100 * lvl:.3g} % (alpha {suite.decide.alpha:g} "
-                  f"spent over {len(spent)} looks)")
+                  f"spent over {n_looks} looks)")
     while True:
         records = store.records()
         open_now = open_variants(records, lvl)
         if not open_now:
             console.print(f"[green]every decision made[/green] after {len(out.rounds)} more "
-                          f"look(s): " + ("; ".join(f"{r['chunks']} chunks for "
+                          f"look(s): " + ("; ".join(f"{r['size']} {r['unit']} for "
                                                     f"{', '.join(r['variants'])}"
                                                     for r in out.rounds) or "none needed"))
             return out
-        # each open variant's next look, from the chunks it has now
-        groups: dict[int, dict[tuple[str, str, str], str]] = {}
-        for v, state in open_now.items():
-            why = state.why
-            nxt = next_look(plan, scored_chunks(records, suite.name, v))
-            if state.futile():
-                if v not in out.futile:
-                    console.print(f"[yellow]not measured further[/yellow]: "
-                                  f"{escape('/'.join(v))}: {escape(why)}; about "
-                                  f"{state.needed:,} chunks would decide it at 80 % power, the "
-                                  f"text holds {state.available:,}")
-                out.futile[v] = why
-            elif nxt is None:
-                if v not in out.open_at_ceiling:
-                    console.print(f"[yellow]still open at the ceiling ({plan[-1]} chunks)"
-                                  f"[/yellow]: {escape('/'.join(v))}: {escape(why)}")
-                out.open_at_ceiling[v] = why
-            else:
-                groups.setdefault(nxt, {})[v] = why
+        groups = _next_looks(open_now, records, suite.name, plans, out, console)
         if not groups:
             console.print(f"[yellow]stopped with {len(open_now)} decision(s) open[/yellow] "
                           f"after {len(out.rounds)} more look(s): {len(out.open_at_ceiling)} at "
-                          f"the ceiling, {len(out.futile)} beyond what the text can resolve")
+                          f"the ceiling, {len(out.futile)} beyond what the data can resolve")
             return out
-        nxt = min(groups)
-        todo = groups[nxt]
-        ids = _cells_for(suite, todo)
-        console.print(f"look {plan.index(nxt) + 1} of {len(plan)}: {nxt} chunks for "
-                      + escape(", ".join(f"{'/'.join(v)} ({why})" for v, why in todo.items())))
-        grown = dataclasses.replace(suite, metrics={**suite.metrics,
-                                                    SAMPLED: dataclasses.replace(options,
-                                                                                 chunks=nxt)})
-        summary = run_suite(grown, ctx, store, only=tuple(ids), console=console,
-                            executor=executor, select=_alone,
-                            decide=spec | {"look": plan.index(nxt) + 1})
-        out.rounds.append({"chunks": nxt, "variants": sorted("/".join(v) for v in todo),
-                           "cells": len(ids), "counts": summary.counts})
-        if summary.any_failed:
-            out.failed = True
-            console.print("[red]a cell of this look failed: stopping[/red]")
-            return out
+        for metric in plans:            # each metric's smallest next look, then look again
+            sizes = [n for m, n in groups if m == metric]
+            if not sizes:
+                continue
+            nxt = min(sizes)
+            todo = groups[(metric, nxt)]
+            plan, sample = plans[metric], SAMPLES[metric]
+            ids = _cells_for(suite, todo, metric)
+            console.print(f"look {plan.index(nxt) + 1} of {len(plan)}: {nxt} {sample.unit} "
+                          "for " + escape(", ".join(f"{'/'.join(v)} ({why})"
+                                                     for v, why in todo.items())))
+            options = suite.metrics[metric]
+            grown = dataclasses.replace(suite, metrics={**suite.metrics, metric: dataclasses.
+                                                        replace(options, **{sample.option: nxt})})
+            summary = run_suite(grown, ctx, store, only=tuple(ids), console=console,
+                                executor=executor, select=_alone,
+                                decide=specs[metric] | {"look": plan.index(nxt) + 1})
+            out.rounds.append({"metric": metric, "size": nxt, "unit": sample.unit,
+                               "variants": sorted("/".join(v) for v in todo),
+                               "cells": len(ids), "counts": summary.counts})
+            if summary.any_failed:
+                out.failed = True
+                console.print("[red]a cell of this look failed: stopping[/red]")
+                return out
 
 
-def scored_chunks(records: list[dict[str, Any]], suite: str, variant: tuple[str, str, str]
-                  ) -> int:
-    """The most chunks an ok perplexity cell of ``variant`` (model, backend, name) scored."""
+def _next_looks(open_now: dict[DecisionKey, Open], records: list[dict[str, Any]], suite: str,
+                plans: dict[str, list[int]], out: DecideSummary, console: Console
+                ) -> dict[tuple[str, int], dict[Variant, str]]:
+    """The open decisions that may grow, grouped by (metric, size of their next look); the
+    others are noted (and said once) in ``out`` as futile or at their ceiling."""
+    groups: dict[tuple[str, int], dict[Variant, str]] = {}
+    for key, state in open_now.items():
+        *v, metric = key
+        variant: Variant = (v[0], v[1], v[2])
+        name = f"{'/'.join(variant)} ({SAMPLES[metric].unit if metric in SAMPLES else metric})"
+        plan = plans.get(metric)
+        nxt = next_look(plan, scored(records, suite, variant, SAMPLES[metric])) if plan else None
+        if state.futile():
+            if key not in out.futile:
+                console.print(f"[yellow]not measured further[/yellow]: {escape(name)}: "
+                              f"{escape(state.why)}; about {state.needed:,} "
+                              f"{SAMPLES[metric].unit} would decide it at 80 % power, "
+                              f"{SAMPLES[metric].holder} holds {state.available:,}")
+            out.futile[key] = state.why
+        elif nxt is None:
+            if key not in out.open_at_ceiling:
+                top = f"{plan[-1]} {SAMPLES[metric].unit}" if plan else "not grown"
+                console.print(f"[yellow]still open at the ceiling ({top})[/yellow]: "
+                              f"{escape(name)}: {escape(state.why)}")
+            out.open_at_ceiling[key] = state.why
+        else:
+            groups.setdefault((metric, nxt), {})[variant] = state.why
+    return groups
+
+
+def scored(records: list[dict[str, Any]], suite: str, variant: Variant, sample: Sample) -> int:
+    """The largest sample an ok cell of ``variant`` (model, backend, name) scored."""
     model, backend, name = variant
-    return max((int((r.get("details") or {}).get("chunks") or 0) for r in records
-                if r["suite"] == suite and r["metric"] == SAMPLED and r["status"] == "ok"
-                and r["model"]["id"] == model and r["variant"].get("backend") == backend
+    return max((sample.size(r) for r in _ok(records, suite, sample.metric)
+                if r["model"]["id"] == model and r["variant"].get("backend") == backend
                 and variant_name(r["variant"]) == name), default=0)
 
 
-def _looked_at(records: list[dict[str, Any]], suite: str) -> set[int]:
-    """The chunk counts at which a look of --until-decided scored a perplexity cell."""
-    return {int(r["details"]["chunks"]) for r in records
-            if r["suite"] == suite and r["metric"] == SAMPLED and r["status"] == "ok"
-            and r.get("decide") and (r.get("details") or {}).get("chunks")}
+def _looked_at(records: list[dict[str, Any]], suite: str, sample: Sample) -> set[int]:
+    """The sizes at which a look of --until-decided scored a cell of ``sample``'s metric."""
+    return {sample.size(r) for r in _ok(records, suite, sample.metric)
+            if r.get("decide") and sample.size(r)}
 
 
-def _cells_for(suite: Suite, open_now: dict[tuple[str, str, str], str]) -> list[str]:
-    """The perplexity cell ids of the open variants and of their bases."""
+def _cells_for(suite: Suite, open_now: dict[Variant, str], metric: str) -> list[str]:
+    """The ``metric`` cell ids of the open variants and of their bases."""
     ids = set()
     for model in suite.models:
         for variant in suite.variants_for(model):
             if (model.id, variant.backend, variant.name) not in open_now:
                 continue
-            ids.add(cell_id(model.id, variant.backend, variant.name, SAMPLED))
+            ids.add(cell_id(model.id, variant.backend, variant.name, metric))
             base = suite.base_variant(model, variant.backend)
             if base is not None:
-                ids.add(cell_id(model.id, base.backend, base.name, SAMPLED))
+                ids.add(cell_id(model.id, base.backend, base.name, metric))
     return sorted(ids)
 
 

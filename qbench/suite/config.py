@@ -217,25 +217,38 @@ def variant_from_dict(d: Mapping[str, Any], *, where: str) -> VariantSpec:
 class DecideSpec:
     """``qbench run --until-decided``: measure more only where a decision is still open.
 
-    After the suite's own sample, the variants whose ΔPPL interval straddles the tolerated
-    loss (and that are otherwise eligible and fit the budget) get more chunks, with their
-    base, round by round (the sample times ``growth``), until each is decided or reaches
-    ``max_chunks`` or the text's end. The rounds are looks of a group-sequential plan: every
-    look's interval is taken at level 1 - alpha/looks (Bonferroni spending over the planned
-    looks), so the chance of recommending a variant that loses more than tolerated stays
-    under ``alpha`` however many looks it took."""
+    After the suite's own sample, the variants whose recommendation (ΔPPL interval straddles
+    the tolerated loss, otherwise eligible, fits the budget) or whose claim verdict (a measured
+    ΔPPL or MMLU interval straddles the claim's threshold) is still open get more perplexity
+    chunks or MMLU questions, with their base, round by round (the sample times ``growth``),
+    until each is decided or reaches its ceiling (``max_chunks``/``max_tokens``,
+    ``max_questions``) or the dataset's end. The rounds are looks of a group-sequential plan:
+    every look's interval is taken at level 1 - alpha/looks (Bonferroni spending over the
+    planned looks), so the chance of a verdict on the wrong side of its threshold stays under
+    ``alpha`` however many looks it took."""
 
     max_loss_pct: float = 0.0        # 0: the [report] section's
-    memory_budget_gib: float = 0.0   # 0: the [report] section's
+    memory_budget_gib: float = 0.0   # 0: the [report] section's; GiB (2^30 bytes)
+    memory_budget_gb: float = 0.0    # the same setting under [report]'s older name (GiB too)
     max_chunks: int = 0              # per variant; 0: every chunk the text holds
+    max_tokens: int = 0              # per variant, scored tokens; 0: no ceiling of its own
+    max_questions: int = 0           # per variant, MMLU; 0: every question of the dataset
     growth: float = 2.0              # each round multiplies the sample
     alpha: float = 0.05              # the error rate the whole plan keeps
 
+    @property
+    def budget_gib(self) -> float | None:
+        """The budget set here, in GiB; None: the [report] section's."""
+        return self.memory_budget_gib or self.memory_budget_gb or None
+
     def validate(self, *, file: str, key: str) -> None:
         positive(self.max_loss_pct, file=file, key=f"{key}.max_loss_pct", allow_zero=True)
-        positive(self.memory_budget_gib, file=file, key=f"{key}.memory_budget_gib",
-                 allow_zero=True)
-        positive(self.max_chunks, file=file, key=f"{key}.max_chunks", allow_zero=True)
+        for name in ("memory_budget_gib", "memory_budget_gb", "max_chunks", "max_tokens",
+                     "max_questions"):
+            positive(getattr(self, name), file=file, key=f"{key}.{name}", allow_zero=True)
+        if self.memory_budget_gib and self.memory_budget_gb:
+            raise ConfigError("give the budget once: memory_budget_gib (memory_budget_gb is the "
+                              "same setting, also GiB)", file=file, key=f"{key}.memory_budget_gb")
         if not 1.1 <= self.growth <= 16:
             raise ConfigError(f"expected a growth between 1.1 and 16, got {self.growth}",
                               file=file, key=f"{key}.growth")

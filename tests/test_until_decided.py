@@ -82,7 +82,7 @@ def test_until_decided_measures_only_what_is_open(tmp_path: Path, data_dir: Path
     if "still open at the ceiling" in text:
         assert q8_max == CEILING and "still open at the plan&#39;s ceiling" in page
     elif "not measured further" in text:        # futile: more than the text could decide
-        assert "beyond what the text can resolve" in text
+        assert "beyond what the data can resolve" in text
         assert "cannot be resolved with this dataset" in page
     else:
         assert "every decision made" in text

@@ -291,15 +291,26 @@ def measured_mmlu_drop_rel(row: dict[str, Any]) -> Interval | None:
 
 
 def mmlu_lossless(row: dict[str, Any]) -> str:
+    """Lossless on MMLU: no significant drop (exact McNemar) and the drop's interval within
+    LOSSLESS_MMLU_PTS. Both at the level the judge took the interval at: 95 %, or the
+    sequential plan's when --until-decided grew the questions (a McNemar test at 5 % after
+    every look would call a lossless variant's drop significant far more often than 5 %)."""
     p = row.get("mmlu_paired")
     if not p:
         return NED
     if row.get("mmlu_fitness"):
         return CANNOT
-    if p["significant"] and p["diff"] < 0:
-        return CONTRADICTED
     iv = measured_mmlu_drop_pts(row)
-    return SUPPORTED if iv and iv.hi <= LOSSLESS_MMLU_PTS else UNRESOLVED
+    lvl = iv.judged.level if iv is not None and iv.judged is not None else 0.95
+    return lossless_on_mmlu(p["p_value"], p["diff"], iv.hi if iv else None, lvl)
+
+
+def lossless_on_mmlu(p_value: float, diff: float, drop_hi: float | None, lvl: float) -> str:
+    """The MMLU side of "lossless" from a paired comparison: ``diff`` the accuracy change
+    (variant - base), ``drop_hi`` the upper end of the drop's interval in points, at ``lvl``."""
+    if p_value < 1 - lvl and diff < 0:
+        return CONTRADICTED
+    return SUPPORTED if drop_hi is not None and drop_hi <= LOSSLESS_MMLU_PTS else UNRESOLVED
 
 
 def _ev(kind: str, metric: str, subject: str, verdict: str | None, detail: str,

@@ -103,6 +103,8 @@ def test_page_has_all_sections(page: str) -> None:
     assert "wikitext-2" in visible and "ctx=512" in visible   # methodology
     assert "stratified by subject" in visible          # MMLU subset rule
     assert "https://arxiv.org/abs/2404.14047v3" in visible     # citation
+    # the sequential method --until-decided judges by is named where the decisions are
+    assert "group-sequential plan with Bonferroni spending" in visible
 
 
 def test_all_plots_present_with_data(demo_rows: list[dict]) -> None:

@@ -121,28 +121,10 @@ def test_the_report_says_why_an_undecided_variant_stays_open(
     assert says in text
 
 
-SUITE_MMLU = """
-[suite]
-name = "d"
-[[models]]
-id = "m"
-source = "{gguf}"
-base = "F16"
-[[variants]]
-backend = "llama.cpp"
-quant = ["F16", "Q8_0"]
-metrics = ["perplexity", "mmlu"]
-[metrics.perplexity]
-dataset = "wikitext-2"
-ctx = 256
-chunks = 8
-[metrics.mmlu]
-subset = 57
-[decide]
-max_chunks = 32
-max_questions = 456
-memory_budget_gb = 2
-"""
+SUITE_MMLU = SUITE.replace('metrics = ["perplexity"]',
+                           'metrics = ["perplexity", "mmlu"]').replace(
+    "[decide]\n", "[metrics.mmlu]\nsubset = 57\n[decide]\nmax_questions = 456\n"
+    "memory_budget_gb = 2\n")
 
 
 class GrowingStore(Records):

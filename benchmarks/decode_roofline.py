@@ -59,14 +59,19 @@ def measure_bandwidth(threads: int, passes: int = 3) -> float:
 
 def prepare(preset: str, quants: list[str], cache_dir: Path, threads: int,
             seed: int = 0) -> dict[str, Path]:
-    """quant -> the GGUF file of the synthetic preset (generated and quantized once)."""
+    """quant -> the GGUF file of the synthetic preset, made once as `qbench run` makes it
+    (qbench.quantize.gguf_prepare: a quantized type written directly at the quantizer's
+    types, qbench.quantize.synthetic_blocks)."""
     from qbench.inputs.sources import resolve, sha256_file
-    from qbench.quantize.gguf import build_variant
+    from qbench.quantize.gguf_prepare import prepare as prepare_variant
+    from qbench.quantize.request import PrepareRequest
 
     ref = f"synthetic:{preset}" + (f"?seed={seed}" if seed else "")
     base = resolve(ref, base_dir=REPO, cache_dir=cache_dir).path
     sha = sha256_file(base, cache_dir)
-    return {q: build_variant(base, sha, q, "F16", cache_dir=cache_dir, threads=threads).path
+    model = {"id": preset, "source": ref, "base": "F16"}
+    return {q: prepare_variant(PrepareRequest({"backend": "llama.cpp", "quant": q}, model, base,
+                                              sha, REPO, None, cache_dir, threads))[0]
             for q in quants}
 
 

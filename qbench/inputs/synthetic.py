@@ -510,7 +510,8 @@ class _Streamed:
             raise RuntimeError(f"wrote {written} bytes of a {self.nbytes}-byte tensor")
 
 
-def _metadata(writer: Any, shape: Shape, seed: int) -> None:
+def _metadata(writer: Any, shape: Shape, seed: int, file_type: int | None = None) -> None:
+    """The GGUF's key/values; ``file_type``: llama_ftype of a quantized file (default F16)."""
     import gguf
 
     c = shape.config
@@ -540,7 +541,7 @@ def _metadata(writer: Any, shape: Shape, seed: int) -> None:
         writer.add_rope_scaling_factor(float(scaling["factor"]))
         if "original_max_position_embeddings" in scaling:
             writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if file_type is None else file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     v = vocabulary(shape)
     writer.add_tokenizer_model(shape.tokenizer["model"])
@@ -611,6 +612,44 @@ def write_gguf(shape: Shape, seed: int, path: Path, *, data: bool = True,
             fh = writer.fout[0]
             writer.write_padding(fh, fh.tell())
             fh.truncate(fh.tell() + gguf_data_bytes(shape))
+        writer.flush()
+    finally:
+        writer.close()
+    return path.stat().st_size
+
+
+def write_quantized_gguf(shape: Shape, seed: int, quant: str, types: dict[str, str],
+                         path: Path, *, say: Callable[[str], None] = _say) -> int:
+    """Write a ``quant`` GGUF of ``shape`` directly (qbench.quantize.synthetic_blocks): each
+    tensor in the ggml type of ``types`` (llama.cpp's quantizer's choice, from its dry run),
+    filled with valid random blocks. Returns its size."""
+    import gguf
+
+    from qbench.quantize.gguf_types import FTYPES
+    from qbench.quantize.synthetic_blocks import tensor_nbytes, tensor_pieces
+
+    plan = tensor_plan(shape)
+    missing = [t.gguf_name for t in plan if t.gguf_name not in types]
+    if missing:
+        raise SourceError(f"synthetic {shape.name}: the quantizer's dry run named no type for "
+                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    writer = gguf.GGUFWriter(None, shape.arch)
+    _metadata(writer, shape, seed, file_type=FTYPES[quant])
+    sizes = {t.gguf_name: tensor_nbytes(types[t.gguf_name], t.shape) for t in plan}
+    for t in plan:
+        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), sizes[t.gguf_name],
+                               raw_dtype=gguf.GGMLQuantizationType[types[t.gguf_name]])
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    try:
+        progress = _Progress(f"synthetic {shape.name} (seed {seed}): {quant} GGUF",
+                             sum(sizes.values()), say)
+        for t in plan:
+            writer.write_tensor_data(_Streamed(sizes[t.gguf_name],
+                                               tensor_pieces(types[t.gguf_name], t.shape),
+                                               progress))
+        writer.write_padding(writer.fout[0], writer.fout[0].tell())
         writer.flush()
     finally:
         writer.close()

@@ -376,6 +376,32 @@ def build_variant(source: Path, source_sha: str, quant: str, base_quant: str, *,
                    lambda out: _quantize(base.path, out, quant, threads, imatrix_path, tensors))
 
 
+def build_synthetic_variant(f16: Path, f16_sha: str, ref: str, quant: str, *, base_dir: Path,
+                            cache_dir: Path, output_tensor_type: str = "",
+                            token_embedding_type: str = "") -> Artifact:
+    """``quant`` of a synthetic model written directly (qbench.quantize.synthetic_blocks): the
+    types llama.cpp's quantizer picks for ``f16`` in its dry run, valid random blocks, no
+    weight quantized - the real quantizer's file size and tensor mix in seconds."""
+    import llama_cpp
+
+    from qbench.inputs.synthetic import load_shape, parse_ref, write_quantized_gguf
+    from qbench.quantize.synthetic_blocks import GENERATOR, dry_run_types
+
+    tensors = {k: v for k, v in {"output_tensor_type": output_tensor_type,
+                                 "token_embedding_type": token_embedding_type}.items() if v}
+    parsed = parse_ref(ref)
+    shape = load_shape(parsed.spec, base_dir)
+    recipe = {"tool": "synthetic blocks at llama_model_quantize's dry-run types",
+              "generator": GENERATOR, "input_sha256": f16_sha, "input_type": "F16",
+              "output_type": quant, "llama_cpp_python": llama_cpp.__version__, **tensors}
+
+    def build(out: Path) -> None:
+        types = dry_run_types(f16, quant, tensors)
+        write_quantized_gguf(shape, parsed.seed, quant, types, out)
+
+    return _cached(cache_dir, recipe, build)
+
+
 def _float_base(source: Path, source_sha: str, base_quant: str, cache_dir: Path, threads: int,
                 lib: dict[str, str]) -> Artifact:
     """The float GGUF every variant is quantized from: a Hugging Face folder converted by

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from qbench.inputs.sources import resolve, sha256_file
-from qbench.quantize.gguf import build_variant, inspect_gguf
+from qbench.inputs.sources import SYNTHETIC, resolve, sha256_file
+from qbench.quantize.gguf import build_synthetic_variant, build_variant, inspect_gguf
 from qbench.quantize.imatrix import build_imatrix, provenance
 from qbench.quantize.request import Prepared, PrepareRequest
 
@@ -19,6 +19,13 @@ def prepare(req: PrepareRequest) -> Prepared:
                           "size_bytes": res.path.stat().st_size,
                           "recipe": {"tool": "none (pre-quantized source)",
                                      "source": variant["source"], "revision": res.revision}}
+    if direct_synthetic(req):
+        art = build_synthetic_variant(
+            req.model_file, req.model_sha, req.model["source"], variant["quant"],
+            base_dir=req.base_dir, cache_dir=req.cache_dir,
+            output_tensor_type=variant.get("output_tensor_type") or "",
+            token_embedding_type=variant.get("token_embedding_type") or "")
+        return art.path, art.describe()
     imatrix_path, imatrix_sha = None, ""
     if variant.get("imatrix"):
         imatrix_path, imatrix_sha = build_imatrix(req)
@@ -33,3 +40,15 @@ def prepare(req: PrepareRequest) -> Prepared:
         described = described | {"recipe": dict(described.get("recipe") or {}) | {
             "imatrix": prov | {"imatrix_sha256": imatrix_sha}}}
     return art.path, described
+
+
+def direct_synthetic(req: PrepareRequest) -> bool:
+    """A synthetic model's quantized variant is written directly (its values are random: only
+    the types and shapes matter), unless it asks for an importance matrix or a type that needs
+    one, or is the F16 source itself."""
+    from qbench.quantize.synthetic_blocks import direct_supported
+
+    variant = req.variant
+    return (str(req.model.get("source", "")).startswith(SYNTHETIC) and not variant.get("imatrix")
+            and variant["quant"] != req.model["base"] and direct_supported(variant["quant"])
+            and str(req.model_file).endswith(".gguf"))

@@ -7,7 +7,9 @@ bandwidth measured in the same round.
         [--scaling] [--tools BIN | --build] [--cache-dir DIR] [--json out.json]
 
 The model is ``synthetic:PRESET`` (qbench.inputs.synthetic: the architecture's exact tensors,
-random weights; generated once), quantized by qbench's own llama.cpp quantizer (cached).
+random weights; generated once), its quantized files made as `qbench run` makes them: at the
+types llama.cpp's quantizer picks in its dry run, with valid random blocks
+(qbench.quantize.synthetic_blocks; the real quantizer's size and tensor mix), cached.
 
 Each round, for each quant, back to back: the read bandwidth (qbench.host.bandwidth's CPU
 kernel over a 2 GiB buffer, 3 passes, median), ``llama-bench -m FILE -p 0 -n N -r R -t T`` and

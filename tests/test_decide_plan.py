@@ -42,7 +42,7 @@ class Records:
         self._records = records
 
     def records(self) -> list[dict[str, Any]]:
-        return self._records
+        return list(self._records)      # a snapshot, as Store.records() reads the files
 
 
 def ppl(chunks: int, decide: dict[str, Any] | None) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def test_an_open_mmlu_decision_grows_the_questions_of_the_variant_and_its_base(
     assert all(c["decide"]["n_looks"] == k and c["decide"]["looks"] == q_plan for c in calls)
     text = " ".join(out.getvalue().split())
     assert f"looks at {c_plan} chunks and looks at {q_plan} questions" in text
-    assert "every decision made after 2 more look(s): 114 questions" in text
+    assert "every decision more data can settle is made after 2 more look(s): 114 questions" in text
 
 
 def test_a_futile_mmlu_decision_is_said_in_questions(tmp_path: Path) -> None:
@@ -243,3 +243,48 @@ def test_the_budget_is_given_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="give the budget once") as info:
         load_suite(path)
     assert info.value.key == "decide.memory_budget_gb"
+
+
+def test_a_model_whose_text_holds_fewer_chunks_stops_at_its_own_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two models cut the same text into different numbers of chunks (their tokenizers): the
+    plan's ceiling is the larger, but a variant of the other model is grown only to its own
+    text's end, then named as open there - never asked for the same look again."""
+    import qbench.run.decide as decide
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    path = tmp_path / "d.toml"
+    path.write_text(SUITE.format(gguf=gguf).replace("max_chunks = 32", "max_chunks = 64"))
+    suite = load_suite(path)
+
+    def rec(model: str, quant: str, chunks: int, held: int) -> dict[str, Any]:
+        r = ppl(chunks, None) | {"model": {"id": model},
+                                 "variant": {"backend": "llama.cpp", "quant": quant}}
+        r["details"] = dict(r["details"], tokens_in_text=256 * held)
+        return r
+
+    store = GrowingStore([rec("big", "F16", 8, 64), rec("m", "F16", 8, 40),
+                          rec("m", "Q8_0", 8, 40)])
+    looks_run: list[int] = []
+
+    def fake_run(grown: Any, ctx: Any, st: GrowingStore, *, only: tuple[str, ...],
+                 **kw: Any) -> Any:
+        size = grown.metrics["perplexity"].chunks
+        looks_run.append(size)
+        for cid in only:
+            st._records.append(rec("m", cid.split("/")[2], min(size, 40), 40))
+        assert len(looks_run) < 10, "the same look asked for again and again"
+        return type("S", (), {"counts": {"ok": len(only)}, "any_failed": False})()
+
+    key = ("m", "llama.cpp", "Q8_0", "perplexity")
+    monkeypatch.setattr(decide, "run_suite", fake_run)
+    out = io.StringIO()
+    summary = decide.run_until_decided(suite, None, store,  # type: ignore[arg-type]
+                                       open_variants=lambda records, lvl: {
+                                           key: Open("ΔPPL +0.47 %", 100, 40)},
+                                       console=Console(file=out, width=200))
+    assert summary.plan == [8, 16, 32, 64]
+    assert looks_run == [16, 32, 40]          # its own text's end, not the plan's 64
+    assert key in summary.open_at_ceiling
+    assert "stopped with 1 decision(s) open" in " ".join(out.getvalue().split())

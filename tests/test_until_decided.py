@@ -85,4 +85,4 @@ def test_until_decided_measures_only_what_is_open(tmp_path: Path, data_dir: Path
         assert "beyond what the data can resolve" in text
         assert "cannot be resolved with this dataset" in page
     else:
-        assert "every decision made" in text
+        assert "every decision more data can settle is made" in text

@@ -82,6 +82,7 @@ class DecideSummary:
     open_at_ceiling: dict[DecisionKey, str] = field(default_factory=dict)
     futile: dict[DecisionKey, str] = field(default_factory=dict)
     failed: bool = False
+    stalled: set[DecisionKey] = field(default_factory=set)   # a look added nothing to them
 
     @property
     def plan(self) -> list[int]:
@@ -159,7 +160,8 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
         records = store.records()
         open_now = open_variants(records, lvl)
         if not open_now:
-            console.print(f"[green]every decision made[/green] after {len(out.rounds)} more "
+            console.print(f"[green]every decision more data can settle is made[/green] after "
+                          f"{len(out.rounds)} more "
                           f"look(s): " + ("; ".join(f"{r['size']} {r['unit']} for "
                                                     f"{', '.join(r['variants'])}"
                                                     for r in out.rounds) or "none needed"))
@@ -178,7 +180,7 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
             todo = groups[(metric, nxt)]
             plan, sample = plans[metric], SAMPLES[metric]
             ids = _cells_for(suite, todo, metric)
-            console.print(f"look {plan.index(nxt) + 1} of {len(plan)}: {nxt} {sample.unit} "
+            console.print(f"look {_look(plan, nxt)} of {len(plan)}: {nxt} {sample.unit} "
                           "for " + escape(", ".join(f"{'/'.join(v)} ({why})"
                                                      for v, why in todo.items())))
             options = suite.metrics[metric]
@@ -186,7 +188,7 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
                                                         replace(options, **{sample.option: nxt})})
             summary = run_suite(grown, ctx, store, only=tuple(ids), console=console,
                                 executor=executor, select=_alone,
-                                decide=specs[metric] | {"look": plan.index(nxt) + 1})
+                                decide=specs[metric] | {"look": _look(plan, nxt)})
             out.rounds.append({"metric": metric, "size": nxt, "unit": sample.unit,
                                "variants": sorted("/".join(v) for v in todo),
                                "cells": len(ids), "counts": summary.counts})
@@ -194,6 +196,10 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
                 out.failed = True
                 console.print("[red]a cell of this look failed: stopping[/red]")
                 return out
+            after = store.records()
+            for v in todo:              # a look that scored nothing new is never asked again
+                if scored(after, suite.name, v, sample) <= scored(records, suite.name, v, sample):
+                    out.stalled.add((*v, metric))
 
 
 def _next_looks(open_now: dict[DecisionKey, Open], records: list[dict[str, Any]], suite: str,
@@ -207,7 +213,8 @@ def _next_looks(open_now: dict[DecisionKey, Open], records: list[dict[str, Any]]
         variant: Variant = (v[0], v[1], v[2])
         name = f"{'/'.join(variant)} ({SAMPLES[metric].unit if metric in SAMPLES else metric})"
         plan = plans.get(metric)
-        nxt = next_look(plan, scored(records, suite, variant, SAMPLES[metric])) if plan else None
+        nxt = _capped(next_look(plan, now := scored(records, suite, variant, SAMPLES[metric])),
+                      now, held(records, suite, variant, SAMPLES[metric])) if plan else None
         if state.futile():
             if key not in out.futile:
                 console.print(f"[yellow]not measured further[/yellow]: {escape(name)}: "
@@ -215,7 +222,7 @@ def _next_looks(open_now: dict[DecisionKey, Open], records: list[dict[str, Any]]
                               f"{SAMPLES[metric].unit} would decide it at 80 % power, "
                               f"{SAMPLES[metric].holder} holds {state.available:,}")
             out.futile[key] = state.why
-        elif nxt is None:
+        elif nxt is None or key in out.stalled:
             if key not in out.open_at_ceiling:
                 top = f"{plan[-1]} {SAMPLES[metric].unit}" if plan else "not grown"
                 console.print(f"[yellow]still open at the ceiling ({top})[/yellow]: "
@@ -226,12 +233,41 @@ def _next_looks(open_now: dict[DecisionKey, Open], records: list[dict[str, Any]]
     return groups
 
 
+def _look(plan: list[int], size: int) -> int:
+    """The look (1-based) a sample of ``size`` is: the first planned size that holds it (a
+    variant capped at its own dataset's end makes that look early)."""
+    return next(i for i, n in enumerate(plan, start=1) if n >= size)
+
+
+def _capped(nxt: int | None, now: int, own: int | None) -> int | None:
+    """The next look of a variant whose own dataset holds ``own`` (its model's tokenizer cuts
+    the text into fewer chunks than another model's): at most that, None once it is reached
+    (else the same look would be asked for again and again, and nothing would grow)."""
+    if nxt is None or own is None:
+        return nxt
+    return None if now >= own else min(nxt, own)
+
+
+def _of(records: list[dict[str, Any]], suite: str, variant: Variant, sample: Sample
+        ) -> list[dict[str, Any]]:
+    model, backend, name = variant
+    return [r for r in _ok(records, suite, sample.metric)
+            if r["model"]["id"] == model and r["variant"].get("backend") == backend
+            and variant_name(r["variant"]) == name]
+
+
 def scored(records: list[dict[str, Any]], suite: str, variant: Variant, sample: Sample) -> int:
     """The largest sample an ok cell of ``variant`` (model, backend, name) scored."""
-    model, backend, name = variant
-    return max((sample.size(r) for r in _ok(records, suite, sample.metric)
-                if r["model"]["id"] == model and r["variant"].get("backend") == backend
-                and variant_name(r["variant"]) == name), default=0)
+    return max((sample.size(r) for r in _of(records, suite, variant, sample)), default=0)
+
+
+def held(records: list[dict[str, Any]], suite: str, variant: Variant, sample: Sample
+         ) -> int | None:
+    """What ``variant``'s own dataset holds (chunks of the text as its tokenizer cuts it, or
+    questions), from its ok cells; None when none says."""
+    sizes = [n for r in _of(records, suite, variant, sample)
+             if (n := sample.held(r.get("details") or {}))]
+    return max(sizes) if sizes else None
 
 
 def _looked_at(records: list[dict[str, Any]], suite: str, sample: Sample) -> set[int]:

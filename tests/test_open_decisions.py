@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from synthetic_records import LADDER, demo_records
 
 from qbench.report.open_decisions import open_decisions
@@ -61,3 +63,23 @@ def test_the_plans_level_is_the_one_judged_at() -> None:
     assert key not in at95 and key in at994            # upper ends +3.35 / +3.57 % (seed 0)
     assert "[99.4 %:" in at994[key].why
     assert "(99.4 % CI," in at994[KEY_Q8_MMLU].why
+
+
+def test_the_report_judges_a_sequential_suite_at_the_plans_level_throughout() -> None:
+    """Once --until-decided measured any cell of a suite, the loop judged every comparison at
+    the plan's level; the report does the same, also for variants it never grew - else a
+    variant the loop left decided could read otherwise on the page (the MMLU rule's McNemar
+    test is at the judged level, so 95 % and 99.4 % can disagree)."""
+    from qbench.report.table import variant_rows
+
+    recs = _records()
+    plan = {"alpha": 0.05, "looks": [16, 32], "n_looks": 8, "look": 2}
+    for r in recs:
+        if r["metric"] == "perplexity" and r["variant"]["quant"] in ("F16", "Q8_0"):
+            r["decide"] = plan
+    rows = {r["quant"]: r for r in variant_rows(recs)}
+    assert rows["Q4_K_M"]["judged"]["perplexity.ppl"].level == pytest.approx(1 - 0.05 / 8)
+    assert rows["Q4_K_M"]["judged"]["mmlu.acc"].level == pytest.approx(1 - 0.05 / 8)
+    assert rows["Q4_K_M"]["mmlu_paired"]["level"] == pytest.approx(1 - 0.05 / 8)
+    other = {r["quant"]: r for r in variant_rows(_records())}      # no plan: 95 %
+    assert other["Q4_K_M"]["judged"]["perplexity.ppl"].level == pytest.approx(0.95)

@@ -228,7 +228,8 @@ def _mmlu_reasons(r: dict[str, Any]) -> tuple[list[str], str]:
     if p["significant"] and p["diff"] < 0:
         return [f"significant MMLU drop ({100 * p['diff']:+.1f} points, McNemar p = "
                 f"{p['p_value']:.2g})"], ""
-    return [], (f"MMLU {100 * p['diff']:+.1f} points vs base (95 % "
+    lvl = 100 * p.get("level", 0.95)
+    return [], (f"MMLU {100 * p['diff']:+.1f} points vs base ({lvl:.3g} % "
                 f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}], not significant)")
 
 

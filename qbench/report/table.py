@@ -366,9 +366,17 @@ def sequential_level(*records: dict[str, Any] | None) -> float | None:
 def _add_deltas(rows: list[dict[str, Any]], level: float | None = None) -> None:
     """Every paired comparison of a variant with its base, by the one judge
     (:func:`qbench.results.judge.judge`): ``row["judged"]["metric.value"]`` for each value a
-    metric declares with a pairing, at 95 %. Each backend's variants are compared with that
-    backend's base (same engine, tokenizer), else any base of the model. ΔPPL and the MMLU
-    flips are spelled out for the table from those judgements."""
+    metric declares with a pairing, at ``level``, else 95 % - or, in a suite where
+    --until-decided measured any cell, at its sequential plan's level for every comparison:
+    the loop judged them all at it, so a variant it left decided reads the same here. Each
+    backend's variants are compared with that backend's base (same engine, tokenizer), else any
+    base of the model. ΔPPL and the MMLU flips are spelled out for the table from those
+    judgements."""
+    plan_levels: dict[str, float] = {}
+    for r in rows if level is None else ():
+        lv = sequential_level(*r["cells"].values())
+        if lv is not None:
+            plan_levels[r["suite"]] = min(lv, plan_levels.get(r["suite"], 1.0))
     bases = {(r["suite"], r["model"], r["backend"]): r for r in rows if r["is_base"]}
     model_bases: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
@@ -378,7 +386,8 @@ def _add_deltas(rows: list[dict[str, Any]], level: float | None = None) -> None:
         base = (bases.get((r["suite"], r["model"], r["backend"]))
                 or model_bases.get((r["suite"], r["model"])))
         r["base_label"] = base["label"] if base else None
-        r["judged"] = {} if r["is_base"] or base is None else judged_against(r, base, level)
+        r["judged"] = {} if r["is_base"] or base is None else judged_against(
+            r, base, level or plan_levels.get(r["suite"]))
         r.update(dppl_fields(r, base))
         _add_mmlu_delta(r, base)
         r["dppl_detects"] = detectable(r, "perplexity.ppl")
@@ -482,7 +491,9 @@ def _add_mmlu_delta(r: dict[str, Any], base: dict[str, Any] | None) -> None:
         "n": j.n, "acc_base": base["acc"], "acc_other": r["acc"], "flips_gained": gained,
         "flips_lost": lost, "diff": j.change / 100.0, "ci_low": j.low / 100.0,
         "ci_high": j.high / 100.0, "p_value": j.p_value,
-        "significant": j.p_value is not None and j.p_value < 0.05, "method": j.method,
+        # significant at the level the interval was taken at (95 %, or the plan's)
+        "significant": j.p_value is not None and j.p_value < 1 - j.level, "level": j.level,
+        "method": j.method,
         "cannot_discriminate": r["mmlu_fitness"]}
 
 

@@ -488,10 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "variant's accuracy cells run (one thing at a time, as before)")
     sp.add_argument("--rerun-failed", action="store_true", help="rerun failed/crashed cells")
     sp.add_argument("--until-decided", action="store_true",
-                    help="after the suite's sample, add chunks - look by look, to exactly the "
-                    "variants whose recommendation is still borderline, and their base - until "
-                    "each is decided or [decide] max_chunks / the text's end is reached "
-                    "(a group-sequential plan: alpha spent over the looks)")
+                    help="after the suite's sample, measure more - look by look, for exactly "
+                    "the variants whose recommendation or claim verdict is still open, and "
+                    "their base: perplexity chunks for a ΔPPL decision, MMLU questions for an "
+                    "MMLU one - until each is decided or reaches [decide] max_chunks / "
+                    "max_tokens / max_questions or the dataset's end (a group-sequential plan: "
+                    "alpha per metric spent over the looks)")
     sp.add_argument("--report-dir", default="reports", help="where the HTML goes")
     sp.add_argument("--no-report", action="store_true")
     sp.add_argument("--summary-json", metavar="FILE",

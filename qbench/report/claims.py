@@ -58,7 +58,8 @@ ACC = "accuracy"              # the metric name of a relative task-accuracy drop
 
 THRESHOLDS_TEXT = [
     "Measured intervals are the one judge's 95 % intervals (the regression gate's and the "
-    "recommendation's too): ΔPPL a t interval on the per-chunk ln PPL ratio against the base, "
+    "recommendation's too; in a suite that qbench run --until-decided measured, its sequential "
+    "plan's level, e.g. 99.4 %, for every comparison and every test): ΔPPL a t interval on the per-chunk ln PPL ratio against the base, "
     "mean KLD a t interval over its chunks, the MMLU drop Newcombe's paired interval with an "
     f"exact McNemar test on the flipped questions; else value ± {SIGMA:g} "
     "standard errors. A base at chance on MMLU (its interval includes 25 %) or answering one "
@@ -68,8 +69,9 @@ THRESHOLDS_TEXT = [
     "GSM8K 1,319, IFEval 541, …; each count cited in the sources), an average's error from its "
     "parts, and, with no per-question data to pair, the unpaired error of a drop (± 2 SE).",
     f"“Lossless”: PPL rises by at most {LOSSLESS_PPL_PCT} %, mean KLD from the base is at most "
-    f"{LOSSLESS_KLD} nats, and MMLU shows no significant drop (exact McNemar p < 0.05 "
-    f"contradicts) with the 95 % CI of the drop within {LOSSLESS_MMLU_PTS:g} point; for published "
+    f"{LOSSLESS_KLD} nats, and MMLU shows no significant drop (exact McNemar p < 0.05, or "
+    f"1 − the plan's level, contradicts) with the CI of the drop within {LOSSLESS_MMLU_PTS:g} "
+    f"point; for published "
     f"accuracy a relative drop of at most {LOSSLESS_ACC_REL_PCT} %. All three metrics decide.",
     "A loss stated in percent (“~X %”, “2–3 %”) is judged on task accuracy (the relative drop "
     "of MMLU or of the published accuracy average): relative PPL moves about ten times as much, "

@@ -155,7 +155,7 @@ def run_until_decided(suite: Suite, ctx: PlanContext, store: Store, *,
                                  + (f" (and {earlier[m]} of an earlier plan)" if earlier[m]
                                     else "") for m, plan in plans.items())
                   + f", each interval at {100 * lvl:.3g} % (alpha {suite.decide.alpha:g} "
-                  f"spent over {n_looks} looks)")
+                  f"per metric, spent over {n_looks} looks)")
     while True:
         records = store.records()
         open_now = open_variants(records, lvl)

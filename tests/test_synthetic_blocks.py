@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from qbench.inputs import synthetic as syn
-from qbench.quantize.synthetic_blocks import direct_supported, dry_run_types, parse_dry_run
+from qbench.quantize.synthetic_blocks import (direct_supported, dry_run_types, parse_dry_run,
+                                              write_quantized_gguf)
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the quantizer and its dry run)")
 
@@ -58,7 +59,7 @@ def test_the_direct_file_is_the_quantizers_in_size_types_and_metadata(tmp_path: 
     syn.write_gguf(shape, 0, f16, say=lambda m: None)
     real, direct = tmp_path / "real.gguf", tmp_path / "direct.gguf"
     _quantize(f16, real, quant, 1, None)
-    syn.write_quantized_gguf(shape, 0, quant, dry_run_types(f16, quant), direct,
+    write_quantized_gguf(shape, 0, quant, dry_run_types(f16, quant), direct,
                              say=lambda m: None)
     assert direct.stat().st_size == real.stat().st_size
     assert _tensors(direct) == _tensors(real)
@@ -78,7 +79,7 @@ def test_llama_cpp_runs_the_direct_file(tmp_path: Path) -> None:
     f16 = tmp_path / "f16.gguf"
     syn.write_gguf(shape, 0, f16, say=lambda m: None)
     direct = tmp_path / "direct.gguf"
-    syn.write_quantized_gguf(shape, 0, "Q4_K_M", dry_run_types(f16, "Q4_K_M"), direct,
+    write_quantized_gguf(shape, 0, "Q4_K_M", dry_run_types(f16, "Q4_K_M"), direct,
                              say=lambda m: None)
     backend = llamacpp.load(direct, LoadOptions(device="cpu", threads=1))
     try:

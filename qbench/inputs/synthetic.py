@@ -618,37 +618,32 @@ def write_gguf(shape: Shape, seed: int, path: Path, *, data: bool = True,
     return path.stat().st_size
 
 
-def write_quantized_gguf(shape: Shape, seed: int, quant: str, types: dict[str, str],
-                         path: Path, *, say: Callable[[str], None] = _say) -> int:
-    """Write a ``quant`` GGUF of ``shape`` directly (qbench.quantize.synthetic_blocks): each
-    tensor in the ggml type of ``types`` (llama.cpp's quantizer's choice, from its dry run),
-    filled with valid random blocks. Returns its size."""
+def write_typed_gguf(shape: Shape, seed: int, path: Path, *, what: str, file_type: int,
+                     tensor: Callable[[TensorSpec], tuple[int, int, Iterator[np.ndarray]]],
+                     say: Callable[[str], None] = _say) -> int:
+    """Write a GGUF of ``shape`` whose every tensor ``tensor`` gives as (ggml type id, bytes,
+    the bytes in pieces) - a quantized variant written directly
+    (qbench.quantize.synthetic_blocks) - with this module's metadata and ``file_type`` (a
+    llama_ftype). Returns its size."""
     import gguf
 
-    from qbench.quantize.gguf_types import FTYPES
-    from qbench.quantize.synthetic_blocks import tensor_nbytes, tensor_pieces
-
     plan = tensor_plan(shape)
-    missing = [t.gguf_name for t in plan if t.gguf_name not in types]
-    if missing:
-        raise SourceError(f"synthetic {shape.name}: the quantizer's dry run named no type for "
-                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    given = {t.gguf_name: tensor(t) for t in plan}
     writer = gguf.GGUFWriter(None, shape.arch)
-    _metadata(writer, shape, seed, file_type=FTYPES[quant])
-    sizes = {t.gguf_name: tensor_nbytes(types[t.gguf_name], t.shape) for t in plan}
+    _metadata(writer, shape, seed, file_type=file_type)
     for t in plan:
-        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), sizes[t.gguf_name],
-                               raw_dtype=gguf.GGMLQuantizationType[types[t.gguf_name]])
+        qtype, nbytes, _ = given[t.gguf_name]
+        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType(qtype))
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     try:
-        progress = _Progress(f"synthetic {shape.name} (seed {seed}): {quant} GGUF",
-                             sum(sizes.values()), say)
+        progress = _Progress(f"synthetic {shape.name} (seed {seed}): {what}",
+                             sum(n for _, n, _ in given.values()), say)
         for t in plan:
-            writer.write_tensor_data(_Streamed(sizes[t.gguf_name],
-                                               tensor_pieces(types[t.gguf_name], t.shape),
-                                               progress))
+            _, nbytes, pieces = given[t.gguf_name]
+            writer.write_tensor_data(_Streamed(nbytes, pieces, progress))
         writer.write_padding(writer.fout[0], writer.fout[0].tell())
         writer.flush()
     finally:

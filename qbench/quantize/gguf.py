@@ -384,8 +384,8 @@ def build_synthetic_variant(f16: Path, f16_sha: str, ref: str, quant: str, *, ba
     weight quantized - the real quantizer's file size and tensor mix in seconds."""
     import llama_cpp
 
-    from qbench.inputs.synthetic import load_shape, parse_ref, write_quantized_gguf
-    from qbench.quantize.synthetic_blocks import GENERATOR, dry_run_types
+    from qbench.inputs.synthetic import load_shape, parse_ref
+    from qbench.quantize.synthetic_blocks import GENERATOR, dry_run_types, write_quantized_gguf
 
     tensors = {k: v for k, v in {"output_tensor_type": output_tensor_type,
                                  "token_embedding_type": token_embedding_type}.items() if v}

@@ -16,7 +16,7 @@ import ctypes
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -145,3 +145,27 @@ def tensor_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
     return rows * row_bytes(type_name, shape[-1])
 
+
+
+def write_quantized_gguf(shape: Any, seed: int, quant: str, types: dict[str, str], path: Path,
+                         *, say: Callable[[str], None] | None = None) -> int:
+    """Write a ``quant`` GGUF of the synthetic ``shape`` (qbench.inputs.synthetic.Shape)
+    directly: each tensor in its type in ``types`` (the quantizer's dry run), filled with the
+    template's valid blocks. Returns its size."""
+    import gguf
+
+    from qbench.inputs import synthetic as syn
+
+    missing = [t.gguf_name for t in syn.tensor_plan(shape) if t.gguf_name not in types]
+    if missing:
+        raise QbenchError(f"synthetic {shape.name}: the quantizer's dry run named no type for "
+                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+
+    def tensor(t: Any) -> tuple[int, int, Iterator[np.ndarray]]:
+        name = types[t.gguf_name]
+        return (int(gguf.GGMLQuantizationType[name]), tensor_nbytes(name, t.shape),
+                tensor_pieces(name, t.shape))
+
+    kw = {"say": say} if say is not None else {}
+    return syn.write_typed_gguf(shape, seed, path, what=f"{quant} GGUF",
+                                file_type=FTYPES[quant], tensor=tensor, **kw)

@@ -9,7 +9,7 @@ the file size llama.cpp's own quantizer gives it, from a *sparse* F16 GGUF (the 
 tensor table, the data a hole: a 70B's 141 GB take no disk) quantized in dry-run mode
 (``llama_model_quantize_params.dry_run``: llama.cpp picks every tensor's type by its own rules
 and adds up the sizes without reading a weight). Predicted file = the F16 file's header + the
-dry run's tensor bytes (the header changes by a few bytes: the file type). ``--measured`` adds
+tensor bytes of the dry run's types (the header changes by a few bytes: the file type). ``--measured`` adds
 the size of a file really quantized (e.g. by benchmarks/decode_roofline.py) to check the dry
 run against. Published figures come from ``PUBLISHED`` below, each with where it was read.
 """
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -76,32 +74,22 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     },
 }
 
-_TOTAL = re.compile(r"quant size\s*=\s*([\d.]+) MiB")
-_TENSOR = re.compile(r"\]\s+(\S+)\s+-\s+\[.*?type =\s*(\S+),.*?(?:->\s*([\d.]+) MiB \((\S+)\)|"
-                     r"size =\s*([\d.]+) MiB)")
+def dry_run(f16: Path, quant: str, shape: Any) -> dict[str, Any]:
+    """llama.cpp's quantizer in dry-run mode on ``f16`` (qbench.quantize.synthetic_blocks, the
+    same call `qbench run` uses for a synthetic variant): each tensor's type, and the tensor
+    bytes those types take, counted exactly (each tensor padded to the GGUF alignment) rather
+    than read from the quantizer's rounded MiB total."""
+    from qbench.inputs import synthetic as syn
+    from qbench.quantize.synthetic_blocks import dry_run_types, tensor_nbytes
 
-
-def dry_run(f16: Path, quant: str) -> dict[str, Any]:
-    """llama.cpp's quantizer in dry-run mode on ``f16``, in a child process (its log is the
-    result): tensor bytes it would write, and the type of each tensor."""
-    code = ("import ctypes, sys, llama_cpp\n"
-            "from qbench.quantize.gguf_types import FTYPES\n"
-            "p = llama_cpp.llama_model_quantize_default_params()\n"
-            "p.ftype = FTYPES[sys.argv[2]]\np.nthread = 1\np.dry_run = True\n"
-            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), b'/dev/null', "
-            "ctypes.byref(p)))\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(f16), quant], capture_output=True,
-                          text=True, cwd=REPO)
-    log = proc.stdout + proc.stderr
-    m = _TOTAL.search(log)
-    if proc.returncode != 0 or m is None:
-        raise RuntimeError(f"dry run {quant} of {f16} failed ({proc.returncode}): {log[-1500:]}")
-    types: dict[str, int] = {}
-    for line in log.splitlines():
-        t = re.search(r"\((q\d\w*|f16|f32|bf16|iq\w+)\)\s*$", line)
-        if t:
-            types[t.group(1)] = types.get(t.group(1), 0) + 1
-    return {"tensor_bytes": round(float(m.group(1)) * 2**20), "types": types}
+    types = dry_run_types(f16, quant)
+    align = syn.GGUF_ALIGN
+    data = sum(-(-tensor_nbytes(types[t.gguf_name], t.shape) // align) * align
+               for t in syn.tensor_plan(shape))
+    mix: dict[str, int] = {}
+    for name in types.values():
+        mix[name] = mix.get(name, 0) + 1
+    return {"tensor_bytes": data, "types": mix}
 
 
 def sizes(preset: str, types: list[str], work: Path) -> dict[str, Any]:
@@ -118,7 +106,7 @@ def sizes(preset: str, types: list[str], work: Path) -> dict[str, Any]:
         if q == "F16":
             out["types"][q] = {"predicted_bytes": f16.stat().st_size}
         else:
-            d = dry_run(f16, q)
+            d = dry_run(f16, q, shape)
             out["types"][q] = {"predicted_bytes": header + d["tensor_bytes"], "mix": d["types"]}
     f16.unlink()
     return out

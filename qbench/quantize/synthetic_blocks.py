@@ -13,6 +13,7 @@ real quantization). Types that need an importance matrix are never written this 
 from __future__ import annotations
 
 import ctypes
+import json
 import re
 import subprocess
 import sys
@@ -51,7 +52,6 @@ def dry_run_types(f16: Path, quant: str, tensors: dict[str, str] | None = None) 
             "for k, v in json.loads(sys.argv[3]).items(): setattr(p, k, v)\n"
             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), b'/dev/null', "
             "ctypes.byref(p)))\n")
-    import json
     proc = subprocess.run([sys.executable, "-c", code, str(f16), str(FTYPES[quant]),
                            json.dumps(overrides)], capture_output=True, text=True)
     types = parse_dry_run(proc.stdout + proc.stderr)

@@ -18,7 +18,7 @@ from typing import Any
 from qbench.report.claims import ACC, UNRESOLVED, check_claims
 from qbench.report.recommend import recommend
 from qbench.report.table import variant_rows
-from qbench.results.sequential import Open
+from qbench.results.sequential import Open, held_by
 from qbench.suite.identity import variant_name
 
 # (model id, backend, variant name, metric whose sample settles it)
@@ -66,12 +66,7 @@ def row_key(row: dict[str, Any], metric: str) -> DecisionKey:
 def available(row: dict[str, Any], metric: str) -> int | None:
     """What the row's dataset holds for ``metric``: chunks of the text, or MMLU questions."""
     cell = (row.get("cells") or {}).get(metric) or {}
-    d = cell.get("details") or {}
-    if metric == "perplexity" and d.get("tokens_in_text") and d.get("ctx"):
-        return int(d["tokens_in_text"]) // int(d["ctx"])
-    if metric == "mmlu" and d.get("questions_in_dataset"):
-        return int(d["questions_in_dataset"])
-    return None
+    return held_by(metric, cell.get("details") or {})
 
 
 def _first_clause(detail: str) -> str:

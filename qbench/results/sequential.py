@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 def looks(first: int, ceiling: int, growth: float) -> list[int]:
@@ -64,3 +65,14 @@ class Open:
         needed = (None if self.needed is None or other.needed is None
                   else min(self.needed, other.needed))
         return Open(f"{self.why}; {other.why}", needed, self.available or other.available)
+
+
+def held_by(metric: str, details: dict[str, Any]) -> int | None:
+    """What a cell's dataset holds, in the unit its sample grows by: chunks of the text (as
+    this model's tokenizer cuts it) for perplexity, questions for MMLU; None when the record
+    does not say (or the metric's sample is not grown)."""
+    if metric == "perplexity" and details.get("tokens_in_text") and details.get("ctx"):
+        return int(details["tokens_in_text"]) // int(details["ctx"])
+    if metric == "mmlu" and details.get("questions_in_dataset"):
+        return int(details["questions_in_dataset"])
+    return None

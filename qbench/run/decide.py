@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qbench.errors import QbenchError
-from qbench.results.sequential import FUTILE, Open, level, looks, next_look
+from qbench.results.sequential import FUTILE, Open, held_by, level, looks, next_look
 from qbench.results.store import Store
 from qbench.run.executors import Executor
 from qbench.run.runner import run_suite
@@ -41,15 +41,6 @@ Variant = tuple[str, str, str]        # (model id, backend, variant name)
 DecisionKey = tuple[str, str, str, str]   # a Variant and the metric whose sample settles it
 
 
-def _chunks_in_text(d: dict[str, Any]) -> int | None:
-    return int(d["tokens_in_text"]) // int(d["ctx"]) if d.get("tokens_in_text") and \
-        d.get("ctx") else None
-
-
-def _questions_in_dataset(d: dict[str, Any]) -> int | None:
-    return int(d["questions_in_dataset"]) if d.get("questions_in_dataset") else None
-
-
 @dataclass(frozen=True)
 class Sample:
     """A metric whose sample the plan grows: the option that sizes it, its unit, the detail a
@@ -58,17 +49,17 @@ class Sample:
     option: str
     unit: str
     size_key: str
-    held: Callable[[dict[str, Any]], int | None]
     holder: str                       # "the text", "the dataset"
 
     def size(self, record: dict[str, Any]) -> int:
         return int((record.get("details") or {}).get(self.size_key) or 0)
 
+    def held(self, details: dict[str, Any]) -> int | None:
+        return held_by(self.metric, details)
 
-SAMPLES = {"perplexity": Sample("perplexity", "chunks", "chunks", "chunks", _chunks_in_text,
-                                "the text"),
-           "mmlu": Sample("mmlu", "subset", "questions", "n", _questions_in_dataset,
-                          "the dataset")}
+
+SAMPLES = {"perplexity": Sample("perplexity", "chunks", "chunks", "chunks", "the text"),
+           "mmlu": Sample("mmlu", "subset", "questions", "n", "the dataset")}
 
 # records, the plan's level -> {(model id, backend, variant name, metric): why it is open}
 OpenVariants = Callable[[list[dict[str, Any]], float], dict[DecisionKey, Open]]

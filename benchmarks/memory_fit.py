@@ -15,8 +15,13 @@ whole cache written, for checking that the short prompt already reaches the peak
 clears its KV buffer when it makes the context, so the cache is resident from the start).
 
 The prediction is recommend's own: ``_memory`` on a row holding what the report's table holds
-for such a variant (the file size in MiB as its weights, the GGUF's shape, the KV type's bytes
-per element); its estimate is weights + KV cache at ``ctx``. Error = predicted / measured - 1.
+for such a variant (the file size in MiB as its weights, the footprint's type mix and shape,
+the KV type's bytes per element, llama.cpp's system info): weights + the repacked copy + KV
+cache at ``ctx`` + the runtime (qbench.report.memory_model). Error = predicted / measured - 1.
+The child also keeps llama.cpp's own log of the buffers it allocated ("CPU_REPACK model buffer
+size", "CPU KV", "CPU compute"), printed beside the predicted repacked copy. The model is for
+qbench's default, the mapped file; with ``--no-mmap`` the repacked tensors are not held twice
+and the prediction overstates by their size.
 The 70B's row (``--sizes-only``) is computed without any file: its Q4_K_M/Q3_K_M sizes come from
 a sparse F16 GGUF (header only) and llama.cpp's quantizer in dry-run mode
 (benchmarks/synthetic_presets.py).
@@ -64,6 +69,8 @@ def child(path: Path, ctx: int, kv: str, threads: int, fill: bool, mmap: bool = 
     def rss() -> float:
         return (status_kib("VmRSS")[0] or 0) / 1024
 
+    from qbench.backends import llama_log
+    logged = llama_log.capture()
     stages = {"python": rss()}
     t0 = time.perf_counter()
     backend = load(path, LoadOptions(device="cpu", threads=threads, kv_cache=kv))
@@ -80,9 +87,12 @@ def child(path: Path, ctx: int, kv: str, threads: int, fill: bool, mmap: bool = 
     stages["generated"] = rss()
     anon, file_backed = status_kib("RssAnon", "RssFile")
     stages["anon"], stages["file"] = (anon or 0) / 1024, (file_backed or 0) / 1024
+    from qbench.backends.llamacpp import system_info
     backend.close()
     return {"peak_rss_mb": (hwm_kib() or 0) / 1024, "stages_mb": stages,
-            "seconds": round(time.perf_counter() - t0, 1), "prompt_tokens": n_prompt}
+            "seconds": round(time.perf_counter() - t0, 1), "prompt_tokens": n_prompt,
+            "buffers_mb": llama_log.buffer_sizes("".join(logged)),
+            "system_info": system_info()}
 
 
 def run_child(path: Path, ctx: int, kv: str, a: argparse.Namespace) -> dict[str, Any]:
@@ -94,18 +104,24 @@ def run_child(path: Path, ctx: int, kv: str, a: argparse.Namespace) -> dict[str,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def predicted(path: Path, kv: str, ctx: int, cache_dir: Path) -> dict[str, Any]:
-    """recommend._memory on the row the report would hold for this file and KV type."""
+def predicted(path: Path, kv: str, ctx: int, cache_dir: Path, system_info: str
+              ) -> dict[str, Any]:
+    """recommend._memory on the row the report would hold for this file and KV type, run by
+    llama.cpp on this CPU (the footprint record's type mix, roles and embedding bytes; the
+    speed cell's system info and ubatch)."""
     from qbench.backends import kv_bytes_per_element
-    from qbench.quantize.gguf import inspect_gguf
+    from qbench.quantize.gguf import footprint
     from qbench.report.recommend import _memory
 
-    summary = inspect_gguf(path, cache_dir)
-    row = {"model_shape": summary.get("shape") or {}, "size_mb": path.stat().st_size / MIB,
+    fp = footprint(path, cache_dir)["details"]
+    row = {"backend": "llama.cpp", "device": "cpu", "model_shape": fp.get("shape") or {},
+           "size_mb": path.stat().st_size / MIB, "tensor_types": fp["tensor_types"],
+           "roles": fp.get("roles") or {}, "embed_bytes": fp.get("embed_bytes"),
+           "system_info": system_info, "n_ubatch": 512,
            "kv_bytes": kv_bytes_per_element("llama.cpp", "" if kv == "f16" else kv)}
     mem = _memory(row, ctx)
-    return {"estimate_mb": mem["estimate_mb"], "weights_mb": mem["weights_mb"],
-            "kv_mb": mem["kv_mb"]}
+    return {k: mem[k] for k in ("estimate_mb", "weights_mb", "kv_mb", "repack_mb",
+                                "repack_how", "runtime_mb")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,22 +162,28 @@ def main(argv: list[str] | None = None) -> int:
                 for kv in [x for x in a.kv.split(",") if x]:
                     runs = [run_child(path, ctx, kv, a) for _ in range(a.reps)]
                     peaks = [r["peak_rss_mb"] for r in runs]
-                    pred = predicted(path, kv, ctx, a.cache_dir)
+                    pred = predicted(path, kv, ctx, a.cache_dir, runs[-1]["system_info"])
                     measured = statistics.median(peaks)
                     row = {"preset": preset, "quant": q, "ctx": ctx, "kv": kv,
                            "file_mb": path.stat().st_size / MIB, "predicted": pred,
                            "peak_rss_mb": peaks, "measured_mb": measured,
                            "error_pct": 100 * (pred["estimate_mb"] / measured - 1),
                            "stages_mb": runs[-1]["stages_mb"], "fill": a.fill,
+                           "llama_buffers_mb": runs[-1]["buffers_mb"],
                            "mmap": not a.no_mmap,
                            "prompt_tokens": runs[-1]["prompt_tokens"]}
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"\n{'preset':<14}{'quant':<8}{'ctx':>6}{'kv':>6}{'file MiB':>10}{'KV MiB':>9}"
+    print(f"\n{'preset':<14}{'quant':<8}{'ctx':>6}{'kv':>6}{'file MiB':>10}{'repack':>8}"
+          f"{'(logged)':>9}{'runtime':>8}{'KV MiB':>9}"
           f"{'predicted':>11}{'measured':>10}{'range':>18}{'error':>9}")
     for r in rows:
+        pr = r["predicted"]
+        logged = r["llama_buffers_mb"].get("CPU_REPACK model", 0.0)
         print(f"{r['preset']:<14}{r['quant']:<8}{r['ctx']:>6}{r['kv']:>6}{r['file_mb']:>10.0f}"
-              f"{r['predicted']['kv_mb']:>9.0f}{r['predicted']['estimate_mb']:>11.0f}"
+              f"{pr['repack_mb'] if pr['repack_mb'] is not None else float('nan'):>8.0f}"
+              f"{logged:>9.0f}{pr['runtime_mb'] or float('nan'):>8.0f}"
+              f"{pr['kv_mb']:>9.0f}{pr['estimate_mb']:>11.0f}"
               f"{r['measured_mb']:>10.0f}{min(r['peak_rss_mb']):>9.0f}-{max(r['peak_rss_mb']):<8.0f}"
               f"{r['error_pct']:>+8.1f}%")
     if a.json:

@@ -87,13 +87,41 @@ def dry_run(f16: Path, quant: str, shape: Any) -> dict[str, Any]:
     data = sum(-(-tensor_nbytes(types[t.gguf_name], t.shape) // align) * align
                for t in syn.tensor_plan(shape))
     mix: dict[str, int] = {}
-    for name in types.values():
+    by_type: dict[str, dict[str, int]] = {}
+    embed = 0
+    for t in syn.tensor_plan(shape):
+        name = types[t.gguf_name]
         mix[name] = mix.get(name, 0) + 1
-    return {"tensor_bytes": data, "types": mix}
+        n = tensor_nbytes(name, t.shape)
+        entry = by_type.setdefault(name, {"tensors": 0, "params": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += n
+        if t.gguf_name == "token_embd.weight":
+            embed = n
+    return {"tensor_bytes": data, "types": mix, "tensor_types": by_type,
+            "roles": {"token_embd": types.get("token_embd.weight")}, "embed_bytes": embed}
 
 
-def sizes(preset: str, types: list[str], work: Path) -> dict[str, Any]:
-    """Parameters and per-type predicted file sizes of ``preset`` (nothing but a sparse file)."""
+def memory(gguf_shape: dict[str, Any], d: dict[str, Any], ctx: int, system_info: str
+           ) -> dict[str, Any]:
+    """What the recommendation would say the ``q`` variant needs at ``ctx`` tokens (f16 KV),
+    through its own code (qbench.report.recommend._memory): on this machine's CPU (the
+    repacked copy and the runtime included) and on a GPU (weights + KV only: the runtime there
+    is not modelled)."""
+    from qbench.report.recommend import _memory
+
+    row = {"backend": "llama.cpp", "model_shape": gguf_shape, "size_mb": d["tensor_bytes"] / 2**20,
+           "tensor_types": d.get("tensor_types") or {}, "roles": d.get("roles") or {},
+           "embed_bytes": d.get("embed_bytes"), "system_info": system_info, "kv_bytes": 2.0}
+    cpu, gpu = _memory(row | {"device": "cpu"}, ctx), _memory(row | {"device": "cuda"}, ctx)
+    return {"ctx": ctx, "cpu_mb": cpu["estimate_mb"], "repack_mb": cpu["repack_mb"],
+            "runtime_mb": cpu["runtime_mb"], "kv_mb": cpu["kv_mb"], "gpu_mb": gpu["estimate_mb"]}
+
+
+def sizes(preset: str, types: list[str], work: Path, ctx: int | None = None,
+          system_info: str = "") -> dict[str, Any]:
+    """Parameters and per-type predicted file sizes of ``preset`` (nothing but a sparse file);
+    with ``ctx``, the memory each type needs at that context (``memory``)."""
     from qbench.inputs import synthetic as syn
 
     shape = syn.load_shape(preset, REPO)
@@ -102,12 +130,22 @@ def sizes(preset: str, types: list[str], work: Path) -> dict[str, Any]:
     header = f16.stat().st_size - syn.gguf_data_bytes(shape)
     out: dict[str, Any] = {"params": syn.n_params(shape), "header_bytes": header,
                            "sparse_disk_bytes": f16.stat().st_blocks * 512, "types": {}}
+    if ctx:    # the shape as the report reads it from a GGUF (the header only)
+        from qbench.quantize.gguf import tensor_summary
+        gguf_shape = tensor_summary(f16)["shape"]
     for q in types:
         if q == "F16":
             out["types"][q] = {"predicted_bytes": f16.stat().st_size}
         else:
             d = dry_run(f16, q, shape)
             out["types"][q] = {"predicted_bytes": header + d["tensor_bytes"], "mix": d["types"]}
+        if ctx:
+            if q == "F16":
+                d = {"tensor_bytes": syn.gguf_data_bytes(shape),
+                     "tensor_types": {"F16": {"tensors": 0, "params": 0,
+                                              "bytes": syn.gguf_data_bytes(shape)}},
+                     "roles": {"token_embd": "F16"}, "embed_bytes": None}
+            out["types"][q]["memory"] = memory(gguf_shape, d, ctx, system_info)
     f16.unlink()
     return out
 
@@ -118,9 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--types", default="F16,Q8_0,Q4_K_M,Q3_K_M")
     p.add_argument("--measured", action="append", default=[],
                    help="PRESET=TYPE:PATH of a file really quantized, to check the dry run")
+    p.add_argument("--memory-ctx", type=int, default=0,
+                   help="also the memory each type needs at this context (f16 KV), as the "
+                        "recommendation computes it, on this CPU and on a GPU")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     from qbench.inputs.synthetic import preset_names
+    info = ""
+    if a.memory_ctx:
+        from qbench.backends.llamacpp import system_info
+        info = system_info()
 
     presets = [x for x in a.presets.split(",") if x] or list(preset_names())
     types = [x for x in a.types.split(",") if x]
@@ -132,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
-            rows[preset] = sizes(preset, types, Path(tmp))
+            rows[preset] = sizes(preset, types, Path(tmp), a.memory_ctx, info)
             pub = PUBLISHED.get(preset, {})
             for q, r in rows[preset]["types"].items():
                 if (preset, q) in measured:
@@ -157,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                 cell += f" ({t['vs_published_pct']:+.1f} %)"
             cells.append(f"{cell:>24}")
         print(f"{preset:<15}{r['params']:>14,}{pub.get('params', ('?',))[0]:>7}  " + "".join(cells))
+    if a.memory_ctx:
+        print(f"\nmemory at {a.memory_ctx:,} tokens, f16 KV, GiB: this CPU (weights + repacked "
+              "copy + KV + runtime) / a GPU (weights + KV)")
+        for preset, r in rows.items():
+            print(f"{preset:<15}" + "".join(
+                f"{q:>8} {t['memory']['cpu_mb'] / 1024:6.2f} / {t['memory']['gpu_mb'] / 1024:6.2f}"
+                for q, t in r["types"].items()))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=1, default=str))

@@ -151,7 +151,8 @@ def tensor_summary(path: Path) -> dict[str, Any]:
         "data_end": max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0),
         "shape": {k: _field_int(reader, f"{arch}.{k}") for k in (
             "block_count", "embedding_length", "attention.head_count",
-            "attention.head_count_kv", "context_length")} if arch else {},
+            "attention.head_count_kv", "context_length", "feed_forward_length")} | {
+            "vocab_size": _array_len(reader, "tokenizer.ggml.tokens")} if arch else {},
         "provenance": provenance_fields(reader),
         "traffic": traffic_facts(reader, arch),
         "roles": role_types(reader),
@@ -201,7 +202,8 @@ def traffic_facts(reader: Any, arch: str | None) -> dict[str, Any]:
 # URLs, quantization_version, ...) and the imatrix llama-quantize records (file, dataset,
 # entries, chunks). Large arrays (tokenizer, tensors) are not provenance.
 PROVENANCE_PREFIXES = ("general.", "quantize.")
-SUMMARY_VERSION = 4     # memoised summaries of an older shape are recomputed (4: roles)
+SUMMARY_VERSION = 5     # memoised summaries of an older shape are recomputed (5: the
+                        # feed-forward width and vocabulary in the shape)
 
 
 def provenance_fields(reader: Any) -> dict[str, Any]:
@@ -234,6 +236,12 @@ def _field_str(reader: Any, key: str) -> str | None:
 def _field_int(reader: Any, key: str) -> int | None:
     f = reader.fields.get(key)
     return int(f.parts[f.data[0]][0]) if f else None
+
+
+def _array_len(reader: Any, key: str) -> int | None:
+    """The number of items of an array field (the vocabulary: tokenizer.ggml.tokens)."""
+    f = reader.fields.get(key)
+    return len(f.data) if f else None
 
 
 def dominant_type(path: Path, cache_dir: Path | None = None) -> str:
@@ -450,5 +458,6 @@ def footprint(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
                     "n_tensors": summary["n_tensors"], "file_size_bytes": size,
                     "tensor_bytes": summary["tensor_bytes"],
                     "roles": summary.get("roles") or {},
+                    "embed_bytes": (summary.get("traffic") or {}).get("embed_bytes"),
                     "provenance": summary.get("provenance", {})},
     }

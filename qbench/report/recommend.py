@@ -3,17 +3,22 @@ fp16 rule of thumb (2 bytes per parameter) checked against measured files and pe
 
 Memory a variant needs at the stated context ``kv_ctx`` (all in MiB; budgets in GiB):
 
-- estimate = weights in memory + KV cache. Weights: torch's measured footprint for a
-  transformers variant, else the load-time estimate (bitsandbytes quantizes a float file when it
-  loads it: the file is not what sits in memory), else the file size. KV cache from the model's
-  shape: 2 (K and V) × layers × KV heads × head dim × ctx × bytes per element;
+- estimate = weights in memory + repacked copy + KV cache + runtime. Weights: torch's measured
+  footprint for a transformers variant, else the load-time estimate (bitsandbytes quantizes a
+  float file when it loads it: the file is not what sits in memory), else the file size. KV
+  cache from the model's shape: 2 (K and V) × layers × KV heads × head dim × ctx × bytes per
+  element. A llama.cpp variant on the CPU adds the tensors llama.cpp repacks, held beside the
+  mapped file, and the runtime (worker, libraries, vocabulary, one ubatch of activations):
+  qbench.report.memory_model, checked against peak RSS at 1B and 8B in benchmarks/README.md;
 - measured = the peak memory of the variant's own cell (speed first; VRAM on GPU, else RSS: it
   includes the runtime and compute buffers) plus the KV cache's growth from that cell's context
   to ``kv_ctx``. Never the peak of a perplexity/KLD cell that also loaded the base;
 - needed = the larger of the two (what is known). A variant fits when needed ≤ budget.
 
-Variants are *ranked* by the estimate (weights + KV), never by one noisy RSS sample: two
-within ``TIE_BAND`` of each other are tied and the smaller loss wins.
+Variants are *ranked* by what the variant itself holds (weights + repacked copy + KV; the
+runtime, the same for every llama.cpp variant of a model and not modelled for transformers, is
+left out), never by one noisy RSS sample: two within ``TIE_BAND`` of each other are tied and
+the smaller loss wins.
 
 Loss = ΔPPL % against the model's base, as the one judge gives it (qbench.results.judge: t on
 the per-chunk ln PPL ratio, the same interval the gate uses), judged at its 95 % interval: it
@@ -33,6 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from qbench.report.memory_model import repack_mb, runtime_mb
 from qbench.report.table import memory_of
 from qbench.results.judge import Judgement, unreliable
 
@@ -194,7 +200,10 @@ def _memory(r: dict[str, Any], kv_ctx: int) -> dict[str, Any]:
     kvb = r.get("kv_bytes") or 2.0
     kv = kv_cache_mb(shape, kv_ctx, kvb)
     weights = r.get("weights_mb", r.get("size_mb"))
-    estimate = weights + kv if weights and kv is not None else None
+    repack, repack_how = repack_mb(r)
+    runtime = runtime_mb(r, shape)
+    held = weights + (repack or 0.0) + kv if weights and kv is not None else None
+    estimate = held + (runtime or 0.0) if held is not None else None
     measured, kind = memory_of(r)
     run_ctx = _run_ctx(r)
     kv_run = kv_cache_mb(shape, run_ctx, kvb) if run_ctx else 0.0
@@ -205,10 +214,11 @@ def _memory(r: dict[str, Any], kv_ctx: int) -> dict[str, Any]:
     known = [x for x in (estimate, measured_at_ctx) if x is not None]
     return {"weights_mb": weights, "weights_how": r.get("weights_how"),
             "file_mb": r.get("size_mb"), "kv_mb": kv, "estimate_mb": estimate,
+            "repack_mb": repack, "repack_how": repack_how, "runtime_mb": runtime,
             "measured_mb": measured, "measured_kind": kind, "run_ctx": run_ctx,
             "kv_run_mb": kv_run, "measured_at_ctx_mb": measured_at_ctx,
             "need_mb": max(known) if known else None,
-            "rank_mb": estimate if estimate is not None else (max(known) if known else None)}
+            "rank_mb": held if held is not None else (max(known) if known else None)}
 
 
 def _mmlu_reasons(r: dict[str, Any]) -> tuple[list[str], str]:

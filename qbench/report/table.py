@@ -168,6 +168,7 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     devices = {str((c.get("backend") or {}).get("device")) for c in measured
                if (c.get("backend") or {}).get("device")}
     row["device"] = ", ".join(sorted(devices)) or None
+    row.update(_runtime_facts(cells))
 
     recipe = ((fp or any_rec).get("artifact") or {}).get("recipe") or {}
     base_recipe = recipe.get("base_recipe", recipe) if isinstance(recipe, dict) else {}
@@ -181,6 +182,7 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     row["token_embd_asked"] = variant.get("token_embedding_type") or None
     row["roles"] = dict((fp.get("details") or {}).get("roles") or {}) if fp_ok else {}
     row["tensor_bytes"] = (fp.get("details") or {}).get("tensor_bytes") if fp_ok else None
+    row["embed_bytes"] = (fp.get("details") or {}).get("embed_bytes") if fp_ok else None
     row["kv_bytes"] = kv_bytes_per_element(backend, row["kv_cache"])
     row["source_label"] = variant.get("tag") or None
     row["provenance"] = gguf_provenance(fp) if fp_ok else {}
@@ -303,6 +305,18 @@ def _own_peak(cells: dict[str, dict[str, Any]], is_base: bool
         if c and c.get("status") == "ok" and (mem.get("peak_rss_mb") or mem.get("peak_vram_mb")):
             return metric, mem.get("peak_rss_mb") or None, mem.get("peak_vram_mb") or None
     return None, None, None
+
+
+def _runtime_facts(cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the memory model (qbench.report.memory_model) needs of the machine and the load:
+    llama.cpp's system info and ubatch from a cell that loaded the variant, the CPU's flags
+    and whether the machine had a GPU from any record."""
+    loaded = [c for c in cells.values() if (c.get("backend") or {}).get("system_info")]
+    env = next((c.get("env") for c in cells.values() if c.get("env")), None) or {}
+    return {"system_info": (loaded[0]["backend"]["system_info"] if loaded else None),
+            "n_ubatch": (loaded[0]["backend"].get("n_ubatch") if loaded else None),
+            "cpu_flags": list(env.get("cpu_flags") or []),
+            "machine_gpus": bool(env.get("gpus"))}
 
 
 def _weights_in_memory(row: dict[str, Any], cells: dict[str, dict[str, Any]]

@@ -103,15 +103,24 @@ print(json.dumps({"buffers": llama_log.buffer_sizes("".join(lines)), "info": sys
 """
 
 
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_0", "Q2_K", "Q8_0"])
-def test_the_rule_matches_what_llama_cpp_repacks(tmp_path: Path, quant: str) -> None:
+# SmolLM2's widths (576 = 2.25 x 256): K-quants fall back on most tensors (Q2_K to Q4_0, which
+# AVX2 repacks; Q4_K to Q5_0, which it does not)
+NARROW = TINY | {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                 "num_key_value_heads": 3}
+
+
+@pytest.mark.parametrize("config,quant", [(TINY, "Q4_K_M"), (TINY, "Q4_0"), (TINY, "Q2_K"),
+                                          (TINY, "Q8_0"), (NARROW, "Q2_K"),
+                                          (NARROW, "Q4_K_M")])
+def test_the_rule_matches_what_llama_cpp_repacks(tmp_path: Path, config: dict,
+                                                 quant: str) -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (loads the file)")
     from qbench.inputs import synthetic as syn
     from qbench.quantize.gguf import footprint
     from qbench.quantize.synthetic_blocks import dry_run_types, write_quantized_gguf
 
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg.write_text(json.dumps(config))
     shape = syn.load_shape(str(cfg), tmp_path)
     f16, out = tmp_path / "f16.gguf", tmp_path / f"{quant}.gguf"
     syn.write_gguf(shape, 0, f16, say=lambda m: None)
@@ -124,6 +133,8 @@ def test_the_rule_matches_what_llama_cpp_repacks(tmp_path: Path, quant: str) -> 
     predicted = repacked_bytes(fp["tensor_types"], fp["roles"], fp["embed_bytes"], got["info"])
     logged = got["buffers"].get("CPU_REPACK model", 0.0)
     assert predicted is not None
+    if config is NARROW and quant == "Q2_K" and "AVX2 = 1" in got["info"]:
+        assert logged > 0      # the fallback type (Q4_0 in this llama.cpp) is repacked
     # llama.cpp logs MiB to two decimals; its buffer is padded to its alignment per tensor
     assert predicted / 2 ** 20 == pytest.approx(logged, abs=0.01 + 32 * 64 / 2 ** 20), (
         quant, fp["tensor_types"], got)

@@ -102,52 +102,52 @@ def dry_run(f16: Path, quant: str, shape: Any) -> dict[str, Any]:
             "roles": {"token_embd": types.get("token_embd.weight")}, "embed_bytes": embed}
 
 
-def memory(gguf_shape: dict[str, Any], d: dict[str, Any], ctx: int, system_info: str
-           ) -> dict[str, Any]:
-    """What the recommendation would say the ``q`` variant needs at ``ctx`` tokens (f16 KV),
-    through its own code (qbench.report.recommend._memory): on this machine's CPU (the
-    repacked copy and the runtime included) and on a GPU (weights + KV only: the runtime there
-    is not modelled)."""
-    from qbench.report.recommend import _memory
-
-    row = {"backend": "llama.cpp", "model_shape": gguf_shape, "size_mb": d["tensor_bytes"] / 2**20,
-           "tensor_types": d.get("tensor_types") or {}, "roles": d.get("roles") or {},
-           "embed_bytes": d.get("embed_bytes"), "system_info": system_info, "kv_bytes": 2.0}
-    cpu, gpu = _memory(row | {"device": "cpu"}, ctx), _memory(row | {"device": "cuda"}, ctx)
-    return {"ctx": ctx, "cpu_mb": cpu["estimate_mb"], "repack_mb": cpu["repack_mb"],
-            "runtime_mb": cpu["runtime_mb"], "kv_mb": cpu["kv_mb"], "gpu_mb": gpu["estimate_mb"]}
-
-
-def sizes(preset: str, types: list[str], work: Path, ctx: int | None = None,
-          system_info: str = "") -> dict[str, Any]:
-    """Parameters and per-type predicted file sizes of ``preset`` (nothing but a sparse file);
-    with ``ctx``, the memory each type needs at that context (``memory``)."""
+def sizes(preset: str, types: list[str], work: Path) -> dict[str, Any]:
+    """Parameters and per-type predicted file sizes of ``preset`` (nothing but a sparse file),
+    each type's footprint as the report reads one (tensor bytes by type, the embedding's type and
+    bytes)."""
     from qbench.inputs import synthetic as syn
+    from qbench.quantize.gguf import tensor_summary
 
     shape = syn.load_shape(preset, REPO)
     f16 = work / f"{preset}.gguf"
     syn.write_gguf(shape, 0, f16, data=False, say=lambda m: None)
     header = f16.stat().st_size - syn.gguf_data_bytes(shape)
+    summary = tensor_summary(f16)      # the header only: the shape and the F16 type mix
     out: dict[str, Any] = {"params": syn.n_params(shape), "header_bytes": header,
-                           "sparse_disk_bytes": f16.stat().st_blocks * 512, "types": {}}
-    if ctx:    # the shape as the report reads it from a GGUF (the header only)
-        from qbench.quantize.gguf import tensor_summary
-        gguf_shape = tensor_summary(f16)["shape"]
+                           "sparse_disk_bytes": f16.stat().st_blocks * 512, "types": {},
+                           "shape": summary["shape"]}
     for q in types:
         if q == "F16":
+            d = {"tensor_bytes": summary["tensor_bytes"], "types": {},
+                 "tensor_types": summary["types"], "roles": summary["roles"],
+                 "embed_bytes": summary["traffic"]["embed_bytes"]}
             out["types"][q] = {"predicted_bytes": f16.stat().st_size}
         else:
             d = dry_run(f16, q, shape)
             out["types"][q] = {"predicted_bytes": header + d["tensor_bytes"], "mix": d["types"]}
-        if ctx:
-            if q == "F16":
-                d = {"tensor_bytes": syn.gguf_data_bytes(shape),
-                     "tensor_types": {"F16": {"tensors": 0, "params": 0,
-                                              "bytes": syn.gguf_data_bytes(shape)}},
-                     "roles": {"token_embd": "F16"}, "embed_bytes": None}
-            out["types"][q]["memory"] = memory(gguf_shape, d, ctx, system_info)
+        out["types"][q]["footprint"] = {
+            "file_bytes": out["types"][q]["predicted_bytes"], "tensor_bytes": d["tensor_bytes"],
+            "tensor_types": d["tensor_types"], "roles": {"token_embd": d["roles"]["token_embd"]},
+            "embed_bytes": d["embed_bytes"]}
     f16.unlink()
     return out
+
+
+def footprints_file(rows: dict[str, Any]) -> dict[str, Any]:
+    """qbench/data/preset_footprints.json (qbench.report.sizes) from the presets' rows."""
+    import llama_cpp
+
+    return {"about": "Per synthetic preset and GGUF type: the tensor bytes by type, the token "
+                     "embedding's type and bytes, and the file size that llama.cpp's quantizer "
+                     "in dry-run mode gives a sparse F16 GGUF of the preset (no weights "
+                     "written); the shape as qbench reads it from the GGUF header. Written by "
+                     "benchmarks/synthetic_presets.py --write-footprints; read by "
+                     "qbench.report.sizes.",
+            "llama_cpp_python": llama_cpp.__version__,
+            "presets": {p: {"params": r["params"], "shape": r["shape"],
+                            "types": {q: t["footprint"] for q, t in r["types"].items()}}
+                        for p, r in rows.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-ctx", type=int, default=0,
                    help="also the memory each type needs at this context (f16 KV), as the "
                         "recommendation computes it, on this CPU and on a GPU")
+    p.add_argument("--write-footprints", type=Path, default=None,
+                   help="write the presets' footprints for the report "
+                        "(qbench/data/preset_footprints.json)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     from qbench.inputs.synthetic import preset_names
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
-            rows[preset] = sizes(preset, types, Path(tmp), a.memory_ctx, info)
+            rows[preset] = sizes(preset, types, Path(tmp))
             pub = PUBLISHED.get(preset, {})
             for q, r in rows[preset]["types"].items():
                 if (preset, q) in measured:
@@ -202,13 +205,16 @@ def main(argv: list[str] | None = None) -> int:
                 cell += f" ({t['vs_published_pct']:+.1f} %)"
             cells.append(f"{cell:>24}")
         print(f"{preset:<15}{r['params']:>14,}{pub.get('params', ('?',))[0]:>7}  " + "".join(cells))
-    if a.memory_ctx:
+    if a.memory_ctx:   # the report's own computation (qbench.report.sizes) on these rows
+        from qbench.report.sizes import answer, preset_rows
+        mem = preset_rows(a.memory_ctx, None, {"system_info": info}, footprints_file(rows))
         print(f"\nmemory at {a.memory_ctx:,} tokens, f16 KV, GiB: this CPU (weights + repacked "
               "copy + KV + runtime) / a GPU (weights + KV)")
-        for preset, r in rows.items():
-            print(f"{preset:<15}" + "".join(
-                f"{q:>8} {t['memory']['cpu_mb'] / 1024:6.2f} / {t['memory']['gpu_mb'] / 1024:6.2f}"
-                for q, t in r["types"].items()))
+        for m in mem:
+            print(f"{m['preset']:<15}{m['quant']:>8} {m['cpu_gib']:7.2f} / {m['gpu_gib']:7.2f}")
+        print("\n".join(answer(mem, a.memory_ctx)))
+    if a.write_footprints:
+        a.write_footprints.write_text(json.dumps(footprints_file(rows), indent=1) + "\n")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=1, default=str))

@@ -28,6 +28,7 @@ from qbench.report.floor import floor_verdicts, twins
 from qbench.report.resident import add_resident
 from qbench.report.tokens import token_figures
 from qbench.report.recommend import DEFAULT_KV_CTX, fp16_rule, recommend
+from qbench.report.sizes import sizes_view
 from qbench.report.table import (extra_columns, file_facts, fmt, signed, type_mix,
                                  variant_rows)
 from qbench.results.schema import FAILED
@@ -204,6 +205,7 @@ def render_suite(suite: str, records: list[dict[str, Any]], *, budget_gb: float 
     depth = depth_view(rows)
     floors = {(s, m): ts[0]["label"] for (s, m, _), ts in twins(rows).items()}
     claims = claims_mod.check_claims(rows)
+    recs = recommend(rows, budget_gb=budget_gb, max_loss_pct=max_loss_pct, kv_ctx=kv_ctx)
     return _ENV.get_template("suite.html").render(
         suite=suite, rows=rows, extra_columns=extra_columns(rows), files=file_facts(rows),
         figures=_figures(rows, kv_ctx),
@@ -217,8 +219,8 @@ def render_suite(suite: str, records: list[dict[str, Any]], *, budget_gb: float 
         base_notes=_base_notes(rows), claims=claims,
         thresholds=claims_mod.THRESHOLDS_TEXT, sources=claims_mod.published()["sources"],
         published_about=claims_mod.published()["about"],
-        recommendations=recommend(rows, budget_gb=budget_gb, max_loss_pct=max_loss_pct,
-                                  kv_ctx=kv_ctx),
+        recommendations=recs,
+        sizes=sizes_view(rows, records, recs, kv_ctx, budget_gb), budget_gb=budget_gb,
         fp16=fp16_rule(rows), version=__version__,
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         n_cells=len(records), n_variants=len(rows),

@@ -9,15 +9,19 @@ Memory a variant needs at the stated context ``kv_ctx`` (all in MiB; budgets in 
   cache from the model's shape: 2 (K and V) × layers × KV heads × head dim × ctx × bytes per
   element. A llama.cpp variant on the CPU adds the tensors llama.cpp repacks, held beside the
   mapped file, and the runtime (worker, libraries, vocabulary, one ubatch of activations):
-  qbench.report.memory_model, checked against peak RSS at 1B and 8B in benchmarks/README.md;
+  qbench.report.memory_model; it predicts peak RSS, checked within 1 % at 1B and 8B
+  (benchmarks/README.md, memory_fit.py);
 - measured = the peak memory of the variant's own cell (speed first; VRAM on GPU, else RSS: it
   includes the runtime and compute buffers) plus the KV cache's growth from that cell's context
   to ``kv_ctx``. Never the peak of a perplexity/KLD cell that also loaded the base;
-- needed = the larger of the two (what is known). A variant fits when needed ≤ budget.
+- needed = the larger of the two (what is known), less the repacked tensors' copy in the mapped
+  file: clean page cache the kernel drops under a memory limit without slowing decode (a 1B
+  Q4_K_M whose peak RSS is 1.47 GiB decodes at full speed in a 1.12 GiB cgroup limit, and
+  slows ×1.8 below what this leaves: benchmarks/README.md). A variant fits when needed ≤ budget.
 
-Variants are *ranked* by what the variant itself holds (weights + repacked copy + KV; the
-runtime, the same for every llama.cpp variant of a model and not modelled for transformers, is
-left out), never by one noisy RSS sample: two within ``TIE_BAND`` of each other are tied and
+Variants are *ranked* by what the variant itself needs (weights + KV: a repacked tensor
+replaces its mapped copy; the runtime, the same for every llama.cpp variant of a model and not
+modelled for transformers, is left out), never by one noisy RSS sample: two within ``TIE_BAND`` of each other are tied and
 the smaller loss wins.
 
 Loss = ΔPPL % against the model's base, as the one judge gives it (qbench.results.judge: t on
@@ -212,13 +216,17 @@ def _memory(r: dict[str, Any], kv_ctx: int) -> dict[str, Any]:
         growth = (kv - kv_run) if kv is not None and kv_run is not None else 0.0
         measured_at_ctx = measured + max(growth, 0.0)
     known = [x for x in (estimate, measured_at_ctx) if x is not None]
+    # the repacked tensors' pages of the mapped file: in peak RSS, not in what the variant needs
+    evictable = repack or 0.0
     return {"weights_mb": weights, "weights_how": r.get("weights_how"),
             "file_mb": r.get("size_mb"), "kv_mb": kv, "estimate_mb": estimate,
             "repack_mb": repack, "repack_how": repack_how, "runtime_mb": runtime,
+            "evictable_mb": evictable,
             "measured_mb": measured, "measured_kind": kind, "run_ctx": run_ctx,
             "kv_run_mb": kv_run, "measured_at_ctx_mb": measured_at_ctx,
-            "need_mb": max(known) if known else None,
-            "rank_mb": held if held is not None else (max(known) if known else None)}
+            "need_mb": max(known) - evictable if known else None,
+            "rank_mb": held - evictable if held is not None else (
+                max(known) - evictable if known else None)}
 
 
 def _mmlu_reasons(r: dict[str, Any]) -> tuple[list[str], str]:

@@ -1,6 +1,7 @@
 """The recommendation's memory, predicted then measured: peak RSS of llama.cpp running a
 synthetic model's quantized file at a given context and KV-cache type, beside what
-qbench.report.recommend predicts for it (``_memory``'s estimate: weights + ``kv_cache_mb``).
+qbench.report.recommend predicts for it (``_memory``'s estimate: the predicted peak RSS,
+weights + repacked copy + KV cache + runtime, qbench.report.memory_model).
 
     .venv/bin/python benchmarks/memory_fit.py [--presets llama-3.2-1b,llama-3.1-8b] \
         [--quants Q4_K_M] [--ctx 4096,8192] [--kv f16,q8_0] [--reps 2] [--fill] \
@@ -22,9 +23,9 @@ The child also keeps llama.cpp's own log of the buffers it allocated ("CPU_REPAC
 size", "CPU KV", "CPU compute"), printed beside the predicted repacked copy. The model is for
 qbench's default, the mapped file; with ``--no-mmap`` the repacked tensors are not held twice
 and the prediction overstates by their size.
-The 70B's row (``--sizes-only``) is computed without any file: its Q4_K_M/Q3_K_M sizes come from
-a sparse F16 GGUF (header only) and llama.cpp's quantizer in dry-run mode
-(benchmarks/synthetic_presets.py).
+The 70B, which no file here can hold, is computed instead: benchmarks/synthetic_presets.py
+--memory-ctx (a sparse F16 GGUF, header only, and llama.cpp's quantizer in dry-run mode, through
+the same model: qbench.report.sizes).
 """
 
 from __future__ import annotations

@@ -208,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_ctx:   # the report's own computation (qbench.report.sizes) on these rows
         from qbench.report.sizes import answer, preset_rows
         mem = preset_rows(a.memory_ctx, None, {"system_info": info}, footprints_file(rows))
-        print(f"\nmemory at {a.memory_ctx:,} tokens, f16 KV, GiB: this CPU (weights + repacked "
-              "copy + KV + runtime) / a GPU (weights + KV)")
+        print(f"\nmemory at {a.memory_ctx:,} tokens, f16 KV, GiB: peak RSS on this CPU (weights "
+              "+ repacked copy + KV + runtime) / needs on this CPU (weights + KV + runtime) / "
+              "needs on a GPU (weights + KV)")
+
+        def gib(x: float | None) -> str:
+            return "      -" if x is None else f"{x:7.2f}"
         for m in mem:
-            print(f"{m['preset']:<15}{m['quant']:>8} {m['cpu_gib']:7.2f} / {m['gpu_gib']:7.2f}")
+            print(f"{m['preset']:<15}{m['quant']:>8} {gib(m['cpu_peak_gib'])} / "
+                  f"{gib(m['cpu_gib'])} / {gib(m['gpu_gib'])}")
         print("\n".join(answer(mem, a.memory_ctx)))
     if a.write_footprints:
         a.write_footprints.write_text(json.dumps(footprints_file(rows), indent=1) + "\n")

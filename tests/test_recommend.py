@@ -289,6 +289,20 @@ def test_kld_cell_peak_does_not_decide_memory() -> None:
     assert c["fits"] and rec["choice"]["row"]["quant"] == "Q4_K_M"
 
 
+def test_a_speed_cell_at_depth_peaks_at_its_deepest_context() -> None:
+    """A speed cell timed at depths 0 and 8,192 held its largest cache at 8,192 + its tokens:
+    the KV growth to the report's context starts there, not at the prompt's 288 tokens."""
+    recs = _gguf("Q8_0", size_mb=140.0, speed_peak=300.0, is_base=True)
+    for r in recs:
+        if r["metric"] == "speed":
+            r["options"]["depths"] = [0, 8192]
+    [row] = variant_rows(recs)
+    [rec] = recommend([row], budget_gb=None, max_loss_pct=1.0, kv_ctx=8192)
+    c = rec["candidates"][0]
+    assert c["run_ctx"] == 8192 + 256 + 32
+    assert c["measured_at_ctx_mb"] == pytest.approx(300.0)    # already deeper than 8,192
+
+
 def test_base_peak_may_come_from_its_perplexity_cell() -> None:
     recs = [r for r in _gguf("F16", size_mb=260.0, speed_peak=400.0, is_base=True)
             if r["metric"] != "speed"]

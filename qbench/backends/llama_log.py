@@ -28,8 +28,8 @@ def capture() -> list[str]:
     def keep(level: int, text: bytes, user_data: Any) -> None:
         lines.append(text.decode("utf-8", "replace"))
 
-    _KEEP[:] = [keep]
     llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    _KEEP[:] = [keep]             # the previous callback is released only once replaced
     return lines
 
 

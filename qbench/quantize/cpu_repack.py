@@ -53,7 +53,10 @@ def repacked_types(system_info: str | None) -> frozenset[str] | None:
     f = build_features(system_info)
     if not f:
         return None
-    if not f.get("REPACK"):
+    if "REPACK" not in f:
+        return None                 # llama.cpp lists REPACK only when built with it; an older
+                                    # build named it otherwise: not known
+    if not f["REPACK"]:
         return frozenset()          # built without the repack buffer: nothing is copied
     if f.get("AVX2"):
         return _X86_AVX2 | (_X86_AVX512 if f.get("AVX512") else frozenset())

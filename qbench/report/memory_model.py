@@ -19,11 +19,13 @@ RSS after load / context / prompt, RssAnon vs RssFile):
   128k vocabulary at ubatch 512); a prompt that asks for one token's logits touches a quarter
   of it, and RSS counts what is touched.
 
-The three runtime constants were fitted on two shapes measured here (SmolLM2-135M speed cells:
-49k vocabulary; the Llama-3.2-1B shape at 4k/8k, f16/q8_0 KV: 128k vocabulary; 2026-12-07) and
-checked, not fitted, on the Llama-3.1-8B shape (benchmarks/README.md, "memory_fit.py"). On a
-GPU, and for the transformers backend, the runtime is not modelled (None): the measured peak
-holds it.
+The runtime's two fitted constants (libraries, bytes per token) come from two shapes measured
+here (SmolLM2-135M speed cells: 49k vocabulary; the Llama-3.2-1B shape: 128k; 2026-12-07); the
+Llama-3.1-8B shape, not used to fit them, is predicted within +0.2 % at 4k/8k, f16/q8_0 KV, Q8_0
+and Q4_K_M (benchmarks/README.md, "memory_fit.py"). What a variant *needs* leaves the repacked
+tensors' mapped copy out (qbench.report.recommend): under a memory limit between the two, decode
+runs at full speed. On a GPU, and for the transformers backend, the runtime is not modelled
+(None): the measured peak holds it.
 """
 
 from __future__ import annotations
@@ -78,6 +80,6 @@ def runtime_mb(row: dict[str, Any], shape: dict[str, Any]) -> float | None:
         "vocab_size", "feed_forward_length", "embedding_length"))
     if not (vocab and ff and embd):
         return None
-    ubatch = row.get("n_ubatch") or DEFAULT_UBATCH
+    ubatch = min(row.get("n_ubatch") or DEFAULT_UBATCH, row.get("n_batch") or 10 ** 9)
     activations = ubatch * (3 * ff + 4 * embd) * 4
     return WORKER_MB + LIBRARY_MB + (VOCAB_BYTES_PER_TOKEN * vocab + activations) / MIB

@@ -10,7 +10,8 @@ Memory a variant needs at the stated context ``kv_ctx`` (all in MiB; budgets in 
   element. A llama.cpp variant on the CPU adds the tensors llama.cpp repacks, held beside the
   mapped file, and the runtime (worker, libraries, vocabulary, one ubatch of activations):
   qbench.report.memory_model; it predicts peak RSS, checked within 1 % at 1B and 8B
-  (benchmarks/README.md, memory_fit.py);
+  (benchmarks/memory_fit.py), 1 % in qbench's own 1B speed cells, +2 to +7 % on SmolLM2-135M
+  (benchmarks/README.md);
 - measured = the peak memory of the variant's own cell (speed first; VRAM on GPU, else RSS: it
   includes the runtime and compute buffers) plus the KV cache's growth from that cell's context
   to ``kv_ctx``. Never the peak of a perplexity/KLD cell that also loaded the base;
@@ -83,9 +84,10 @@ def kv_formula(shape: dict[str, Any], ctx: int) -> str:
 def _run_ctx(row: dict[str, Any]) -> int | None:
     """The context of the cell whose peak is the variant's measured memory."""
     cell = row.get("own_peak_cell")
-    if cell == "speed":
+    if cell == "speed":   # its deepest test holds the most: depth + prompt + generated tokens
         o = ((row.get("cells") or {}).get("speed") or {}).get("options") or {}
-        return ((o.get("prompt_tokens") or 0) + (o.get("gen_tokens") or 0)) or None
+        return (max(o.get("depths") or [0]) + (o.get("prompt_tokens") or 0)
+                + (o.get("gen_tokens") or 0)) or None
     if cell in ("perplexity", "kld"):
         return row.get("ppl_ctx")
     return None

@@ -59,7 +59,8 @@ def preset_rows(kv_ctx: int, budget_gb: float | None, machine: dict[str, Any],
                    "cpu_flags": machine.get("cpu_flags") or []}
             cpu = _memory(row | {"device": "cpu"}, kv_ctx)
             gpu = _memory(row | {"device": "cuda"}, kv_ctx)
-            peak_cpu = cpu["estimate_mb"] / 1024 if cpu["estimate_mb"] is not None else None
+            peak_cpu = (cpu["estimate_mb"] / 1024 if cpu["estimate_mb"] is not None
+                        and cpu["repack_mb"] is not None else None)
             need_cpu = (cpu["need_mb"] / 1024 if cpu["need_mb"] is not None
                         and cpu["repack_mb"] is not None else None)
             need_gpu = gpu["estimate_mb"] / 1024 if gpu["estimate_mb"] is not None else None
@@ -109,11 +110,17 @@ def measured_lines(recs: list[dict[str, Any]], budget_gb: float | None) -> list[
             est = c.get("estimate_mb")
             vs = (f"; the estimate {est / 1024:.2f} GiB ({100 * (est / at - 1):+.1f} %)"
                   if est else "")
+            copy = c.get("evictable_mb") or 0.0
+            need = (f"; needs {c['need_mb'] / 1024:.2f} GiB (less the repacked tensors' "
+                    f"{copy / 1024:.2f} GiB in the mapped file, page cache the kernel drops)"
+                    if copy else "")
             fit = ("" if budget_gb is None else
                    "; fits" if c["need_mb"] <= budget_gb * 1024 else "; does not fit")
-            out.append(f"{c['label']}: {at / 1024:.2f} GiB measured ({c['measured_kind']} "
-                       f"{c['measured_mb'] / 1024:.2f} GiB at {c['run_ctx'] or '?'} tokens + KV "
-                       f"growth){vs}{fit}")
+            out.append(f"{c['label']}: peak {at / 1024:.2f} GiB measured ({c['measured_kind']} "
+                       f"{c['measured_mb'] / 1024:.2f} GiB at "
+                       f"{format(c['run_ctx'], ',') if c['run_ctx'] else 'its own short'} "
+                       f"context + KV "
+                       f"growth){vs}{need}{fit}")
     return out
 
 

@@ -315,6 +315,7 @@ def _runtime_facts(cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
     env = next((c.get("env") for c in cells.values() if c.get("env")), None) or {}
     return {"system_info": (loaded[0]["backend"]["system_info"] if loaded else None),
             "n_ubatch": (loaded[0]["backend"].get("n_ubatch") if loaded else None),
+            "n_batch": (loaded[0]["backend"].get("n_batch") if loaded else None),
             "cpu_flags": list(env.get("cpu_flags") or []),
             "machine_gpus": bool(env.get("gpus"))}
 

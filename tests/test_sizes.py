@@ -85,7 +85,7 @@ def test_an_unknown_cpu_gives_no_cpu_figure_but_the_gpu_one() -> None:
 def test_measured_variants_are_stated_against_the_budget() -> None:
     cand = {"label": "m / llama.cpp / Q8_0", "measured_at_ctx_mb": 1700.0, "estimate_mb": 1680.0,
             "measured_kind": "peak RSS (speed cell)", "measured_mb": 1560.0, "run_ctx": 4128,
-            "need_mb": 1700.0, "evictable_mb": 0.0}
+            "need_mb": 1700.0, "evictable_mb": 0.0, "runtime_mb": 170.0}
     fits = measured_lines([{"candidates": [cand]}], 2.0)
     assert "1.66 GiB measured" in fits[0] and "(-1.2 %)" in fits[0] and fits[0].endswith("fits")
     assert measured_lines([{"candidates": [cand]}], 1.5)[0].endswith("does not fit")
@@ -94,6 +94,9 @@ def test_measured_variants_are_stated_against_the_budget() -> None:
     line = measured_lines([{"candidates": [q4]}], 1.5)[0]
     assert "peak 1.66 GiB" in line and "needs 1.27 GiB" in line and line.endswith("; fits")
     assert measured_lines([{"candidates": [cand | {"measured_at_ctx_mb": None}]}], 2.0) == []
+    # no runtime modelled (transformers, GPU): the estimate is not held against the peak
+    hf = measured_lines([{"candidates": [cand | {"runtime_mb": None}]}], 2.0)[0]
+    assert "%" not in hf and "the measured peak decides" in hf
 
 
 def test_the_section_renders_in_the_report() -> None:

@@ -109,7 +109,9 @@ def measured_lines(recs: list[dict[str, Any]], budget_gb: float | None) -> list[
                 continue
             est = c.get("estimate_mb")
             vs = (f"; the estimate {est / 1024:.2f} GiB ({100 * (est / at - 1):+.1f} %)"
-                  if est else "")
+                  if est and c.get("runtime_mb") is not None else
+                  "; no estimate of the runtime for it (a GPU or the transformers backend): "
+                  "the measured peak decides" if est else "")
             copy = c.get("evictable_mb") or 0.0
             need = (f"; needs {c['need_mb'] / 1024:.2f} GiB (less the repacked tensors' "
                     f"{copy / 1024:.2f} GiB in the mapped file, page cache the kernel drops)"

@@ -303,6 +303,18 @@ def test_a_speed_cell_at_depth_peaks_at_its_deepest_context() -> None:
     assert c["measured_at_ctx_mb"] == pytest.approx(300.0)    # already deeper than 8,192
 
 
+def test_a_nan_peak_is_not_a_measurement() -> None:
+    """A speed cell whose peak RSS reads NaN measured nothing: the need is the estimate's, not
+    whatever max() makes of a NaN, and it never fits a budget on the NaN's account."""
+    recs = _gguf("Q8_0", size_mb=140.0, speed_peak=float("nan"), is_base=True)
+    recs = [r for r in recs if r["metric"] not in ("perplexity",)]
+    [row] = variant_rows(recs)
+    assert memory_of(row) == (None, None)
+    [rec] = recommend([row], budget_gb=0.1, max_loss_pct=1.0)
+    c = rec["candidates"][0]
+    assert c["measured_at_ctx_mb"] is None and c["need_mb"] == pytest.approx(c["estimate_mb"])
+
+
 def test_base_peak_may_come_from_its_perplexity_cell() -> None:
     recs = [r for r in _gguf("F16", size_mb=260.0, speed_peak=400.0, is_base=True)
             if r["metric"] != "speed"]

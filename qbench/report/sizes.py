@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any
 
 from qbench.report.recommend import _memory
+from qbench.report.table import runtime_facts
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -30,18 +31,6 @@ MIB = 2 ** 20
 def preset_footprints() -> dict[str, Any]:
     text = resources.files("qbench").joinpath("data/preset_footprints.json").read_text("utf-8")
     return json.loads(text)
-
-
-def machine_facts(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The CPU the suite ran on: llama.cpp's system info from a cell that loaded a model, else
-    the CPU's flags; None-valued where no record says."""
-    info = next(((r.get("backend") or {}).get("system_info") for r in records
-                 if (r.get("backend") or {}).get("system_info")), None)
-    flags = next((list((r.get("env") or {}).get("cpu_flags") or []) for r in records
-                  if (r.get("env") or {}).get("cpu_flags")), [])
-    cpu = next(((r.get("env") or {}).get("cpu") for r in records if (r.get("env") or {}).get("cpu")),
-               None)
-    return {"system_info": info, "cpu_flags": flags, "cpu": cpu}
 
 
 def preset_rows(kv_ctx: int, budget_gb: float | None, machine: dict[str, Any],
@@ -130,9 +119,9 @@ def sizes_view(rows: list[dict[str, Any]], records: list[dict[str, Any]],
                recs: list[dict[str, Any]], kv_ctx: int, budget_gb: float | None
                ) -> dict[str, Any]:
     """What the report's "Memory at the sizes people run" section shows."""
-    machine = machine_facts(records)
-    presets = preset_rows(kv_ctx, budget_gb, machine)
+    machine = runtime_facts(records)      # the same reading the suite's own rows get
     data = preset_footprints()
+    presets = preset_rows(kv_ctx, budget_gb, machine, data)
     return {"measured": measured_lines(recs, budget_gb), "presets": presets,
             "answer": answer(presets, kv_ctx), "cpu": machine.get("cpu"),
             "source": f"qbench/data/preset_footprints.json, llama-cpp-python "

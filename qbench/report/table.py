@@ -168,7 +168,7 @@ def _row(key: tuple[str, str, str, str], cells: dict[str, dict[str, Any]]) -> di
     devices = {str((c.get("backend") or {}).get("device")) for c in measured
                if (c.get("backend") or {}).get("device")}
     row["device"] = ", ".join(sorted(devices)) or None
-    row.update(_runtime_facts(cells))
+    row.update(runtime_facts(list(cells.values())))
 
     recipe = ((fp or any_rec).get("artifact") or {}).get("recipe") or {}
     base_recipe = recipe.get("base_recipe", recipe) if isinstance(recipe, dict) else {}
@@ -307,16 +307,17 @@ def _own_peak(cells: dict[str, dict[str, Any]], is_base: bool
     return None, None, None
 
 
-def _runtime_facts(cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """What the memory model (qbench.report.memory_model) needs of the machine and the load:
-    llama.cpp's system info and ubatch from a cell that loaded the variant, the CPU's flags
-    and whether the machine had a GPU from any record."""
-    loaded = [c for c in cells.values() if (c.get("backend") or {}).get("system_info")]
-    env = next((c.get("env") for c in cells.values() if c.get("env")), None) or {}
+def runtime_facts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the memory model (qbench.report.memory_model) needs of the machine and the load,
+    from a variant's cells (or a whole suite's records): llama.cpp's system info, ubatch and
+    batch from a cell that loaded a model; the CPU, its flags and whether the machine had a
+    GPU from any record."""
+    loaded = [c for c in records if (c.get("backend") or {}).get("system_info")]
+    env = next((c.get("env") for c in records if c.get("env")), None) or {}
     return {"system_info": (loaded[0]["backend"]["system_info"] if loaded else None),
             "n_ubatch": (loaded[0]["backend"].get("n_ubatch") if loaded else None),
             "n_batch": (loaded[0]["backend"].get("n_batch") if loaded else None),
-            "cpu_flags": list(env.get("cpu_flags") or []),
+            "cpu": env.get("cpu"), "cpu_flags": list(env.get("cpu_flags") or []),
             "machine_gpus": bool(env.get("gpus"))}
 
 
@@ -517,10 +518,13 @@ def memory_of(row: dict[str, Any]) -> tuple[float | None, str | None]:
     of its own cell (speed first: see :func:`_own_peak`), never the maximum over cells that
     also loaded the base for KLD. None when no such cell is ok."""
     cell = row.get("own_peak_cell")
-    if row.get("own_peak_vram_mb"):
-        return row["own_peak_vram_mb"], f"peak VRAM ({cell} cell)"
-    if row.get("own_peak_rss_mb"):
-        return row["own_peak_rss_mb"], f"peak RSS ({cell} cell)"
+    # a peak that is not a finite positive number was not measured (a NaN would otherwise
+    # win or lose every max() it meets, depending on the order)
+    vram, rss = (row.get(k) for k in ("own_peak_vram_mb", "own_peak_rss_mb"))
+    if isinstance(vram, (int, float)) and math.isfinite(vram) and vram > 0:
+        return vram, f"peak VRAM ({cell} cell)"
+    if isinstance(rss, (int, float)) and math.isfinite(rss) and rss > 0:
+        return rss, f"peak RSS ({cell} cell)"
     return None, None
 
 
